@@ -1,0 +1,12 @@
+//! # densa-models
+//!
+//! The model zoo as ONNX graphs: layers ([`nn`]), backbones ([`backbone`]: torchvision ResNets
+//! and densa's edge backbone), necks ([`neck`]: FPN), and the exports built from them
+//! ([`export`]).
+
+pub mod backbone;
+pub mod export;
+pub mod neck;
+pub mod nn;
+
+pub use backbone::Arch;

@@ -1,0 +1,201 @@
+//! Layers: config structs with PyTorch's defaults, `init` to create parameters in the current
+//! scope of the builder, `forward` to add nodes.
+
+use densa_exporter::builder::ops::Window2d;
+use densa_exporter::{BuildError, GraphBuilder, Init, ParamKind, Value};
+
+pub use densa_exporter::builder::BuildError as LayerError;
+
+/// `nn.Conv2d`.
+#[derive(Clone, Debug)]
+pub struct Conv2dConfig {
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub kernel: usize,
+    /// Default 1.
+    pub stride: usize,
+    /// Symmetric padding; default 0.
+    pub padding: usize,
+    /// Default 1.
+    pub groups: usize,
+    /// Default true, as in PyTorch.
+    pub bias: bool,
+    /// Default: PyTorch's kaiming-uniform on fan_in.
+    pub weight_init: Init,
+    /// Default: PyTorch's U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+    pub bias_init: Init,
+}
+
+impl Conv2dConfig {
+    /// A `kernel x kernel` convolution with PyTorch's defaults.
+    pub fn new(in_channels: usize, out_channels: usize, kernel: usize) -> Conv2dConfig {
+        let fan_in = (in_channels * kernel * kernel).max(1) as f32;
+        Conv2dConfig {
+            in_channels,
+            out_channels,
+            kernel,
+            stride: 1,
+            padding: 0,
+            groups: 1,
+            bias: true,
+            weight_init: Init::KaimingUniformFanIn,
+            bias_init: Init::Uniform(1.0 / fan_in.sqrt()),
+        }
+    }
+    pub fn stride(mut self, s: usize) -> Self {
+        self.stride = s;
+        self
+    }
+    pub fn padding(mut self, p: usize) -> Self {
+        self.padding = p;
+        self
+    }
+    pub fn bias(mut self, b: bool) -> Self {
+        self.bias = b;
+        self
+    }
+    pub fn weight_init(mut self, i: Init) -> Self {
+        self.weight_init = i;
+        self
+    }
+    pub fn bias_init(mut self, i: Init) -> Self {
+        self.bias_init = i;
+        self
+    }
+
+    /// Creates `name.weight` (and `name.bias`) in the current scope.
+    pub fn init(&self, b: &mut GraphBuilder, name: &str) -> Result<Conv2d, BuildError> {
+        b.scoped(name, |b| {
+            let w = b.param(
+                "weight",
+                &[
+                    self.out_channels,
+                    self.in_channels / self.groups,
+                    self.kernel,
+                    self.kernel,
+                ],
+                self.weight_init,
+                ParamKind::Param,
+            )?;
+            let bias = if self.bias {
+                Some(b.param(
+                    "bias",
+                    &[self.out_channels],
+                    self.bias_init,
+                    ParamKind::Param,
+                )?)
+            } else {
+                None
+            };
+            Ok(Conv2d {
+                name: b.scoped_name(""),
+                config: self.clone(),
+                weight: w,
+                bias,
+            })
+        })
+    }
+}
+
+/// A convolution whose parameters exist in the graph.
+#[derive(Clone, Debug)]
+pub struct Conv2d {
+    name: String,
+    pub config: Conv2dConfig,
+    pub weight: Value,
+    pub bias: Option<Value>,
+}
+
+impl Conv2d {
+    /// # Shapes
+    /// `[N, in_channels, H, W] -> [N, out_channels, H', W']`.
+    pub fn forward(&self, b: &mut GraphBuilder, x: &Value) -> Result<Value, BuildError> {
+        let c = &self.config;
+        let window = Window2d::square(c.kernel as i64, c.stride as i64, c.padding as i64);
+        let name = self.name.clone();
+        // The node takes the module's full name (`layer1.0.conv1`), outside the current scope.
+        b.scoped_root(|b| {
+            b.conv2d(
+                Some(&name),
+                x,
+                &self.weight,
+                self.bias.as_ref(),
+                &window,
+                c.groups as i64,
+            )
+        })
+    }
+}
+
+/// `nn.BatchNorm2d`.
+#[derive(Clone, Debug)]
+pub struct BatchNorm2dConfig {
+    pub channels: usize,
+    /// Default 1e-5.
+    pub epsilon: f32,
+    /// Initial value of the scale (gamma); default 1. ResNet's zero-init-residual uses 0.
+    pub gamma_init: f32,
+}
+
+impl BatchNorm2dConfig {
+    pub fn new(channels: usize) -> BatchNorm2dConfig {
+        BatchNorm2dConfig {
+            channels,
+            epsilon: 1e-5,
+            gamma_init: 1.0,
+        }
+    }
+
+    /// Creates `name.weight`, `name.bias`, `name.running_mean`, `name.running_var`.
+    pub fn init(&self, b: &mut GraphBuilder, name: &str) -> Result<BatchNorm2d, BuildError> {
+        b.scoped(name, |b| {
+            let c = self.channels;
+            Ok(BatchNorm2d {
+                name: b.scoped_name(""),
+                epsilon: self.epsilon,
+                weight: b.param(
+                    "weight",
+                    &[c],
+                    Init::Constant(self.gamma_init),
+                    ParamKind::Param,
+                )?,
+                bias: b.param("bias", &[c], Init::Zeros, ParamKind::Param)?,
+                running_mean: b.param("running_mean", &[c], Init::Zeros, ParamKind::Buffer)?,
+                running_var: b.param("running_var", &[c], Init::Ones, ParamKind::Buffer)?,
+            })
+        })
+    }
+}
+
+/// A batch norm whose parameters exist in the graph.
+#[derive(Clone, Debug)]
+pub struct BatchNorm2d {
+    name: String,
+    pub epsilon: f32,
+    pub weight: Value,
+    pub bias: Value,
+    pub running_mean: Value,
+    pub running_var: Value,
+}
+
+impl BatchNorm2d {
+    /// Inference-mode batch norm (running statistics); folded into the preceding convolution
+    /// on export.
+    ///
+    /// # Shapes
+    /// `[N, C, H, W] -> [N, C, H, W]`.
+    pub fn forward(&self, b: &mut GraphBuilder, x: &Value) -> Result<Value, BuildError> {
+        let name = self.name.clone();
+        b.scoped_root(|b| {
+            b.batch_norm(
+                Some(&name),
+                x,
+                &self.weight,
+                &self.bias,
+                &self.running_mean,
+                &self.running_var,
+                self.epsilon,
+            )
+        })
+    }
+}

@@ -1,0 +1,11 @@
+//! # densa-runtime
+//!
+//! Runs ONNX graphs. [`backend`] holds the execution backends behind one trait: tract (pure
+//! Rust, embedded, always compiled) and ONNX Runtime (feature `ort`, loaded dynamically).
+//! The runtime knows no model architecture: what it needs to serve a model is in the model.
+
+pub mod backend;
+pub mod npy;
+
+pub use backend::{open_backend, Backend, BackendError, BackendKind, BackendOptions, Session};
+pub use densa_exporter::{DType, Tensor};

@@ -1,0 +1,100 @@
+//! Subcommands. Each lives in its own module; errors carry the file and the step (anyhow
+//! context) and end the process with a non-zero status.
+
+mod export;
+mod inspect;
+mod run;
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand};
+use densa_runtime::{BackendKind, BackendOptions};
+
+/// densa: self-supervised pretraining, fine-tuning, export and edge serving of dense-prediction
+/// models, with ONNX as the only graph format.
+#[derive(Debug, Parser)]
+#[command(name = "densa", version, about, long_about = None)]
+pub struct Cli {
+    /// More logging (-v: info, -vv: debug). RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Export a model to ONNX.
+    #[command(subcommand)]
+    Export(export::ExportCommand),
+    /// Run any ONNX model on .npy inputs and write every output to an .npz file.
+    Run(run::RunArgs),
+    /// Describe an ONNX model: inputs, outputs, ops, parameters, FLOPs, metadata.
+    Inspect(inspect::InspectArgs),
+    /// Time a model on a backend (used by the benchmarks in benches/).
+    Bench(run::BenchArgs),
+    /// The whole pipeline on synthetic data: pretrain, fine-tune, export, serve, evaluate.
+    Demo(DemoArgs),
+}
+
+/// Backend selection, shared by the commands that run models.
+#[derive(Debug, Clone, Args)]
+pub struct BackendArgs {
+    /// Execution backend: auto (ONNX Runtime if found, else tract), tract, or ort.
+    #[arg(long, default_value = "auto")]
+    pub backend: BackendKind,
+    /// Intra-op threads for ONNX Runtime (default: the runtime's choice).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Never fetch the ONNX Runtime library with pip when it is missing.
+    #[arg(long)]
+    pub no_download: bool,
+}
+
+impl BackendArgs {
+    pub fn options(&self) -> BackendOptions {
+        BackendOptions {
+            threads: self.threads,
+            allow_download: !self.no_download,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Where the demo writes its data, models and report.
+    #[arg(long, default_value = "densa-demo")]
+    pub out: PathBuf,
+}
+
+pub fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Export(cmd) => export::run(cmd),
+        Command::Run(args) => run::run(args),
+        Command::Inspect(args) => inspect::run(args),
+        Command::Bench(args) => run::bench(args),
+        Command::Demo(args) => {
+            let _ = args.out;
+            anyhow::bail!(
+                "`densa demo` is not yet available: it needs the detector, training and data \
+                 pipelines (issues 3-5). Today densa exports backbones (`densa export backbone`), \
+                 runs any ONNX model (`densa run`) and inspects models (`densa inspect`)."
+            )
+        }
+    }
+}
