@@ -5,6 +5,7 @@
 //! The runtime knows no model architecture: what it needs to serve a model is in the model.
 
 pub mod backend;
+pub mod data;
 pub mod npy;
 
 pub use backend::{open_backend, Backend, BackendError, BackendKind, BackendOptions, Session};

@@ -1,0 +1,3 @@
+//! Datasets: readers for the formats densa trains and evaluates on.
+
+pub mod coco;
