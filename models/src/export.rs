@@ -18,11 +18,17 @@ pub enum ExportError {
     #[error(transparent)]
     Build(#[from] BuildError),
     #[error(transparent)]
-    Weights(#[from] WeightsError),
+    Weights(Box<WeightsError>),
     #[error(transparent)]
     Pass(#[from] PassError),
     #[error("the exported graph is invalid: {0}")]
     Invalid(#[from] ValidationError),
+}
+
+impl From<WeightsError> for ExportError {
+    fn from(e: WeightsError) -> Self {
+        ExportError::Weights(Box::new(e))
+    }
 }
 
 /// How to load weights into a model before export.

@@ -187,15 +187,13 @@ impl BatchNorm2d {
     pub fn forward(&self, b: &mut GraphBuilder, x: &Value) -> Result<Value, BuildError> {
         let name = self.name.clone();
         b.scoped_root(|b| {
-            b.batch_norm(
-                Some(&name),
-                x,
+            let params = [
                 &self.weight,
                 &self.bias,
                 &self.running_mean,
                 &self.running_var,
-                self.epsilon,
-            )
+            ];
+            b.batch_norm(Some(&name), x, params, self.epsilon)
         })
     }
 }

@@ -164,15 +164,12 @@ impl GraphBuilder {
             .remove(0))
     }
 
-    /// `BatchNormalization` in inference mode (uses the running statistics).
+    /// `BatchNormalization` in inference mode (uses the running statistics in `params`).
     pub fn batch_norm(
         &mut self,
         name: Option<&str>,
         x: &Value,
-        scale: &Value,
-        bias: &Value,
-        mean: &Value,
-        var: &Value,
+        params: [&Value; 4],
         epsilon: f32,
     ) -> Result<Value, BuildError> {
         if x.rank() < 2 {
@@ -181,6 +178,7 @@ impl GraphBuilder {
                 format!("input `{}` must have a channel axis", x.name()),
             ));
         }
+        let [scale, bias, mean, var] = params;
         let attrs = vec![
             attr::float("epsilon", epsilon),
             attr::float("momentum", 0.9),

@@ -202,7 +202,7 @@ mod tests {
                 let be = b.param("bias", &[3], Init::Uniform(1.0), ParamKind::Param)?;
                 let m = b.param("running_mean", &[3], Init::Uniform(1.0), ParamKind::Buffer)?;
                 let v = b.param("running_var", &[3], Init::Constant(2.0), ParamKind::Buffer)?;
-                b.batch_norm(Some(""), &y, &g, &be, &m, &v, 1e-5)
+                b.batch_norm(Some(""), &y, [&g, &be, &m, &v], 1e-5)
             })
             .unwrap();
         b.output(&y, "y").unwrap();
