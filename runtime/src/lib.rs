@@ -6,6 +6,7 @@
 
 pub mod backend;
 pub mod data;
+pub mod infer;
 pub mod npy;
 
 pub use backend::{open_backend, Backend, BackendError, BackendKind, BackendOptions, Session};

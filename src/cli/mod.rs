@@ -1,6 +1,7 @@
 //! Subcommands. Each lives in its own module; errors carry the file and the step (anyhow
 //! context) and end the process with a non-zero status.
 
+mod detect;
 mod export;
 mod inspect;
 mod run;
@@ -32,6 +33,8 @@ pub enum Command {
     Run(run::RunArgs),
     /// Describe an ONNX model: inputs, outputs, ops, parameters, FLOPs, metadata.
     Inspect(inspect::InspectArgs),
+    /// Detect objects in images with a detector (densa export, or any ONNX detector + --spec).
+    Detect(detect::DetectArgs),
     /// Time a model on a backend (used by the benchmarks in benches/).
     Bench(run::BenchArgs),
     /// The whole pipeline on synthetic data: pretrain, fine-tune, export, serve, evaluate.
@@ -88,6 +91,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Run(args) => run::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::Bench(args) => run::bench(args),
+        Command::Detect(args) => detect::run(args),
         Command::Demo(args) => {
             let _ = args.out;
             anyhow::bail!(

@@ -175,6 +175,12 @@ pub fn from_tract(t: &TractTensor) -> Result<Tensor, BackendError> {
         DatumType::I8 => Tensor::I8(t.to_plain_array_view::<i8>().map_err(err)?.to_owned()),
         DatumType::U8 => Tensor::U8(t.to_plain_array_view::<u8>().map_err(err)?.to_owned()),
         DatumType::Bool => Tensor::Bool(t.to_plain_array_view::<bool>().map_err(err)?.to_owned()),
+        // tract computes integer shape arithmetic (and constants folded from it) symbolically;
+        // the ONNX graph declared int64.
+        DatumType::TDim => {
+            let as_i64 = t.cast_to::<i64>().map_err(err)?;
+            Tensor::I64(as_i64.to_plain_array_view::<i64>().map_err(err)?.to_owned())
+        }
         other => {
             return Err(BackendError::UnsupportedType {
                 backend: NAME,
