@@ -335,7 +335,7 @@ impl GroupNormConfig {
 
     /// Creates `name.weight` and `name.bias` (when affine) in the current scope.
     pub fn init(&self, b: &mut GraphBuilder, name: &str) -> Result<GroupNorm, TrainError> {
-        if self.num_groups == 0 || self.num_channels % self.num_groups != 0 {
+        if self.num_groups == 0 || !self.num_channels.is_multiple_of(self.num_groups) {
             return Err(TrainError::Unsupported {
                 fragment: "GroupNorm",
                 what: format!(

@@ -626,7 +626,7 @@ mod tests {
             ..SgdConfig::default()
         };
         let e = nesterov
-            .update(&mut b, &[w.clone()])
+            .update(&mut b, std::slice::from_ref(&w))
             .unwrap_err()
             .to_string();
         assert!(e.contains("Nesterov") && e.contains("dampening"), "{e}");
@@ -634,7 +634,10 @@ mod tests {
             beta2: 1.0,
             ..AdamWConfig::default()
         };
-        let e = beta.update(&mut b, &[w.clone()]).unwrap_err().to_string();
+        let e = beta
+            .update(&mut b, std::slice::from_ref(&w))
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("beta2 = 1") && e.contains("0 <= beta2 < 1"),
             "{e}"
