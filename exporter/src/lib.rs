@@ -11,6 +11,7 @@
 //! - [`io`]: `.onnx` read/write (atomic, external data).
 //! - [`weights`]: safetensors and PyTorch checkpoint import.
 //! - [`inspect`]: summaries of a model (op histogram, parameters, FLOPs).
+//! - [`train`]: training-mode normalisation, optimizers, clipping, EMA, schedules.
 
 pub mod builder;
 pub mod init;
@@ -19,6 +20,7 @@ pub mod io;
 pub mod onnx;
 pub mod passes;
 pub mod tensor;
+pub mod train;
 pub mod validate;
 pub mod weights;
 

@@ -2,6 +2,8 @@
 //! scope of the builder, `forward` to add nodes.
 
 use densa_exporter::builder::ops::Window2d;
+use densa_exporter::train::norm::{batch_norm_train, BatchNormTrainConfig, BatchNormTrainOutputs};
+use densa_exporter::train::{Fragment, TrainError};
 use densa_exporter::{BuildError, GraphBuilder, Init, ParamKind, Value};
 
 pub use densa_exporter::builder::BuildError as LayerError;
@@ -195,5 +197,94 @@ impl BatchNorm2d {
             ];
             b.batch_norm(Some(&name), x, params, self.epsilon)
         })
+    }
+}
+
+/// How [`BatchNorm2d::forward_mode`] normalises: PyTorch's `model.eval()` / `model.train()`.
+#[derive(Clone, Debug, Default)]
+pub enum NormMode {
+    /// Running statistics; folded into the convolution on export. The default.
+    #[default]
+    Inference,
+    /// Batch statistics; each batch norm adds the update of its running statistics to `state`
+    /// (`bn1.running_mean` -> `bn1.running_mean.next`).
+    Train {
+        /// Weight of the batch statistic in the running average (PyTorch: 0.1).
+        momentum: f32,
+        /// The running-statistic updates recorded so far.
+        state: Fragment,
+    },
+}
+
+impl NormMode {
+    /// Training mode with PyTorch's momentum 0.1.
+    pub fn train() -> NormMode {
+        NormMode::Train {
+            momentum: 0.1,
+            state: Fragment::default(),
+        }
+    }
+
+    /// The running-statistic updates recorded in training mode (none in inference mode).
+    pub fn into_state(self) -> Fragment {
+        match self {
+            NormMode::Inference => Fragment::default(),
+            NormMode::Train { state, .. } => state,
+        }
+    }
+}
+
+impl BatchNorm2d {
+    /// Training-mode batch norm (batch statistics, biased variance) built from primitive ops,
+    /// returning the output and PyTorch's update of the running statistics (see
+    /// [`densa_exporter::train::norm`]).
+    ///
+    /// # Shapes
+    /// `[N, C, H, W] -> [N, C, H, W]`; running statistics `[C]`.
+    pub fn forward_train(
+        &self,
+        b: &mut GraphBuilder,
+        x: &Value,
+        momentum: f32,
+    ) -> Result<BatchNormTrainOutputs, TrainError> {
+        let name = self.name.clone();
+        let config = BatchNormTrainConfig {
+            epsilon: self.epsilon,
+            momentum,
+        };
+        b.scoped_root(|b| {
+            b.scoped(&name, |b| {
+                batch_norm_train(
+                    b,
+                    x,
+                    Some(&self.weight),
+                    Some(&self.bias),
+                    &self.running_mean,
+                    &self.running_var,
+                    &config,
+                )
+            })
+        })
+    }
+
+    /// [`forward`](Self::forward) or [`forward_train`](Self::forward_train) as `mode` says;
+    /// in training mode the running-statistic updates go to `mode`.
+    ///
+    /// # Shapes
+    /// `[N, C, H, W] -> [N, C, H, W]`.
+    pub fn forward_mode(
+        &self,
+        b: &mut GraphBuilder,
+        x: &Value,
+        mode: &mut NormMode,
+    ) -> Result<Value, TrainError> {
+        match mode {
+            NormMode::Inference => Ok(self.forward(b, x)?),
+            NormMode::Train { momentum, state } => {
+                let out = self.forward_train(b, x, *momentum)?;
+                state.extend(out.state);
+                Ok(out.y)
+            }
+        }
     }
 }

@@ -9,6 +9,7 @@
 //! The ops live in [`ops`]; each is a method on the builder that adds one node.
 
 pub mod attr;
+pub mod math;
 pub mod ops;
 
 use std::collections::{HashMap, HashSet};
