@@ -4,6 +4,7 @@
 //! Rust, embedded, always compiled) and ONNX Runtime (feature `ort`, loaded dynamically).
 //! The runtime knows no model architecture: what it needs to serve a model is in the model.
 
+pub mod augment;
 pub mod backend;
 pub mod data;
 pub mod infer;
