@@ -11,7 +11,9 @@
 //! - [`io`]: `.onnx` read/write (atomic, external data).
 //! - [`weights`]: safetensors and PyTorch checkpoint import.
 //! - [`inspect`]: summaries of a model (op histogram, parameters, FLOPs).
+//! - [`autodiff`]: reverse-mode differentiation of a graph into standard ONNX ops.
 
+pub mod autodiff;
 pub mod builder;
 pub mod init;
 pub mod inspect;
