@@ -12,7 +12,9 @@
 //! - [`weights`]: safetensors and PyTorch checkpoint import.
 //! - [`inspect`]: summaries of a model (op histogram, parameters, FLOPs).
 //! - [`train`]: training-mode normalisation, optimizers, clipping, EMA, schedules.
+//! - [`autodiff`]: reverse-mode differentiation of a graph into standard ONNX ops.
 
+pub mod autodiff;
 pub mod builder;
 pub mod init;
 pub mod inspect;
