@@ -103,7 +103,7 @@ pub(crate) fn reduce_like(
     let gs = cx.info.shape(y);
     let ts = cx.info.shape(target);
     match (&gs, &ts) {
-        (Some(a), Some(b)) if a == b => return Ok(g.to_string()),
+        (Some(a), Some(b)) if a == b && !a.contains(&Dim::Unknown) => return Ok(g.to_string()),
         _ => {}
     }
     reduce_to(cx, s, g, gs.as_deref(), target, ts.as_deref())
