@@ -99,31 +99,151 @@ fn run(dir: &Path, threads: usize, epochs: usize, batch: usize) -> Result<(), St
         .num_threads(threads)
         .build()
         .map_err(|e| e.to_string())?;
-    let mut rates = vec![];
-    for epoch in 0..=epochs {
-        let start = Instant::now();
-        let mut checksum = 0f64;
-        for (b, chunk) in paths.chunks(batch).enumerate() {
-            let ids: Vec<u64> = (0..chunk.len() as u64)
-                .map(|i| (b * batch) as u64 + i)
-                .collect();
-            let out = pool
-                .install(|| aug.batch_from_files(chunk, &ids, 0, epoch as u64))
-                .map_err(|e| e.to_string())?;
-            checksum += out.views[0][[0, 0, 0, 0]] as f64 + out.views[1][[0, 2, 5, 5]] as f64;
+    // A training loop keeps its batch tensors alive (`*_into`); a fresh batch per step pays
+    // for allocating and page-faulting ~19 MB per 32 images. Both are reported.
+    let rate = |reuse: bool| -> Result<f64, String> {
+        let mut rates = vec![];
+        let mut kept = densa_runtime::augment::TwoViewBatch::default();
+        for epoch in 0..=epochs {
+            let start = Instant::now();
+            let mut checksum = 0f64;
+            for (b, chunk) in paths.chunks(batch).enumerate() {
+                let ids: Vec<u64> = (0..chunk.len() as u64)
+                    .map(|i| (b * batch) as u64 + i)
+                    .collect();
+                let fresh;
+                let out = if reuse {
+                    pool.install(|| {
+                        aug.batch_from_files_into(chunk, &ids, 0, epoch as u64, &mut kept)
+                    })
+                    .map_err(|e| e.to_string())?;
+                    &kept
+                } else {
+                    fresh = pool
+                        .install(|| aug.batch_from_files(chunk, &ids, 0, epoch as u64))
+                        .map_err(|e| e.to_string())?;
+                    &fresh
+                };
+                checksum += out.views[0][[0, 0, 0, 0]] as f64 + out.views[1][[0, 2, 5, 5]] as f64;
+            }
+            let secs = start.elapsed().as_secs_f64();
+            std::hint::black_box(checksum);
+            if epoch > 0 {
+                rates.push(paths.len() as f64 / secs);
+            }
         }
-        let secs = start.elapsed().as_secs_f64();
-        std::hint::black_box(checksum);
-        if epoch > 0 {
-            rates.push(paths.len() as f64 / secs);
-        }
-    }
-    rates.sort_by(f64::total_cmp);
-    let median = rates[rates.len() / 2];
+        rates.sort_by(f64::total_cmp);
+        Ok(rates[rates.len() / 2])
+    };
+    let reused = rate(true)?;
+    let fresh = rate(false)?;
     println!(
-        "{{\"peer\": \"densa\", \"images_per_s\": {median:.2}, \"threads\": {threads}, \"images\": {}, \"epochs\": {epochs}, \"batch\": {batch}}}",
+        "{{\"peer\": \"densa\", \"images_per_s\": {reused:.2}, \"images_per_s_fresh_batches\": {fresh:.2}, \"threads\": {threads}, \"images\": {}, \"epochs\": {epochs}, \"batch\": {batch}}}",
         paths.len()
     );
+    Ok(())
+}
+
+/// Single-threaded time per stage of one image's two views (where the time goes).
+fn stages(dir: &Path) -> Result<(), String> {
+    use densa_runtime::augment::photometric::{
+        adjust_brightness, adjust_contrast, adjust_hue, adjust_saturation, gaussian_blur,
+    };
+    use densa_runtime::augment::spatial::resized_crop;
+    use densa_runtime::augment::{decode_image, CropBox, Normalize};
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| format!("{}: {e}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    paths.sort();
+    let n = paths.len() as f64;
+    // CPU time of this thread (Linux schedstat, ns) next to wall time: on a shared machine the
+    // CPU time is the stable number.
+    let cpu_ns = || -> Option<f64> {
+        let s = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+        s.split_whitespace().next()?.parse().ok()
+    };
+    let time = |name: &str, f: &mut dyn FnMut()| {
+        let (t, c) = (Instant::now(), cpu_ns());
+        f();
+        let wall = t.elapsed().as_secs_f64() * 1e3 / n;
+        let cpu = cpu_ns().zip(c).map_or(f64::NAN, |(b, a)| (b - a) / 1e6 / n);
+        eprintln!("{name:<32} {wall:8.3} ms/image wall {cpu:8.3} ms/image cpu");
+    };
+    let mut imgs = vec![];
+    time("decode", &mut || {
+        imgs = paths.iter().map(|p| decode_image(p).unwrap()).collect()
+    });
+    let mut views = vec![];
+    time("2x resized_crop (~60%)", &mut || {
+        views = imgs
+            .iter()
+            .flat_map(|i| {
+                let c = CropBox::new(
+                    50.0,
+                    40.0,
+                    50.0 + 0.77 * i.width() as f32,
+                    40.0 + 0.77 * i.height() as f32,
+                );
+                [
+                    resized_crop(i, &c, (224, 224), false),
+                    resized_crop(i, &c, (224, 224), true),
+                ]
+            })
+            .collect()
+    });
+    let mut v = views.clone();
+    time("2x brightness", &mut || {
+        v.iter_mut().for_each(|x| adjust_brightness(x, 1.2))
+    });
+    time("2x contrast", &mut || {
+        v.iter_mut().for_each(|x| adjust_contrast(x, 1.2))
+    });
+    time("2x saturation", &mut || {
+        v.iter_mut().for_each(|x| adjust_saturation(x, 1.2))
+    });
+    time("2x hue", &mut || {
+        v.iter_mut().for_each(|x| adjust_hue(x, 0.05))
+    });
+    time("2x blur sigma 2 (17 taps)", &mut || {
+        v.iter_mut().for_each(|x| *x = gaussian_blur(x, 17, 2.0))
+    });
+    let mut one = v[0].clone();
+    time("2x blur sigma 2, same image", &mut || {
+        (0..v.len()).for_each(|_| {
+            densa_runtime::augment::photometric::gaussian_blur_in_place(&mut one, 17, 2.0)
+        })
+    });
+    time("2x blur sigma 1 (9 taps)", &mut || {
+        v.iter_mut().for_each(|x| *x = gaussian_blur(x, 9, 1.0))
+    });
+    let norm = Normalize::default();
+    time("2x normalize", &mut || {
+        v.iter().for_each(|x| {
+            std::hint::black_box(norm.to_chw(x));
+        })
+    });
+    let aug = densa_runtime::augment::TwoViewAugment::new(
+        densa_runtime::augment::TwoViewConfig::moco_v2(),
+    )
+    .map_err(|e| e.to_string())?;
+    time("two MoCo-v2 views (no decode)", &mut || {
+        for (i, img) in imgs.iter().enumerate() {
+            std::hint::black_box(aug.apply(
+                img,
+                densa_runtime::augment::SampleSeed::new(0, 0, i as u64, 0),
+            ));
+        }
+    });
+    time("decode + two views, 1 thread", &mut || {
+        for (i, p) in paths.iter().enumerate() {
+            let img = decode_image(p).unwrap();
+            std::hint::black_box(aug.apply(
+                &img,
+                densa_runtime::augment::SampleSeed::new(0, 0, i as u64, 0),
+            ));
+        }
+    });
     Ok(())
 }
 
@@ -142,7 +262,9 @@ fn main() {
             })
         })
     };
-    let result = if let Some(dir) = value("--generate") {
+    let result = if let Some(dir) = value("--stages") {
+        stages(Path::new(&dir))
+    } else if let Some(dir) = value("--generate") {
         generate(Path::new(&dir), number("--count", 64) as u64)
     } else if let Some(dir) = value("--dir") {
         let threads = number(

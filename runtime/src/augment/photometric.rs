@@ -40,9 +40,72 @@ const GRAY_R: f32 = 0.2989;
 const GRAY_G: f32 = 0.587;
 const GRAY_B: f32 = 0.114;
 
-#[inline]
+#[inline(always)]
 fn gray_f32(p: &[u8]) -> f32 {
     GRAY_R * p[0] as f32 + GRAY_G * p[1] as f32 + GRAY_B * p[2] as f32
+}
+
+/// `y as u8` (truncation) for `y` in `[0, 256)`, written without a float-to-int conversion so
+/// that loops over it vectorise on baseline x86-64 (SSE2 has no saturating vector
+/// conversion): `2^23 + y` holds `y` rounded to an integer in its low mantissa bits; one is
+/// taken off when that rounded up.
+#[inline(always)]
+fn trunc_u8(y: f32) -> u8 {
+    const MAGIC: f32 = 8_388_608.0;
+    let r = y + MAGIC;
+    let bits = r.to_bits() - ((r - MAGIC) > y) as u32;
+    bits as u8
+}
+
+/// `a.max(b)` for non-NaN values, as a plain comparison that vectorises.
+#[inline(always)]
+fn fmax(a: f32, b: f32) -> f32 {
+    if a > b {
+        a
+    } else {
+        b
+    }
+}
+
+#[inline(always)]
+fn fmin(a: f32, b: f32) -> f32 {
+    if a < b {
+        a
+    } else {
+        b
+    }
+}
+
+#[inline(always)]
+fn clamp_f32(x: f32, lo: f32, hi: f32) -> f32 {
+    fmin(fmax(x, lo), hi)
+}
+
+/// Pixels per block in the vectorised per-pixel loops (fixed-size arrays compile to SIMD).
+const LANES: usize = 16;
+
+/// Runs `$body` with `$px: &mut [u8; 3 * LANES]` bound to every run of `LANES` RGB pixels of
+/// `$img`; the tail goes through a padded copy. A macro, not a closure-taking function, so the
+/// body is compiled inside its caller (and gets the caller's target features).
+macro_rules! for_each_block {
+    ($img:expr, |$px:ident| $body:expr) => {{
+        let mut blocks = $img.chunks_exact_mut(3 * LANES);
+        for b in &mut blocks {
+            let $px: &mut [u8; 3 * LANES] = b.try_into().expect("chunk of 3 * LANES");
+            $body;
+        }
+        let tail = blocks.into_remainder();
+        if !tail.is_empty() {
+            let mut buf = [0u8; 3 * LANES];
+            buf[..tail.len()].copy_from_slice(tail);
+            {
+                let $px = &mut buf;
+                $body;
+            }
+            let n = tail.len();
+            tail.copy_from_slice(&buf[..n]);
+        }
+    }};
 }
 
 /// torch's `_blend` for `uint8`: `trunc(clamp(ratio * a + (1 - ratio) * b, 0, 255))`.
@@ -77,8 +140,28 @@ pub fn adjust_brightness(img: &mut RgbImage, factor: f64) {
 /// The mean of the truncated grayscale image, as `f32` (what `adjust_contrast` blends with).
 pub fn grayscale_mean(img: &RgbImage) -> f32 {
     let n = (img.width() as u64 * img.height() as u64).max(1);
-    let sum: u64 = img.chunks_exact(3).map(|p| gray_f32(p) as u8 as u64).sum();
+    let sum = dispatch_avx2!(gray_sum_avx2, gray_sum(img.as_raw()));
     sum as f32 / n as f32
+}
+
+avx2_build!(gray_sum_avx2 => gray_sum(px: &[u8]) -> u64);
+
+/// Sum of the truncated grey levels of interleaved RGB pixels.
+#[inline(always)]
+fn gray_sum(px: &[u8]) -> u64 {
+    let mut blocks = px.chunks_exact(3 * LANES);
+    let mut total = 0u64;
+    for b in &mut blocks {
+        let mut s = [0u32; LANES];
+        for (i, acc) in s.iter_mut().enumerate() {
+            *acc = trunc_u8(gray_f32(&b[3 * i..3 * i + 3])) as u32;
+        }
+        total += s.iter().map(|&v| v as u64).sum::<u64>();
+    }
+    for p in blocks.remainder().chunks_exact(3) {
+        total += trunc_u8(gray_f32(p)) as u64;
+    }
+    total
 }
 
 /// `adjust_contrast`: blend with the mean grey level.
@@ -90,79 +173,135 @@ pub fn adjust_contrast(img: &mut RgbImage, factor: f64) {
 /// `adjust_saturation`: blend each pixel with its own grey level.
 pub fn adjust_saturation(img: &mut RgbImage, factor: f64) {
     let (ratio, one_minus) = blend_weights(factor);
-    let scaled: [f32; 256] = std::array::from_fn(|x| ratio * x as f32);
-    let gray_part: [f32; 256] = std::array::from_fn(|g| one_minus * g as f32);
-    for p in img.chunks_exact_mut(3) {
-        let g = gray_part[gray_f32(p) as u8 as usize];
-        for v in p.iter_mut() {
-            *v = (scaled[*v as usize] + g).clamp(0.0, 255.0) as u8;
-        }
-    }
+    dispatch_avx2!(saturation_avx2, saturation_kernel(img, ratio, one_minus))
 }
 
-/// `adjust_hue` for one pixel (torchvision's `_rgb2hsv`, shift, `_hsv2rgb`, in `f32`).
-#[inline]
-fn hue_pixel(p: &mut [u8], hue_factor: f32) {
-    let r = p[0] as f32 / 255.0;
-    let g = p[1] as f32 / 255.0;
-    let b = p[2] as f32 / 255.0;
-    let maxc = r.max(g).max(b);
-    let minc = r.min(g).min(b);
-    let eqc = maxc == minc;
-    let cr = maxc - minc;
-    let s = cr / if eqc { 1.0 } else { maxc };
-    let cr_div = if eqc { 1.0 } else { cr };
-    let rc = (maxc - r) / cr_div;
-    let gc = (maxc - g) / cr_div;
-    let bc = (maxc - b) / cr_div;
-    let h = if maxc == r {
-        bc - gc
-    } else if maxc == g {
-        2.0 + rc - bc
-    } else {
-        4.0 + gc - rc
-    };
-    // torch.fmod(h / 6 + 1, 1), then (h + hue) % 1 with Python's sign convention.
-    let h = (h / 6.0 + 1.0) % 1.0;
-    let mut h = (h + hue_factor) % 1.0;
-    if h < 0.0 {
-        h += 1.0;
+avx2_build!(saturation_avx2 => saturation_kernel(img: &mut [u8], ratio: f32, one_minus: f32));
+
+#[inline(always)]
+fn saturation_kernel(img: &mut [u8], ratio: f32, one_minus: f32) {
+    for_each_block!(img, |px| {
+        let mut gray = [0f32; LANES];
+        for (i, g) in gray.iter_mut().enumerate() {
+            *g = one_minus * trunc_u8(gray_f32(&px[3 * i..3 * i + 3])) as f32;
+        }
+        for (i, v) in px.iter_mut().enumerate() {
+            *v = trunc_u8(clamp_f32(ratio * *v as f32 + gray[i / 3], 0.0, 255.0));
+        }
+    });
+}
+
+/// `adjust_hue` on `LANES` interleaved RGB pixels: torchvision's `_rgb2hsv`, the shift and
+/// `_hsv2rgb`, in `f32`, branch-free so that it vectorises.
+///
+/// Exactness notes: `fmod(h / 6 + 1, 1)` has its argument in `[5/6, 11/6)`, where it equals a
+/// conditional `- 1` exactly (Sterbenz); likewise `(h + hue) % 1` on `[-0.5, 1.5)` is `- 1`
+/// above 1 and torch's `+ 1` below 0. `floor(6 h)` for `6 h` in `[0, 6]` is counted with
+/// comparisons, and sector 6 (`h` rounding up to 1) is torch's `i % 6 = 0`.
+#[inline(always)]
+fn hue_block(px: &mut [u8; 3 * LANES], hue_factor: f32) {
+    const L: usize = LANES;
+    let (mut ro, mut go, mut bo) = ([0f32; L], [0f32; L], [0f32; L]);
+    for i in 0..L {
+        let r = px[3 * i] as f32 / 255.0;
+        let g = px[3 * i + 1] as f32 / 255.0;
+        let b = px[3 * i + 2] as f32 / 255.0;
+        let maxc = fmax(fmax(r, g), b);
+        let minc = fmin(fmin(r, g), b);
+        let eqc = maxc == minc;
+        let cr = maxc - minc;
+        let s = cr / if eqc { 1.0 } else { maxc };
+        let cr_div = if eqc { 1.0 } else { cr };
+        let rc = (maxc - r) / cr_div;
+        let gc = (maxc - g) / cr_div;
+        let bc = (maxc - b) / cr_div;
+        let h = if maxc == r {
+            bc - gc
+        } else if maxc == g {
+            2.0 + rc - bc
+        } else {
+            4.0 + gc - rc
+        };
+        let h = h / 6.0 + 1.0;
+        let h = if h >= 1.0 { h - 1.0 } else { h };
+        let h = h + hue_factor;
+        let h = if h >= 1.0 {
+            h - 1.0
+        } else if h < 0.0 {
+            h + 1.0
+        } else {
+            h
+        };
+        let v = maxc;
+        let h6 = h * 6.0;
+        let floor = (h6 >= 1.0) as u8 as f32
+            + (h6 >= 2.0) as u8 as f32
+            + (h6 >= 3.0) as u8 as f32
+            + (h6 >= 4.0) as u8 as f32
+            + (h6 >= 5.0) as u8 as f32
+            + (h6 >= 6.0) as u8 as f32;
+        let f = h6 - floor;
+        let sector = if floor >= 6.0 { 0.0 } else { floor };
+        let p = clamp_f32(v * (1.0 - s), 0.0, 1.0);
+        let q = clamp_f32(v * (1.0 - s * f), 0.0, 1.0);
+        let t = clamp_f32(v * (1.0 - s * (1.0 - f)), 0.0, 1.0);
+        // torchvision's table for sectors 0..5: r = (v, q, p, p, t, v),
+        // g = (t, v, v, q, p, p), b = (p, p, t, v, v, q).
+        ro[i] = if sector == 0.0 || sector == 5.0 {
+            v
+        } else if sector == 1.0 {
+            q
+        } else if sector == 4.0 {
+            t
+        } else {
+            p
+        };
+        go[i] = if sector == 0.0 {
+            t
+        } else if sector == 1.0 || sector == 2.0 {
+            v
+        } else if sector == 3.0 {
+            q
+        } else {
+            p
+        };
+        bo[i] = if sector <= 1.0 {
+            p
+        } else if sector == 2.0 {
+            t
+        } else if sector == 5.0 {
+            q
+        } else {
+            v
+        };
     }
-    let v = maxc;
-    let h6 = h * 6.0;
-    let i = h6.floor();
-    let f = h6 - i;
-    let i = (i as i32).rem_euclid(6);
-    let pp = (v * (1.0 - s)).clamp(0.0, 1.0);
-    let q = (v * (1.0 - s * f)).clamp(0.0, 1.0);
-    let t = (v * (1.0 - s * (1.0 - f))).clamp(0.0, 1.0);
-    let (r, g, b) = match i {
-        0 => (v, t, pp),
-        1 => (q, v, pp),
-        2 => (pp, v, t),
-        3 => (pp, q, v),
-        4 => (t, pp, v),
-        _ => (v, pp, q),
-    };
-    p[0] = (r * 255.0) as u8;
-    p[1] = (g * 255.0) as u8;
-    p[2] = (b * 255.0) as u8;
+    for i in 0..L {
+        px[3 * i] = trunc_u8(ro[i] * 255.0);
+        px[3 * i + 1] = trunc_u8(go[i] * 255.0);
+        px[3 * i + 2] = trunc_u8(bo[i] * 255.0);
+    }
 }
 
 /// `adjust_hue`: rotate the hue by `hue_factor` turns (`[-0.5, 0.5]`).
 pub fn adjust_hue(img: &mut RgbImage, hue_factor: f64) {
-    let hue_factor = hue_factor as f32;
-    for p in img.chunks_exact_mut(3) {
-        hue_pixel(p, hue_factor);
-    }
+    dispatch_avx2!(hue_avx2, hue_kernel(img, hue_factor as f32))
+}
+
+avx2_build!(hue_avx2 => hue_kernel(img: &mut [u8], hue_factor: f32));
+
+#[inline(always)]
+fn hue_kernel(img: &mut [u8], hue_factor: f32) {
+    for_each_block!(img, |px| hue_block(px, hue_factor));
 }
 
 /// `rgb_to_grayscale(img, num_output_channels=3)`: the grey level in all three channels.
 pub fn grayscale_in_place(img: &mut RgbImage) {
-    for p in img.chunks_exact_mut(3) {
-        let g = gray_f32(p) as u8;
-        p.fill(g);
-    }
+    for_each_block!(img, |px| {
+        for p in px.chunks_exact_mut(3) {
+            let g = trunc_u8(gray_f32(p));
+            p.fill(g);
+        }
+    });
 }
 
 /// `solarize(img, threshold)`: invert every value `>= threshold`.
@@ -207,48 +346,112 @@ fn reflect(i: isize, n: isize) -> usize {
 /// `gaussian_blur(img, [k, k], [sigma, sigma])`: separable, reflect padding, round half to
 /// even. `kernel_size` must be odd.
 pub fn gaussian_blur(img: &RgbImage, kernel_size: usize, sigma: f32) -> RgbImage {
+    let mut out = img.clone();
+    gaussian_blur_in_place(&mut out, kernel_size, sigma);
+    out
+}
+
+/// [`gaussian_blur`] overwriting its input.
+///
+/// The horizontal pass keeps only the rows the vertical pass still needs, in a ring of
+/// `min(k, H)` rows: output row `y` reads source rows `reflect(y - r ..= y + r)`, which always
+/// lie in a window of at most `k` consecutive rows starting no earlier than `y - r`, so a row
+/// is filtered before its output overwrites it and evicted only once no later output needs it.
+pub fn gaussian_blur_in_place(img: &mut RgbImage, kernel_size: usize, sigma: f32) {
     let (w, h) = (img.width() as usize, img.height() as usize);
+    if w == 0 || h == 0 {
+        return;
+    }
     let k = gaussian_kernel(kernel_size, sigma);
-    let r = (kernel_size / 2) as isize;
-    let src = img.as_raw();
+    dispatch_avx2!(blur_avx2, blur_kernel(img, w, h, &k))
+}
+
+avx2_build!(blur_avx2 => blur_kernel(data: &mut [u8], w: usize, h: usize, k: &[f32]));
+
+#[inline(always)]
+fn blur_kernel(data: &mut [u8], w: usize, h: usize, k: &[f32]) {
+    let kernel_size = k.len();
+    let r = kernel_size / 2;
     let row_len = w * 3;
-    // Horizontal pass into f32: out[i] = sum_t k[t] * padded[i + 3 t] over an interleaved row.
-    let padded_len = (w + 2 * r as usize) * 3;
-    let mut padded = vec![0f32; padded_len];
-    let mut horiz = vec![0f32; w * h * 3];
+    let ring_rows = kernel_size.min(h);
+    let mut ring = vec![0f32; ring_rows * row_len];
+    let mut ring_holds = vec![usize::MAX; ring_rows];
+    let mut padded = vec![0f32; (w + 2 * r) * 3];
+    let mut acc_row = vec![0f32; row_len];
+    let mut slots = vec![0usize; kernel_size];
     for y in 0..h {
-        let srow = &src[y * row_len..(y + 1) * row_len];
-        for xp in 0..w + 2 * r as usize {
-            let sx = reflect(xp as isize - r, w as isize);
-            for c in 0..3 {
-                padded[xp * 3 + c] = srow[sx * 3 + c] as f32;
+        for (t, slot) in slots.iter_mut().enumerate() {
+            let row = reflect(y as isize + t as isize - r as isize, h as isize);
+            *slot = row % ring_rows;
+            if ring_holds[*slot] == row {
+                continue;
             }
+            // Horizontal pass of source row `row` over the reflect-padded interleaved row:
+            // out[i] = sum_t k[t] * padded[i + 3 t].
+            let srow = &data[row * row_len..(row + 1) * row_len];
+            for (d, &v) in padded[r * 3..r * 3 + row_len].iter_mut().zip(srow) {
+                *d = v as f32;
+            }
+            for e in 0..r {
+                let (left, right) = (r - 1 - e, r + w + e);
+                let (sl, sr) = (
+                    reflect(left as isize - r as isize, w as isize),
+                    reflect(right as isize - r as isize, w as isize),
+                );
+                for c in 0..3 {
+                    padded[left * 3 + c] = srow[sl * 3 + c] as f32;
+                    padded[right * 3 + c] = srow[sr * 3 + c] as f32;
+                }
+            }
+            let out = &mut ring[*slot * row_len..(*slot + 1) * row_len];
+            blur_row(out, k, |t| &padded[t * 3..t * 3 + row_len]);
+            ring_holds[*slot] = row;
         }
-        let out = &mut horiz[y * row_len..(y + 1) * row_len];
-        for (t, &kt) in k.iter().enumerate() {
-            let shifted = &padded[t * 3..t * 3 + row_len];
-            for (o, &v) in out.iter_mut().zip(shifted) {
-                *o += kt * v;
-            }
+        // Vertical pass, then torch.round into u8.
+        blur_row(&mut acc_row, k, |t| {
+            &ring[slots[t] * row_len..(slots[t] + 1) * row_len]
+        });
+        for (o, &a) in data[y * row_len..(y + 1) * row_len]
+            .iter_mut()
+            .zip(&acc_row)
+        {
+            *o = round_u8(a);
         }
     }
-    // Vertical pass.
-    let mut out = vec![0u8; w * h * 3];
-    let mut acc = vec![0f32; row_len];
-    for y in 0..h {
-        acc.fill(0.0);
+}
+
+/// `out[i] = sum_t k[t] * line(t)[i]`, summed in ascending `t` for every `i`. Blocks of 32
+/// outputs stay in registers across the taps.
+#[inline(always)]
+fn blur_row<'a>(out: &mut [f32], k: &[f32], line: impl Fn(usize) -> &'a [f32]) {
+    const B: usize = 32;
+    let n = out.len();
+    let full = n / B * B;
+    for i0 in (0..full).step_by(B) {
+        let mut acc = [0f32; B];
         for (t, &kt) in k.iter().enumerate() {
-            let sy = reflect(y as isize + t as isize - r, h as isize);
-            let line = &horiz[sy * row_len..(sy + 1) * row_len];
-            for (a, &v) in acc.iter_mut().zip(line) {
-                *a += kt * v;
+            let src: &[f32; B] = line(t)[i0..i0 + B].try_into().expect("block of B");
+            for j in 0..B {
+                acc[j] += kt * src[j];
             }
         }
-        for (o, &a) in out[y * row_len..(y + 1) * row_len].iter_mut().zip(&acc) {
-            *o = a.round_ties_even().clamp(0.0, 255.0) as u8;
-        }
+        out[i0..i0 + B].copy_from_slice(&acc);
     }
-    RgbImage::from_raw(w as u32, h as u32, out).expect("buffer sized from the image")
+    for (i, o) in out.iter_mut().enumerate().skip(full) {
+        let mut a = 0.0;
+        for (t, &kt) in k.iter().enumerate() {
+            a += kt * line(t)[i];
+        }
+        *o = a;
+    }
+}
+
+/// `torch.round(x).to(uint8)` for a blurred value (clamped to `[0, 255]` first; the
+/// normalised positive kernel keeps it there up to float rounding): adding `2^23` rounds to
+/// the nearest integer, ties to even, into the low mantissa bits.
+#[inline(always)]
+fn round_u8(x: f32) -> u8 {
+    (clamp_f32(x, 0.0, 255.0) + 8_388_608.0).to_bits() as u8
 }
 
 /// torchvision's `ColorJitter(brightness, contrast, saturation, hue)` wrapped in
@@ -464,7 +667,7 @@ impl GaussianBlurConfig {
         if k > max_k {
             k = max_k | 1;
         }
-        *img = gaussian_blur(img, k, sigma);
+        gaussian_blur_in_place(img, k, sigma);
         Some(sigma)
     }
 }
@@ -567,6 +770,112 @@ mod tests {
             }
             image::Rgb(px)
         })
+    }
+
+    /// torchvision's `_rgb2hsv` / `_hsv2rgb` for one pixel, written plainly (`fmod`, `floor`,
+    /// `%`): the reference for the branch-free [`hue_block`].
+    fn hue_reference(p: [u8; 3], hue_factor: f32) -> [u8; 3] {
+        let [r, g, b] = p.map(|v| v as f32 / 255.0);
+        let maxc = r.max(g).max(b);
+        let minc = r.min(g).min(b);
+        let eqc = maxc == minc;
+        let cr = maxc - minc;
+        let s = cr / if eqc { 1.0 } else { maxc };
+        let d = if eqc { 1.0 } else { cr };
+        let (rc, gc, bc) = ((maxc - r) / d, (maxc - g) / d, (maxc - b) / d);
+        let h = if maxc == r {
+            bc - gc
+        } else if maxc == g {
+            2.0 + rc - bc
+        } else {
+            4.0 + gc - rc
+        };
+        let h = (h / 6.0 + 1.0) % 1.0;
+        let mut h = (h + hue_factor) % 1.0;
+        if h < 0.0 {
+            h += 1.0;
+        }
+        let i = (h * 6.0).floor();
+        let f = h * 6.0 - i;
+        let (v, i) = (maxc, (i as i32).rem_euclid(6));
+        let p = (v * (1.0 - s)).clamp(0.0, 1.0);
+        let q = (v * (1.0 - s * f)).clamp(0.0, 1.0);
+        let t = (v * (1.0 - s * (1.0 - f))).clamp(0.0, 1.0);
+        let rgb = [
+            (v, t, p),
+            (q, v, p),
+            (p, v, t),
+            (p, q, v),
+            (t, p, v),
+            (v, p, q),
+        ][i as usize];
+        [rgb.0, rgb.1, rgb.2].map(|x| (x * 255.0) as u8)
+    }
+
+    #[test]
+    fn vectorised_hue_and_saturation_match_plain_references() {
+        let img = noise(37, 29, 11); // 1073 pixels: blocks and a tail
+        for hue in [-0.5f64, -0.31, -0.02, 0.0, 1e-7, 0.1, 0.33, 0.5] {
+            let mut got = img.clone();
+            adjust_hue(&mut got, hue);
+            for (a, b) in got.pixels().zip(img.pixels()) {
+                assert_eq!(
+                    a.0,
+                    hue_reference(b.0, hue as f32),
+                    "hue {hue}, pixel {:?}",
+                    b.0
+                );
+            }
+        }
+        for factor in [0.0f64, 0.35, 0.6, 1.0, 1.4, 2.7] {
+            let mut got = img.clone();
+            adjust_saturation(&mut got, factor);
+            let (r, om) = (factor as f32, (1.0 - factor) as f32);
+            for (a, b) in got.pixels().zip(img.pixels()) {
+                let g = (GRAY_R * b.0[0] as f32 + GRAY_G * b.0[1] as f32 + GRAY_B * b.0[2] as f32)
+                    as u8;
+                let want =
+                    b.0.map(|x| (r * x as f32 + om * g as f32).clamp(0.0, 255.0) as u8);
+                assert_eq!(a.0, want, "saturation {factor}");
+            }
+        }
+    }
+
+    /// On a CPU with AVX2 the public ops run the AVX2 build; it must equal the portable one.
+    #[test]
+    fn avx2_and_portable_builds_agree() {
+        let img = noise(53, 41, 12);
+        let mut a = img.clone();
+        adjust_hue(&mut a, 0.23);
+        let mut b = img.clone();
+        hue_kernel(&mut b, 0.23);
+        assert_eq!(a, b);
+        let mut a = img.clone();
+        adjust_saturation(&mut a, 1.3);
+        let mut b = img.clone();
+        let (r, om) = blend_weights(1.3);
+        saturation_kernel(&mut b, r, om);
+        assert_eq!(a, b);
+        let a = gaussian_blur(&img, 11, 1.4);
+        let mut b = img.clone();
+        blur_kernel(&mut b, 53, 41, &gaussian_kernel(11, 1.4));
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn trunc_u8_is_truncation() {
+        for i in 0..256 * 64 {
+            let y = i as f32 / 64.0;
+            for v in [
+                y,
+                f32::from_bits(y.to_bits().saturating_sub(1)),
+                f32::from_bits(y.to_bits() + 1),
+            ] {
+                if v < 256.0 {
+                    assert_eq!(trunc_u8(v), v as u8, "{v}");
+                }
+            }
+        }
     }
 
     #[test]

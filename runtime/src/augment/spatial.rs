@@ -199,6 +199,37 @@ fn clip8(acc: i32) -> u8 {
     (acc >> PRECISION_BITS).clamp(0, 255) as u8
 }
 
+/// Pillow's horizontal pass (`ImagingResampleHorizontal_8bpc`) of one source row into `dst`.
+///
+/// Each pixel accumulates in four lanes (`C <= 4` channels, the rest zero) so that a tap is one
+/// vector multiply-add. No clamp is needed before narrowing: the triangle filter's weights are
+/// non-negative and sum to `2^22` up to half a unit each, so `acc` stays in `[2^21, 256 * 2^22)`
+/// (Pillow clamps because its other filters have negative lobes).
+#[inline(always)]
+fn horizontal_row<const C: usize>(srow: &[u8], hx: &Taps, dst: &mut [u8]) {
+    let half = 1i32 << (PRECISION_BITS - 1);
+    for (xx, out_px) in dst.chunks_exact_mut(C).enumerate() {
+        let n = hx.count[xx];
+        let k = &hx.weights[xx * hx.ksize..xx * hx.ksize + n];
+        let s0 = hx.start[xx] * C;
+        let taps = &srow[s0..s0 + n * C];
+        let mut acc = [half; 4];
+        for (p, &w) in taps.chunks_exact(C).zip(k) {
+            let mut v = [0i32; 4];
+            for c in 0..C {
+                v[c] = p[c] as i32;
+            }
+            for c in 0..4 {
+                acc[c] += v[c] * w;
+            }
+        }
+        for c in 0..C {
+            debug_assert!((0..256 << PRECISION_BITS).contains(&acc[c]));
+            out_px[c] = (acc[c] >> PRECISION_BITS) as u8;
+        }
+    }
+}
+
 /// Pixel span of a float box, clipped to `[0, limit)`: `[floor(lo), ceil(hi))`.
 fn clip_span(lo: f32, hi: f32, limit: u32) -> (usize, usize) {
     let a = (lo.floor().max(0.0) as usize).min(limit as usize);
@@ -208,6 +239,7 @@ fn clip_span(lo: f32, hi: f32, limit: u32) -> (usize, usize) {
 
 /// Antialiased bilinear resampling of `crop` (source pixels, inside the image) to `out`
 /// (width, height), mirrored left-right when `flip`; `C` interleaved channels.
+#[inline(always)]
 fn resample_bilinear<const C: usize>(
     src: &[u8],
     (sw, sh): (u32, u32),
@@ -215,6 +247,7 @@ fn resample_bilinear<const C: usize>(
     (ow, oh): (u32, u32),
     flip: bool,
 ) -> Vec<u8> {
+    const { assert!(C <= 4, "horizontal_row accumulates at most 4 channels") };
     let (ow, oh) = (ow as usize, oh as usize);
     let xclip = clip_span(crop.x0, crop.x1, sw);
     let yclip = clip_span(crop.y0, crop.y1, sh);
@@ -233,45 +266,32 @@ fn resample_bilinear<const C: usize>(
         && ow == sw as usize
         && crop.x0 == 0.0
         && crop.x1 == sw as f32);
-    // Horizontal pass over the rows the vertical pass reads: [first, last).
-    let first = vy.start[0];
-    let last = vy.start[oh - 1] + vy.count[oh - 1];
-    let rows = last.saturating_sub(first);
-    let temp: std::borrow::Cow<[u8]>;
-    let (tsrc, tstride, trow0) = if need_h {
-        let mut t = vec![0u8; rows * ow * C];
-        for r in 0..rows {
-            let srow = &src[(first + r) * stride..(first + r + 1) * stride];
-            let trow = &mut t[r * ow * C..(r + 1) * ow * C];
-            for xx in 0..ow {
-                let k = &hx.weights[xx * hx.ksize..xx * hx.ksize + hx.count[xx]];
-                let s0 = hx.start[xx] * C;
-                let mut acc = [half; C];
-                for (x, &w) in k.iter().enumerate() {
-                    let p = &srow[s0 + x * C..s0 + x * C + C];
-                    for c in 0..C {
-                        acc[c] += p[c] as i32 * w;
-                    }
-                }
-                for c in 0..C {
-                    trow[xx * C + c] = clip8(acc[c]);
-                }
-            }
-        }
-        temp = std::borrow::Cow::Owned(t);
-        (&temp[..], ow * C, first)
-    } else {
-        (src, stride, 0)
-    };
-    // Vertical pass, column order mirrored on the way out when flipping.
     let row_len = ow * C;
+    // Horizontally resampled rows live in a ring of `ksize` rows: output row `yy` reads the
+    // consecutive source rows `start[yy]..start[yy] + count[yy]` (at most `ksize`), and
+    // `start` never decreases, so a row is evicted only once no later output needs it.
+    let ring_rows = vy.ksize;
+    let mut ring = vec![0u8; if need_h { ring_rows * row_len } else { 0 }];
+    let mut ring_holds = vec![usize::MAX; ring_rows];
+    // Vertical pass, column order mirrored on the way out when flipping.
     let mut acc = vec![0i32; row_len];
     for yy in 0..oh {
         acc.fill(half);
-        let k = &vy.weights[yy * vy.ksize..yy * vy.ksize + vy.count[yy]];
+        let (start, n) = (vy.start[yy], vy.count[yy]);
+        let k = &vy.weights[yy * vy.ksize..yy * vy.ksize + n];
         for (y, &w) in k.iter().enumerate() {
-            let r = vy.start[yy] + y - trow0;
-            let line = &tsrc[r * tstride..r * tstride + row_len];
+            let row = start + y;
+            let line = if need_h {
+                let slot = row % ring_rows;
+                let dst = &mut ring[slot * row_len..(slot + 1) * row_len];
+                if ring_holds[slot] != row {
+                    horizontal_row::<C>(&src[row * stride..(row + 1) * stride], &hx, dst);
+                    ring_holds[slot] = row;
+                }
+                &ring[slot * row_len..(slot + 1) * row_len]
+            } else {
+                &src[row * stride..row * stride + row_len]
+            };
             for (a, &p) in acc.iter_mut().zip(line) {
                 *a += p as i32 * w;
             }
@@ -293,6 +313,19 @@ fn resample_bilinear<const C: usize>(
     out
 }
 
+#[inline(always)]
+fn resample_rgb(
+    src: &[u8],
+    size: (u32, u32),
+    crop: &CropBox,
+    out: (u32, u32),
+    flip: bool,
+) -> Vec<u8> {
+    resample_bilinear::<3>(src, size, crop, out, flip)
+}
+
+avx2_build!(resample_rgb_avx2 => resample_rgb(src: &[u8], size: (u32, u32), crop: &CropBox, out: (u32, u32), flip: bool) -> Vec<u8>);
+
 /// torchvision's `resized_crop` on a PIL image, then an optional horizontal flip: crop `crop`
 /// (whole pixels for exact parity; fractional boxes are resampled as Pillow's `box=`
 /// argument, reading only the pixels the box touches) and resize to `out` (width, height).
@@ -300,7 +333,11 @@ fn resample_bilinear<const C: usize>(
 /// # Shapes
 /// `img`: `H x W` RGB; returns `out.1 x out.0` RGB.
 pub fn resized_crop(img: &RgbImage, crop: &CropBox, out: (u32, u32), flip: bool) -> RgbImage {
-    let data = resample_bilinear::<3>(img.as_raw(), img.dimensions(), crop, out, flip);
+    let size = img.dimensions();
+    let data = dispatch_avx2!(
+        resample_rgb_avx2,
+        resample_rgb(img.as_raw(), size, crop, out, flip)
+    );
     RgbImage::from_raw(out.0, out.1, data).expect("buffer sized from out")
 }
 
@@ -582,6 +619,17 @@ mod tests {
         };
         let c = cfg.sample(100, 10, &mut SampleSeed::new(0, 0, 0, 0).rng());
         assert_eq!(c, CropBox::new(43.0, 0.0, 56.0, 10.0));
+    }
+
+    #[test]
+    fn avx2_and_portable_resampling_agree() {
+        let img = gradient(97, 61);
+        let crop = CropBox::new(5.0, 3.0, 90.0, 58.0);
+        for (out, flip) in [((31, 17), false), ((200, 90), true)] {
+            let a = resized_crop(&img, &crop, out, flip);
+            let b = resample_rgb(img.as_raw(), img.dimensions(), &crop, out, flip);
+            assert_eq!(a.as_raw(), &b);
+        }
     }
 
     #[test]
