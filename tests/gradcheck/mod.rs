@@ -335,7 +335,11 @@ pub fn with_loss(net: &Net, y: &str, rng: &mut Gen) -> ModelProto {
     let out = s.run(net.feeds.clone()).expect("forward runs");
     let shape = out[0].1.shape().to_vec();
     let n: usize = shape.iter().product();
-    let w = tensor(net.dtype, &shape, (0..n).map(|_| rng.uniform(-1.0, 1.0)).collect());
+    let w = tensor(
+        net.dtype,
+        &shape,
+        (0..n).map(|_| rng.uniform(-1.0, 1.0)).collect(),
+    );
     let mut m = fwd;
     let g = m.graph.as_mut().unwrap();
     g.initializer.push(w.to_proto("loss.w"));
@@ -403,9 +407,8 @@ pub fn check_model(
         .run(feeds.to_vec())
         .unwrap_or_else(|e| panic!("{label}: gradient graph fails: {e}"));
     let mut fs = b.reference.load_model(forward, "forward").unwrap();
-    let mut loss_at = |feeds: Vec<(String, Tensor)>| -> f64 {
-        to_f64(&fs.run(feeds).unwrap()[0].1)[0]
-    };
+    let mut loss_at =
+        |feeds: Vec<(String, Tensor)>| -> f64 { to_f64(&fs.run(feeds).unwrap()[0].1)[0] };
     let mut worst = 0f64;
     for (k, w) in wrt.iter().enumerate() {
         let (_, g) = &grads[k + 1];
