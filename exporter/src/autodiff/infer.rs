@@ -1016,7 +1016,16 @@ fn infer_node(node: &NodeProto, inputs: &[Facts]) -> Vec<Facts> {
                         .zip(&sc)
                         .map(|(d, &k)| match d {
                             _ if k == 1.0 => d.clone(),
-                            Dim::Fixed(v) => Dim::Fixed((*v as f64 * k).floor() as i64),
+                            Dim::Fixed(v) => {
+                                // Runtimes multiply in f32 or f64: unknown when they differ.
+                                let a = (*v as f32 * k as f32).floor() as i64;
+                                let b = (*v as f64 * k).floor() as i64;
+                                if a == b {
+                                    Dim::Fixed(a)
+                                } else {
+                                    Dim::Unknown
+                                }
+                            }
                             _ => Dim::Unknown,
                         })
                         .collect(),

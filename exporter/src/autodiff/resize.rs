@@ -10,6 +10,12 @@
 //! and aspect-ratio policies other than `stretch` are refused. Axes whose size provably does
 //! not change are skipped (scale 1 maps every coordinate to itself).
 //!
+//! ONNX Runtime copies its input when a Resize leaves the shape unchanged (whatever the
+//! scales), and accepts linear/cubic 4-D resizes only when the two outer scales are 1. So the
+//! identity is laid along axes `j` (its rows) and `k`, and a third axis `l` (the other spatial
+//! axis of a 4-D tensor) is upsampled from 1 to 2 and indexed at 0: the shape always changes,
+//! the outer scales stay 1, and a size-1 axis upsampled repeats its only value in every mode.
+//!
 //! **GridSample** (4-D, `padding_mode` zeros or border): the input gradient scatters the output
 //! gradient to the four bilinear corners (or the nearest pixel) with their weights
 //! (`ScatterElements`, add); the grid gradient of bilinear sampling is the difference of the
@@ -79,6 +85,12 @@ pub(crate) fn resize(cx: &mut Ctx, s: &Step) -> Grads {
             None => !(xs[k] == ys[k] && !matches!(xs[k], Dim::Unknown)),
         })
         .collect();
+    let same_shape = xs.iter().zip(&ys).all(|(a, b)| a.fixed().is_some() && a == b);
+    if same_shape && !axes.is_empty() {
+        return Err(s.unsupported(
+            "scales other than 1 that keep the shape: ONNX Runtime copies the input there, the ONNX specification resamples",
+        ));
+    }
     let letters: Vec<char> = ('a'..='x').collect();
     if r > letters.len() {
         return Err(s.unsupported("rank above 24"));
@@ -86,6 +98,8 @@ pub(crate) fn resize(cx: &mut Ctx, s: &Step) -> Grads {
     let mut g = dy;
     for &k in &axes {
         let j = if k == 0 { 1 } else { 0 };
+        // The axis upsampled 1 -> 2 to force a shape change (none for rank 2).
+        let l = (0..r).rev().find(|&t| t != j && t != k);
         let e = &mut cx.e;
         // The identity along axes j and k.
         let eye = match xs[k].fixed() {
@@ -135,6 +149,8 @@ pub(crate) fn resize(cx: &mut Ctx, s: &Step) -> Grads {
                             xs[k].fixed()
                         } else if t == k {
                             ys[k].fixed()
+                        } else if Some(t) == l {
+                            Some(2)
                         } else {
                             Some(1)
                         }
@@ -149,6 +165,8 @@ pub(crate) fn resize(cx: &mut Ctx, s: &Step) -> Grads {
                                     e.shape_range(x, k as i64, Some(k as i64 + 1))
                                 } else if t == k {
                                     e.shape_range(y, k as i64, Some(k as i64 + 1))
+                                } else if Some(t) == l {
+                                    e.i64s(&[2])
                                 } else {
                                     e.i64s(&[1])
                                 }
@@ -162,7 +180,15 @@ pub(crate) fn resize(cx: &mut Ctx, s: &Step) -> Grads {
             }
             (None, Some(v)) => {
                 let sc: Vec<f32> = (0..r)
-                    .map(|t| if t == k { v[k] as f32 } else { 1.0 })
+                    .map(|t| {
+                        if t == k {
+                            v[k] as f32
+                        } else if Some(t) == l {
+                            2.0
+                        } else {
+                            1.0
+                        }
+                    })
                     .collect();
                 let c = e.constant(Tensor::F32(
                     ndarray::ArrayD::from_shape_vec(vec![r], sc).expect("1-D"),
@@ -174,17 +200,27 @@ pub(crate) fn resize(cx: &mut Ctx, s: &Step) -> Grads {
                 let idx = e.i64s(&[k as i64]);
                 let sk = e.op("Gather", &[sc, &idx], vec![attr::int("axis", 0)]);
                 let mut parts: Vec<String> = Vec::new();
-                if k > 0 {
-                    parts.push(e.constant(Tensor::F32(ndarray::ArrayD::ones(vec![k]))));
-                }
-                parts.push(sk);
-                if k + 1 < r {
-                    parts.push(e.constant(Tensor::F32(ndarray::ArrayD::ones(vec![r - k - 1]))));
+                for t in 0..r {
+                    parts.push(if t == k {
+                        sk.clone()
+                    } else {
+                        let v = if Some(t) == l { 2.0 } else { 1.0 };
+                        e.constant(Tensor::F32(ndarray::ArrayD::from_elem(vec![1], v)))
+                    });
                 }
                 let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
                 let c = e.op("Concat", &refs, vec![attr::int("axis", 0)]);
                 e.op("Resize", &[&eye, "", &c], a.clone())
             }
+        };
+        let resized = match l {
+            Some(l) => {
+                let zero = e.i64s(&[0]);
+                let one = e.i64s(&[1]);
+                let ax = e.i64s(&[l as i64]);
+                e.op("Slice", &[&resized, &zero, &one, &ax], vec![])
+            }
+            None => resized,
         };
         let others: Vec<i64> = (0..r as i64)
             .filter(|&t| t != j as i64 && t != k as i64)
