@@ -50,7 +50,19 @@ fn params() -> impl Strategy<Value = Params> {
             )
         })
         .prop_map(
-            |(spatial, batch, cg, mg, group, size, kernel, stride, dilation, pads, (dynamic, bias, seed))| {
+            |(
+                spatial,
+                batch,
+                cg,
+                mg,
+                group,
+                size,
+                kernel,
+                stride,
+                dilation,
+                pads,
+                (dynamic, bias, seed),
+            )| {
                 Params {
                     spatial,
                     batch,
@@ -88,7 +100,11 @@ fn conv_case(p: &Params, transpose: bool, formulation: ConvWeightGrad) {
     let mut xs = vec![p.batch, c];
     xs.extend(&p.size);
     // Conv: W [M, C/g, k]; ConvTranspose: W [C, M/g, k].
-    let mut ws = if transpose { vec![c, p.mg] } else { vec![m, p.cg] };
+    let mut ws = if transpose {
+        vec![c, p.mg]
+    } else {
+        vec![m, p.cg]
+    };
     ws.extend(&p.kernel);
     let nx: usize = xs.iter().product();
     let xv = (0..nx).map(|_| rng.uniform(-1.0, 1.0)).collect();
@@ -118,7 +134,14 @@ fn conv_case(p: &Params, transpose: bool, formulation: ConvWeightGrad) {
     let op = if transpose { "ConvTranspose" } else { "Conv" };
     let y = net.node(op, &refs, attrs);
     let label = format!("{op} {p:?} {formulation:?}");
-    check(&label, &net, &y, &wrt, &mut rng, &Check::f32_linear().conv(formulation));
+    check(
+        &label,
+        &net,
+        &y,
+        &wrt,
+        &mut rng,
+        &Check::f32_linear().conv(formulation),
+    );
 }
 
 proptest! {
@@ -166,6 +189,13 @@ fn formulations_agree() {
     };
     for f in FORMULATIONS {
         conv_case(&p, false, f);
-        conv_case(&Params { dynamic: true, ..p.clone() }, false, f);
+        conv_case(
+            &Params {
+                dynamic: true,
+                ..p.clone()
+            },
+            false,
+            f,
+        );
     }
 }

@@ -171,7 +171,10 @@ fn pow_cast_identity() {
     let mut rng = Gen::new(3);
     let mut net = Net::new(DType::F64);
     let x = net.rand_input(&mut rng, "x", &[2, 3], -2.0, 2.0);
-    let two = net.init(densa::exporter::Tensor::I64(ndarray::ArrayD::from_elem(vec![], 3)));
+    let two = net.init(densa::exporter::Tensor::I64(ndarray::ArrayD::from_elem(
+        vec![],
+        3,
+    )));
     let p = net.node("Pow", &[&x, &two], vec![]);
     let c = net.node("Cast", &[&p], vec![int("to", DType::F32.onnx() as i64)]);
     let c = net.node("Cast", &[&c], vec![int("to", DType::F64.onnx() as i64)]);

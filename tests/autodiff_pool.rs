@@ -201,5 +201,10 @@ fn resize_same_shape_is_refused() {
     let e = densa::exporter::autodiff::with_gradients(&net.model(&y), &req).unwrap_err();
     let msg = e.to_string();
     let node = y.split(':').next().unwrap();
-    assert!(msg.contains(&format!("`{node}`")) && msg.contains("(Resize)") && msg.contains("keep the shape"), "{msg}");
+    assert!(
+        msg.contains(&format!("`{node}`"))
+            && msg.contains("(Resize)")
+            && msg.contains("keep the shape"),
+        "{msg}"
+    );
 }

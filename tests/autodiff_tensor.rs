@@ -268,8 +268,25 @@ fn batch_norm_on_tract() {
     let x = net.rand_input(&mut rng, "x", &[2, 3, 2, 2], -1.0, 1.0);
     let params: Vec<String> = [(0.5, 1.5), (-1.0, 1.0), (-0.5, 0.5), (0.5, 1.5)]
         .iter()
-        .map(|&(lo, hi)| net.init(tensor(DType::F32, &[3], (0..3).map(|_| rng.uniform(lo, hi)).collect())))
+        .map(|&(lo, hi)| {
+            net.init(tensor(
+                DType::F32,
+                &[3],
+                (0..3).map(|_| rng.uniform(lo, hi)).collect(),
+            ))
+        })
         .collect();
-    let y = net.node("BatchNormalization", &[&x, &params[0], &params[1], &params[2], &params[3]], vec![]);
-    check("BatchNormalization (initializers)", &net, &y, &["x"], &mut rng, &Check::f32_linear());
+    let y = net.node(
+        "BatchNormalization",
+        &[&x, &params[0], &params[1], &params[2], &params[3]],
+        vec![],
+    );
+    check(
+        "BatchNormalization (initializers)",
+        &net,
+        &y,
+        &["x"],
+        &mut rng,
+        &Check::f32_linear(),
+    );
 }

@@ -336,7 +336,11 @@ pub fn with_loss(net: &Net, y: &str, rng: &mut Gen) -> ModelProto {
     let out = s.run(net.feeds.clone()).expect("forward runs");
     let shape = out[0].1.shape().to_vec();
     let n: usize = shape.iter().product();
-    let w = tensor(net.dtype, &shape, (0..n).map(|_| rng.uniform(-1.0, 1.0)).collect());
+    let w = tensor(
+        net.dtype,
+        &shape,
+        (0..n).map(|_| rng.uniform(-1.0, 1.0)).collect(),
+    );
     let mut m = fwd;
     let g = m.graph.as_mut().unwrap();
     g.initializer.push(w.to_proto("loss.w"));
@@ -404,9 +408,8 @@ pub fn check_model(
         .run(feeds.to_vec())
         .unwrap_or_else(|e| panic!("{label}: gradient graph fails: {e}"));
     let mut fs = b.reference.load_model(forward, "forward").unwrap();
-    let mut loss_at = |feeds: Vec<(String, Tensor)>| -> f64 {
-        to_f64(&fs.run(feeds).unwrap()[0].1)[0]
-    };
+    let mut loss_at =
+        |feeds: Vec<(String, Tensor)>| -> f64 { to_f64(&fs.run(feeds).unwrap()[0].1)[0] };
     let mut worst = 0f64;
     for (k, w) in wrt.iter().enumerate() {
         let (_, g) = &grads[k + 1];
@@ -441,7 +444,8 @@ pub fn check_model(
             );
         }
     }
-    let tract_error = if c.tract && b.reference_is_ort && tract_runs_forward(label, forward, feeds) {
+    let tract_error = if c.tract && b.reference_is_ort && tract_runs_forward(label, forward, feeds)
+    {
         let mut ts = b
             .tract
             .load_model(model, label)
@@ -491,7 +495,12 @@ pub fn cases(n: u32) -> proptest::test_runner::Config {
 /// says so.
 pub fn tract_runs_forward(label: &str, forward: &ModelProto, feeds: &[(String, Tensor)]) -> bool {
     let b = backends();
-    let reference = b.reference.load_model(forward, "forward").unwrap().run(feeds.to_vec()).unwrap();
+    let reference = b
+        .reference
+        .load_model(forward, "forward")
+        .unwrap()
+        .run(feeds.to_vec())
+        .unwrap();
     let tract = b
         .tract
         .load_model(forward, "forward")
@@ -501,7 +510,11 @@ pub fn tract_runs_forward(label: &str, forward: &ModelProto, feeds: &[(String, T
         Ok(t) => {
             let (r, t) = (to_f64(&reference[0].1), to_f64(&t[0].1));
             let scale = r.iter().fold(1f64, |m, v| m.max(v.abs()));
-            let d = r.iter().zip(&t).fold(0f64, |m, (a, b)| m.max((a - b).abs())) / scale;
+            let d = r
+                .iter()
+                .zip(&t)
+                .fold(0f64, |m, (a, b)| m.max((a - b).abs()))
+                / scale;
             if r.len() == t.len() && d <= 1e-5 {
                 return true;
             }

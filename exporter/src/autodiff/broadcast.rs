@@ -87,7 +87,10 @@ pub(crate) fn reduce_to(
     let summed = e.op(
         "ReduceSum",
         &[g, &axes],
-        vec![attr::int("keepdims", 1), attr::int("noop_with_empty_axes", 1)],
+        vec![
+            attr::int("keepdims", 1),
+            attr::int("noop_with_empty_axes", 1),
+        ],
     );
     Ok(e.reshape_like(&summed, target))
 }
@@ -124,6 +127,9 @@ mod tests {
             broadcast_axes(&g, &[Dim::from("N"), Dim::Fixed(3), Dim::Fixed(4)]),
             vec![Some(false); 3]
         );
-        assert_eq!(broadcast_axes(&g, &[Dim::Unknown, 3.into(), 4.into()])[0], None);
+        assert_eq!(
+            broadcast_axes(&g, &[Dim::Unknown, 3.into(), 4.into()])[0],
+            None
+        );
     }
 }

@@ -182,7 +182,8 @@ pub(crate) fn conv_input_grad(
     let starts = cx.e.i64s(&vec![0; axes.len()]);
     let sizes = cx.e.shape(x);
     let ax = cx.e.i64s(&axes);
-    let ends = cx.e.op("Gather", &[&sizes, &ax], vec![attr::int("axis", 0)]);
+    let ends =
+        cx.e.op("Gather", &[&sizes, &ax], vec![attr::int("axis", 0)]);
     cx.e.op("Slice", &[&padded, &starts, &ends, &ax], vec![])
 }
 
@@ -201,9 +202,7 @@ pub(crate) fn conv_weight_grad(
     r: &[Option<i64>],
 ) -> String {
     match cx.options.conv_weight_grad {
-        ConvWeightGrad::ConvTrick => {
-            weight_grad_conv_trick(cx, x, dy, g, out_ch, in_per_group, r)
-        }
+        ConvWeightGrad::ConvTrick => weight_grad_conv_trick(cx, x, dy, g, out_ch, in_per_group, r),
         ConvWeightGrad::PatchesEinsum | ConvWeightGrad::PatchesMatMul => {
             weight_grad_patches(cx, x, dy, dy_sizes, g, out_ch, in_per_group)
         }

@@ -144,15 +144,14 @@ pub(crate) fn einsum(cx: &mut Ctx, s: &Step) -> Grads {
             }
         }
         let equation = format!("{}->{}", lhs.join(","), result.render());
-        let mut g = cx
-            .e
-            .op("Einsum", &inputs, vec![attr::string("equation", &equation)]);
+        let mut g =
+            cx.e.op("Einsum", &inputs, vec![attr::string("equation", &equation)]);
         let xi = s.x(i)?;
         if !private.is_empty() {
             if term.ell {
-                return Err(s.unsupported(
-                    "an operand with both an ellipsis and subscripts of its own",
-                ));
+                return Err(
+                    s.unsupported("an operand with both an ellipsis and subscripts of its own")
+                );
             }
             let axes: Vec<i64> = letters
                 .iter()

@@ -36,7 +36,12 @@ pub(crate) fn binary(cx: &mut Ctx, s: &Step) -> Grads {
                     .info
                     .get(b)
                     .floats()
-                    .or_else(|| cx.info.get(b).ints().map(|v| v.iter().map(|&x| x as f64).collect()))
+                    .or_else(|| {
+                        cx.info
+                            .get(b)
+                            .ints()
+                            .map(|v| v.iter().map(|&x| x as f64).collect())
+                    })
                     .is_some_and(|v| v.iter().all(|&x| x != 0.0));
                 if !b_nonzero {
                     let zero = cx.e.scalar(dtype, 0.0);
@@ -363,7 +368,11 @@ pub(crate) fn identity(_cx: &mut Ctx, s: &Step) -> Grads {
 /// Dropout in inference mode is the identity; training mode (random mask) is refused.
 pub(crate) fn dropout(cx: &mut Ctx, s: &Step) -> Grads {
     if let Some(t) = s.input(2) {
-        let training = cx.info.get(t).value.map(|v| v.to_f32().iter().any(|&b| b != 0.0));
+        let training = cx
+            .info
+            .get(t)
+            .value
+            .map(|v| v.to_f32().iter().any(|&b| b != 0.0));
         if training != Some(false) {
             return Err(s.unsupported(
                 "training-mode Dropout (random mask); differentiate the inference graph or write the mask as an input",

@@ -382,12 +382,45 @@ fn infer_node(node: &NodeProto, inputs: &[Facts]) -> Vec<Facts> {
             f.value = x.value.clone();
             vec![f]
         }
-        "Relu" | "Sigmoid" | "Tanh" | "Exp" | "Log" | "Sqrt" | "Abs" | "Neg" | "Sign" | "Floor"
-        | "Ceil" | "Round" | "Erf" | "LeakyRelu" | "Elu" | "Selu" | "Celu" | "Softplus"
-        | "Softsign" | "HardSigmoid" | "HardSwish" | "Reciprocal" | "Sin" | "Cos" | "Softmax"
-        | "LogSoftmax" | "Hardmax" | "Mish" | "Clip" | "LpNormalization" | "CumSum"
-        | "InstanceNormalization" | "GroupNormalization" | "Trilu" | "EyeLike" | "Shrink"
-        | "ThresholdedRelu" | "Gelu" | "PRelu" => same(),
+        "Relu"
+        | "Sigmoid"
+        | "Tanh"
+        | "Exp"
+        | "Log"
+        | "Sqrt"
+        | "Abs"
+        | "Neg"
+        | "Sign"
+        | "Floor"
+        | "Ceil"
+        | "Round"
+        | "Erf"
+        | "LeakyRelu"
+        | "Elu"
+        | "Selu"
+        | "Celu"
+        | "Softplus"
+        | "Softsign"
+        | "HardSigmoid"
+        | "HardSwish"
+        | "Reciprocal"
+        | "Sin"
+        | "Cos"
+        | "Softmax"
+        | "LogSoftmax"
+        | "Hardmax"
+        | "Mish"
+        | "Clip"
+        | "LpNormalization"
+        | "CumSum"
+        | "InstanceNormalization"
+        | "GroupNormalization"
+        | "Trilu"
+        | "EyeLike"
+        | "Shrink"
+        | "ThresholdedRelu"
+        | "Gelu"
+        | "PRelu" => same(),
         "Not" | "IsNaN" | "IsInf" => vec![Facts::typed(Some(DType::Bool), x.shape.clone())],
         "BatchNormalization" | "LayerNormalization" | "Dropout" => {
             let mut v = same();
@@ -435,8 +468,9 @@ fn infer_node(node: &NodeProto, inputs: &[Facts]) -> Vec<Facts> {
             }
             vec![f]
         }
-        "Equal" | "Less" | "Greater" | "LessOrEqual" | "GreaterOrEqual" | "And" | "Or"
-        | "Xor" => vec![Facts::typed(Some(DType::Bool), bcast_all(inputs))],
+        "Equal" | "Less" | "Greater" | "LessOrEqual" | "GreaterOrEqual" | "And" | "Or" | "Xor" => {
+            vec![Facts::typed(Some(DType::Bool), bcast_all(inputs))]
+        }
         "Where" => {
             let d = inputs.get(1).and_then(|f| f.dtype);
             vec![Facts::typed(d, bcast_all(inputs))]
@@ -593,12 +627,9 @@ fn infer_node(node: &NodeProto, inputs: &[Facts]) -> Vec<Facts> {
                             .collect(),
                     )
                 }
-                (Some(s), Some(_)) if s.iter().all(|d| d.fixed().is_some()) => Some(
-                    s.iter()
-                        .filter(|d| **d != Dim::Fixed(1))
-                        .cloned()
-                        .collect(),
-                ),
+                (Some(s), Some(_)) if s.iter().all(|d| d.fixed().is_some()) => {
+                    Some(s.iter().filter(|d| **d != Dim::Fixed(1)).cloned().collect())
+                }
                 _ => None,
             };
             let mut f = Facts::typed(x.dtype, shape);
@@ -773,7 +804,9 @@ fn infer_node(node: &NodeProto, inputs: &[Facts]) -> Vec<Facts> {
         "Expand" => {
             let target = inputs.get(1).and_then(Facts::dim_values);
             let shape = match (&x.shape, target) {
-                (Some(s), Some(t)) => broadcast(s, &t).or(Some(vec![Dim::Unknown; s.len().max(t.len())])),
+                (Some(s), Some(t)) => {
+                    broadcast(s, &t).or(Some(vec![Dim::Unknown; s.len().max(t.len())]))
+                }
                 _ => None,
             };
             vec![Facts::typed(x.dtype, shape)]
@@ -784,7 +817,13 @@ fn infer_node(node: &NodeProto, inputs: &[Facts]) -> Vec<Facts> {
                 (Some(s), Some(r)) if r.len() == s.len() => Some(
                     s.iter()
                         .zip(&r)
-                        .map(|(d, &k)| if k == 1 { d.clone() } else { dim_op(d, &Dim::Fixed(k), |u, v| u * v) })
+                        .map(|(d, &k)| {
+                            if k == 1 {
+                                d.clone()
+                            } else {
+                                dim_op(d, &Dim::Fixed(k), |u, v| u * v)
+                            }
+                        })
                         .collect(),
                 ),
                 (Some(s), _) => Some(vec![Dim::Unknown; s.len()]),
@@ -873,8 +912,16 @@ fn infer_node(node: &NodeProto, inputs: &[Facts]) -> Vec<Facts> {
                 if sa.len() != 2 || sb.len() != 2 {
                     return None;
                 }
-                let m = if attr::get_int(a, "transA", 0) == 1 { &sa[1] } else { &sa[0] };
-                let n = if attr::get_int(a, "transB", 0) == 1 { &sb[0] } else { &sb[1] };
+                let m = if attr::get_int(a, "transA", 0) == 1 {
+                    &sa[1]
+                } else {
+                    &sa[0]
+                };
+                let n = if attr::get_int(a, "transB", 0) == 1 {
+                    &sb[0]
+                } else {
+                    &sb[1]
+                };
                 Some(vec![m.clone(), n.clone()])
             })();
             vec![Facts::typed(x.dtype, shape)]
@@ -890,8 +937,10 @@ fn infer_node(node: &NodeProto, inputs: &[Facts]) -> Vec<Facts> {
         "Einsum" => {
             let shape = (|| {
                 let eq = attr::get_string(a, "equation")?;
-                let ranks: Vec<Option<usize>> =
-                    inputs.iter().map(|f| f.shape.as_ref().map(Vec::len)).collect();
+                let ranks: Vec<Option<usize>> = inputs
+                    .iter()
+                    .map(|f| f.shape.as_ref().map(Vec::len))
+                    .collect();
                 let (ops, out) = parse_einsum(&eq, &ranks)?;
                 let mut sizes: HashMap<char, Dim> = HashMap::new();
                 for (subs, f) in ops.iter().zip(inputs) {
@@ -999,7 +1048,9 @@ fn infer_node(node: &NodeProto, inputs: &[Facts]) -> Vec<Facts> {
         "Range" => vec![Facts::typed(x.dtype, Some(vec![Dim::Unknown]))],
         "NonZero" => vec![Facts::typed(
             Some(DType::I64),
-            x.shape.as_ref().map(|s| vec![Dim::Fixed(s.len() as i64), Dim::Unknown]),
+            x.shape
+                .as_ref()
+                .map(|s| vec![Dim::Fixed(s.len() as i64), Dim::Unknown]),
         )],
         "TopK" => {
             let shape = x.shape.as_ref().map(|s| {

@@ -35,7 +35,8 @@ pub(crate) fn matmul(cx: &mut Ctx, s: &Step) -> Grads {
     } else {
         (b.to_string(), sb.clone())
     };
-    let sy2 = matmul_shape(&sa2, &sb2).ok_or_else(|| s.unsupported("operand shapes do not multiply"))?;
+    let sy2 =
+        matmul_shape(&sa2, &sb2).ok_or_else(|| s.unsupported("operand shapes do not multiply"))?;
     let dy2 = match (a1, b1) {
         (true, true) => cx.e.reshape_const(&dy, &[1, 1]),
         (true, false) => cx.e.unsqueeze(&dy, &[-2]),

@@ -213,7 +213,8 @@ impl Step<'_> {
 
     /// Input `i`, which the op requires.
     pub fn x(&self, i: usize) -> Result<&str, AutodiffError> {
-        self.input(i).ok_or_else(|| self.unsupported(format!("input {i} is missing")))
+        self.input(i)
+            .ok_or_else(|| self.unsupported(format!("input {i} is missing")))
     }
 
     /// Output `i`.
@@ -329,8 +330,8 @@ fn rule(op: &str) -> Option<Rule> {
         "GlobalMaxPool" => pool::global_max_pool,
         "BatchNormalization" => norm::batch_norm,
         "LayerNormalization" => norm::layer_norm,
-        "ReduceSum" | "ReduceMean" | "ReduceMax" | "ReduceMin" | "ReduceSumSquare"
-        | "ReduceL2" | "ReduceLogSumExp" => reduce::reduce,
+        "ReduceSum" | "ReduceMean" | "ReduceMax" | "ReduceMin" | "ReduceSumSquare" | "ReduceL2"
+        | "ReduceLogSumExp" => reduce::reduce,
         "Softmax" | "LogSoftmax" => softmax::softmax,
         "Reshape" | "Flatten" | "Squeeze" | "Unsqueeze" => shape::reshape,
         "Transpose" => shape::transpose,
@@ -716,7 +717,10 @@ pub fn with_gradients(model: &ModelProto, req: &GradRequest) -> Result<ModelProt
                     output: vec![name.clone()],
                     attribute: vec![crate::builder::attr::tensor(
                         "value",
-                        TensorProto { dims: vec![1], ..zero },
+                        TensorProto {
+                            dims: vec![1],
+                            ..zero
+                        },
                     )],
                     ..Default::default()
                 }

@@ -17,9 +17,9 @@ type Grads = Result<Vec<Option<String>>, AutodiffError>;
 pub(crate) fn batch_norm(cx: &mut Ctx, s: &Step) -> Grads {
     let a = &s.node.attribute;
     if attr::get_int(a, "training_mode", 0) != 0 {
-        return Err(s.unsupported(
-            "training_mode = 1; write training-mode batch norm with primitive ops",
-        ));
+        return Err(
+            s.unsupported("training_mode = 1; write training-mode batch norm with primitive ops")
+        );
     }
     if s.dy.iter().skip(1).any(Option::is_some) {
         return Err(s.unsupported("gradients of the running-statistics outputs"));

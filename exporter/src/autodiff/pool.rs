@@ -38,9 +38,7 @@ pub(crate) fn max_pool(cx: &mut Ctx, s: &Step) -> Grads {
     let indices = match s.node.output.get(1).filter(|o| !o.is_empty()) {
         Some(i) => i.clone(),
         None => {
-            let outs = cx
-                .e
-                .op_n("MaxPool", &[x], s.node.attribute.clone(), 2);
+            let outs = cx.e.op_n("MaxPool", &[x], s.node.attribute.clone(), 2);
             outs[1].clone()
         }
     };
@@ -81,15 +79,15 @@ pub(crate) fn average_pool(cx: &mut Ctx, s: &Step) -> Grads {
         // Accepted only when ceil and floor give the same windows.
         let same = (0..n).all(|i| {
             xs[2 + i].fixed().is_some_and(|h| {
-                let span = h + g.pads_begin[i] + g.pads_end[i]
-                    - (g.dilations[i] * (kernel[i] - 1) + 1);
+                let span =
+                    h + g.pads_begin[i] + g.pads_end[i] - (g.dilations[i] * (kernel[i] - 1) + 1);
                 span % g.strides[i] == 0
             })
         });
         if !same {
-            return Err(s.unsupported(
-                "ceil_mode = 1 with a partial last window (or unknown sizes)",
-            ));
+            return Err(
+                s.unsupported("ceil_mode = 1 with a partial last window (or unknown sizes)")
+            );
         }
     }
     let count_pad = attr::get_int(a, "count_include_pad", 0) == 1;

@@ -64,7 +64,10 @@ pub(crate) fn resize(cx: &mut Ctx, s: &Step) -> Grads {
     let dy = s.dy0()?.to_string();
     let (x, y) = (s.x(0)?, s.y(0));
     let xs = cx.shape(s, x)?;
-    let ys = cx.info.shape(y).unwrap_or_else(|| vec![Dim::Unknown; xs.len()]);
+    let ys = cx
+        .info
+        .shape(y)
+        .unwrap_or_else(|| vec![Dim::Unknown; xs.len()]);
     let r = xs.len();
     if r < 2 {
         return Err(s.unsupported("rank < 2"));
@@ -82,7 +85,10 @@ pub(crate) fn resize(cx: &mut Ctx, s: &Step) -> Grads {
             None => !(xs[k] == ys[k] && !matches!(xs[k], Dim::Unknown)),
         })
         .collect();
-    let same_shape = xs.iter().zip(&ys).all(|(a, b)| a.fixed().is_some() && a == b);
+    let same_shape = xs
+        .iter()
+        .zip(&ys)
+        .all(|(a, b)| a.fixed().is_some() && a == b);
     if same_shape && !axes.is_empty() {
         return Err(s.unsupported(
             "scales other than 1 that keep the shape: ONNX Runtime copies the input there, the ONNX specification resamples",
@@ -227,8 +233,12 @@ pub(crate) fn resize(cx: &mut Ctx, s: &Step) -> Grads {
         } else {
             e.squeeze(&resized, &others)
         };
-        let g_subs: String = (0..r).map(|t| if t == k { 'y' } else { letters[t] }).collect();
-        let out_subs: String = (0..r).map(|t| if t == k { 'z' } else { letters[t] }).collect();
+        let g_subs: String = (0..r)
+            .map(|t| if t == k { 'y' } else { letters[t] })
+            .collect();
+        let out_subs: String = (0..r)
+            .map(|t| if t == k { 'z' } else { letters[t] })
+            .collect();
         let m_subs = if j < k { "zy" } else { "yz" };
         let eq = format!("{g_subs},{m_subs}->{out_subs}");
         g = e.op("Einsum", &[&g, &m], vec![attr::string("equation", &eq)]);
@@ -279,30 +289,31 @@ pub(crate) fn grid_sample(cx: &mut Ctx, s: &Step) -> Grads {
     let wm1 = e.sub(&wf, &one);
     let hm1 = e.sub(&hf, &one);
     // Un-normalised coordinates and d(coordinate)/d(grid).
-    let coord = |e: &mut super::emit::Emitter, c: i64, n: &str, nm1: &str| -> (String, String, String) {
-        let ci = e.i64_scalar(c);
-        let g = e.op("Gather", &[grid, &ci], vec![attr::int("axis", 3)]);
-        let gp1 = e.add(&g, &one);
-        let (pos, scale) = if align {
-            let t = e.mul(&gp1, nm1);
-            (e.mul(&t, &half), e.mul(nm1, &half))
-        } else {
-            let t = e.mul(&gp1, n);
-            let t = e.sub(&t, &one);
-            (e.mul(&t, &half), e.mul(n, &half))
+    let coord =
+        |e: &mut super::emit::Emitter, c: i64, n: &str, nm1: &str| -> (String, String, String) {
+            let ci = e.i64_scalar(c);
+            let g = e.op("Gather", &[grid, &ci], vec![attr::int("axis", 3)]);
+            let gp1 = e.add(&g, &one);
+            let (pos, scale) = if align {
+                let t = e.mul(&gp1, nm1);
+                (e.mul(&t, &half), e.mul(nm1, &half))
+            } else {
+                let t = e.mul(&gp1, n);
+                let t = e.sub(&t, &one);
+                (e.mul(&t, &half), e.mul(n, &half))
+            };
+            if padding == "border" {
+                let clipped = e.op("Clip", &[&pos, &zero, nm1], vec![]);
+                let above = e.op("Greater", &[&pos, &zero], vec![]);
+                let below = e.op("Less", &[&pos, nm1], vec![]);
+                let inside = e.op("And", &[&above, &below], vec![]);
+                let m = e.cast(&inside, dtype);
+                let scale = e.mul(&m, &scale);
+                (clipped, scale, g)
+            } else {
+                (pos, scale, g)
+            }
         };
-        if padding == "border" {
-            let clipped = e.op("Clip", &[&pos, &zero, nm1], vec![]);
-            let above = e.op("Greater", &[&pos, &zero], vec![]);
-            let below = e.op("Less", &[&pos, nm1], vec![]);
-            let inside = e.op("And", &[&above, &below], vec![]);
-            let m = e.cast(&inside, dtype);
-            let scale = e.mul(&m, &scale);
-            (clipped, scale, g)
-        } else {
-            (pos, scale, g)
-        }
-    };
     let (ix, sx, gx) = coord(e, 0, &wf, &wm1);
     let (iy, sy, _) = coord(e, 1, &hf, &hm1);
     // Corners: (x, y, weight).

@@ -150,19 +150,16 @@ pub(crate) fn split(cx: &mut Ctx, s: &Step) -> Grads {
     let rank = cx.rank(s, x)?;
     let dtype = cx.dtype(s, x)?;
     let axis = norm_axis(attr::get_int(&s.node.attribute, "axis", 0), rank);
-    let parts: Vec<String> = s
-        .dy
-        .iter()
-        .enumerate()
-        .map(|(i, d)| match d {
-            Some(g) => g.clone(),
-            None => cx.e.zeros_like(s.y(i), dtype),
-        })
-        .collect();
+    let parts: Vec<String> =
+        s.dy.iter()
+            .enumerate()
+            .map(|(i, d)| match d {
+                Some(g) => g.clone(),
+                None => cx.e.zeros_like(s.y(i), dtype),
+            })
+            .collect();
     let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
-    out[0] = Some(
-        cx.e.op("Concat", &refs, vec![attr::int("axis", axis as i64)]),
-    );
+    out[0] = Some(cx.e.op("Concat", &refs, vec![attr::int("axis", axis as i64)]));
     Ok(out)
 }
 
@@ -179,7 +176,9 @@ pub(crate) fn slice(cx: &mut Ctx, s: &Step) -> Grads {
     let konst = |i: usize| s.input(i).map(|n| cx.info.get(n).ints());
     let (starts, ends) = (konst(1).flatten(), konst(2).flatten());
     let axes = match konst(3) {
-        None => starts.as_ref().map(|v| (0..v.len() as i64).collect::<Vec<_>>()),
+        None => starts
+            .as_ref()
+            .map(|v| (0..v.len() as i64).collect::<Vec<_>>()),
         Some(a) => a,
     };
     let steps = match konst(4) {
