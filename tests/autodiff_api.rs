@@ -136,7 +136,7 @@ fn frozen_and_absent() {
     let x2 = net.rand_input(&mut rng, "x2", &[3], -1.0, 1.0);
     let w1 = net.rand_input(&mut rng, "w1", &[3], -1.0, 1.0);
     let w2 = net.rand_input(&mut rng, "w2", &[3], -1.0, 1.0);
-    let unused = net.rand_input(&mut rng, "unused", &[3], -1.0, 1.0);
+    net.rand_input(&mut rng, "unused", &[3], -1.0, 1.0);
     let a = net.node("Mul", &[&x1, &w1], vec![]);
     let b = net.node("Mul", &[&x2, &w2], vec![]);
     let s = net.node("Add", &[&a, &b], vec![]);
@@ -246,4 +246,163 @@ fn opset_too_old_for_a_rule() {
         "{e}"
     );
     assert!(e.to_string().contains("maxpool_"), "{e}");
+}
+
+/// A training graph of a real densa model (resnet-edge, all parameters) is a valid ONNX model:
+/// densa's validator, `onnx.checker` with full shape inference, and the `onnxruntime` Python
+/// package gives the same gradients as densa's ONNX Runtime backend.
+#[test]
+fn edge_backbone_training_graph_is_valid_onnx() {
+    use densa::exporter::builder::{attr, GraphBuilder, ParamKind};
+    use densa::models::Arch;
+    let mut b = GraphBuilder::new("edge-train", 3);
+    let images = b
+        .input(
+            "images",
+            DType::F32,
+            vec!["N".into(), 3.into(), 32.into(), 32.into()],
+        )
+        .unwrap();
+    let net = Arch::Edge.config().init(&mut b).unwrap();
+    let stages = net.forward(&mut b, &images).unwrap();
+    let sq = b.binary("Mul", &stages.c5, &stages.c5).unwrap();
+    let loss = b.node1(
+        "ReduceMean",
+        None,
+        &[&sq],
+        vec![attr::int("keepdims", 0)],
+        DType::F32,
+        vec![],
+    );
+    b.output(&loss, "loss").unwrap();
+    let params: Vec<String> = b
+        .params()
+        .iter()
+        .filter(|p| p.kind == ParamKind::Param)
+        .map(|p| p.name.clone())
+        .collect();
+    let wrt: Vec<&str> = params.iter().map(String::as_str).collect();
+    let model = with_gradients(&b.finish(), &GradRequest::new("loss", &wrt)).unwrap();
+    densa::exporter::validate::validate(&model).unwrap();
+
+    let Some(python) = common::python_peers() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("train.onnx");
+    densa::exporter::io::save(&model, &path).unwrap();
+    let mut rng = Gen::new(9);
+    let x = tensor(
+        DType::F32,
+        &[2, 3, 32, 32],
+        (0..2 * 3 * 32 * 32)
+            .map(|_| rng.uniform(-1.0, 1.0))
+            .collect(),
+    );
+    let xp = dir.path().join("x.npy");
+    densa::runtime::npy::write_npy(&xp, &x).unwrap();
+    let out = dir.path().join("out.npz");
+    common::python_reference(&python, &path, &[("images", &xp)], &out);
+    let reference = densa::runtime::npy::read_npz(&out).unwrap();
+    let ours = run(&model, &[("images".into(), x)]);
+    assert_eq!(reference.len(), params.len() + 1);
+    for ((name, a), (rname, r)) in ours.iter().zip(&reference) {
+        assert_eq!(name, rname);
+        let r = to_f64(r);
+        let scale = r.iter().fold(1e-6f64, |m, v| m.max(v.abs()));
+        let d = a
+            .iter()
+            .zip(&r)
+            .fold(0f64, |m, (x, y)| m.max((x - y).abs()))
+            / scale;
+        assert!(
+            d < 1e-4,
+            "{name}: densa-ort vs onnxruntime (Python) relative {d:.2e}"
+        );
+    }
+}
+
+/// The same network differentiated with symbolic spatial sizes (dynamic formulations: run-time
+/// output padding, slices and broadcast axes) and with fixed ones (static attributes) gives the
+/// same gradients, on ONNX Runtime and on tract, at a size where every strided convolution
+/// drops rows (40x22).
+#[test]
+fn dynamic_and_static_shapes_agree() {
+    use densa::exporter::builder::{attr, Dim, GraphBuilder, ParamKind};
+    use densa::models::Arch;
+    let build = |h: Dim, w: Dim| {
+        let mut b = GraphBuilder::new("edge-train", 3);
+        let images = b
+            .input("images", DType::F32, vec!["N".into(), 3.into(), h, w])
+            .unwrap();
+        let net = Arch::Edge.config().init(&mut b).unwrap();
+        let stages = net.forward(&mut b, &images).unwrap();
+        let sq = b.binary("Mul", &stages.c4, &stages.c4).unwrap();
+        let loss = b.node1(
+            "ReduceMean",
+            None,
+            &[&sq],
+            vec![attr::int("keepdims", 0)],
+            DType::F32,
+            vec![],
+        );
+        b.output(&loss, "loss").unwrap();
+        let params: Vec<String> = b
+            .params()
+            .iter()
+            .filter(|p| p.kind == ParamKind::Param)
+            .map(|p| p.name.clone())
+            .collect();
+        let wrt: Vec<&str> = params.iter().map(String::as_str).collect();
+        with_gradients(&b.finish(), &GradRequest::new("loss", &wrt)).unwrap()
+    };
+    let dynamic = build("H".into(), "W".into());
+    let fixed = build(40.into(), 22.into());
+    let ops =
+        |m: &densa::exporter::onnx::ModelProto| -> usize { m.graph.as_ref().unwrap().node.len() };
+    assert!(
+        ops(&dynamic) > ops(&fixed),
+        "the dynamic graph should carry run-time shape arithmetic"
+    );
+    let mut rng = Gen::new(10);
+    let x = tensor(
+        DType::F32,
+        &[2, 3, 40, 22],
+        (0..2 * 3 * 40 * 22)
+            .map(|_| rng.uniform(-1.0, 1.0))
+            .collect(),
+    );
+    let feeds = vec![("images".to_string(), x)];
+    let b = backends();
+    let mut results = vec![];
+    for (m, label) in [(&fixed, "fixed"), (&dynamic, "dynamic")] {
+        results.push(
+            b.reference
+                .load_model(m, label)
+                .unwrap()
+                .run(feeds.clone())
+                .unwrap(),
+        );
+        if b.reference_is_ort {
+            results.push(
+                b.tract
+                    .load_model(m, label)
+                    .unwrap()
+                    .run(feeds.clone())
+                    .unwrap(),
+            );
+        }
+    }
+    for other in &results[1..] {
+        for ((name, a), (_, r)) in other.iter().zip(&results[0]) {
+            let (a, r) = (to_f64(a), to_f64(r));
+            let scale = r.iter().fold(1e-6f64, |m, v| m.max(v.abs()));
+            let d = a
+                .iter()
+                .zip(&r)
+                .fold(0f64, |m, (x, y)| m.max((x - y).abs()))
+                / scale;
+            assert!(d < 1e-4, "{name}: relative {d:.2e}");
+        }
+    }
 }

@@ -203,7 +203,7 @@ proptest! {
         // TopK along the axis.
         let mut net = Net::new(DType::F64);
         let x = net.input("x", tensor(DType::F64, &shape, rng.distinct(n, 0.1)), false);
-        let k = net.ints(&[(d as i64 + 1) / 2]);
+        let k = net.ints(&[(d + 1) / 2]);
         let y = net.node_n("TopK", &[&x, &k], vec![int("axis", axis as i64)], 2).remove(0);
         check("TopK", &net, &y, &["x"], &mut rng, &Check::f64());
     }

@@ -19,7 +19,7 @@ use densa::runtime::Backend;
 use ndarray::ArrayD;
 
 #[path = "../common/mod.rs"]
-mod common;
+pub mod common;
 
 /// The reference backend (ONNX Runtime when available) and tract.
 pub struct Backends {
@@ -506,7 +506,7 @@ pub fn tract_runs_forward(label: &str, forward: &ModelProto, feeds: &[(String, T
         .load_model(forward, "forward")
         .and_then(|mut s| s.run(feeds.to_vec()));
     let why = match tract {
-        Err(e) => format!("{}", e.to_string().lines().next().unwrap_or_default()),
+        Err(e) => e.to_string().lines().next().unwrap_or_default().to_string(),
         Ok(t) => {
             let (r, t) = (to_f64(&reference[0].1), to_f64(&t[0].1));
             let scale = r.iter().fold(1f64, |m, v| m.max(v.abs()));

@@ -82,7 +82,7 @@ pub(crate) fn resize(cx: &mut Ctx, s: &Step) -> Grads {
     let axes: Vec<usize> = (0..r)
         .filter(|&k| match &scale_values {
             Some(v) => v.get(k).is_none_or(|&f| f != 1.0),
-            None => !(xs[k] == ys[k] && !matches!(xs[k], Dim::Unknown)),
+            None => xs[k] != ys[k] || matches!(xs[k], Dim::Unknown),
         })
         .collect();
     let same_shape = xs
