@@ -255,7 +255,15 @@ proptest! {
         let s = net.rand_input(&mut rng, "scale", normalized, 0.5, 1.5);
         let b = net.rand_input(&mut rng, "bias", normalized, -1.0, 1.0);
         let y = net.node("LayerNormalization", &[&x, &s, &b], vec![int("axis", axis), float("epsilon", 1e-3)]);
-        check("LayerNormalization", &net, &y, &["x", "scale", "bias"], &mut rng, &Check::f64());
+        // tract's f64 LayerNormalization is only float32-accurate (differences of a few 1e-6):
+        // f64 on ONNX Runtime, then the same graph in f32 on both.
+        check("LayerNormalization", &net, &y, &["x", "scale", "bias"], &mut rng, &Check::f64().no_tract());
+        let mut net32 = Net::new(DType::F32);
+        net32.nodes = net.nodes.clone();
+        for (name, t) in &net.feeds {
+            net32.input(name, densa::exporter::Tensor::F32(t.to_f32()), false);
+        }
+        check("LayerNormalization f32", &net32, &y, &["x", "scale", "bias"], &mut rng, &Check::f32_smooth());
     }
 }
 
