@@ -33,7 +33,7 @@ proptest! {
         seed in any::<u64>(),
     ) {
         // ONNX: pads smaller than the kernel; the window fits.
-        prop_assume!((0..2).all(|i| pad < kernel[i] && size[i] + 2 * pad >= dilation[i] * (kernel[i] - 1) + 1));
+        prop_assume!((0..2).all(|i| pad < kernel[i] && size[i] + 2 * pad > dilation[i] * (kernel[i] - 1)));
         // ONNX shape inference and ONNX Runtime's kernel disagree when ceil_mode adds a window
         // that starts in the end padding: keep away from that case.
         prop_assume!(!ceil || (0..2).all(|i| {
@@ -201,5 +201,10 @@ fn resize_same_shape_is_refused() {
     let e = densa::exporter::autodiff::with_gradients(&net.model(&y), &req).unwrap_err();
     let msg = e.to_string();
     let node = y.split(':').next().unwrap();
-    assert!(msg.contains(&format!("`{node}`")) && msg.contains("(Resize)") && msg.contains("keep the shape"), "{msg}");
+    assert!(
+        msg.contains(&format!("`{node}`"))
+            && msg.contains("(Resize)")
+            && msg.contains("keep the shape"),
+        "{msg}"
+    );
 }

@@ -19,7 +19,7 @@ use densa::runtime::Backend;
 use ndarray::ArrayD;
 
 #[path = "../common/mod.rs"]
-mod common;
+pub mod common;
 
 /// The reference backend (ONNX Runtime when available) and tract.
 pub struct Backends {
@@ -444,7 +444,8 @@ pub fn check_model(
             );
         }
     }
-    let tract_error = if c.tract && b.reference_is_ort && tract_runs_forward(label, forward, feeds) {
+    let tract_error = if c.tract && b.reference_is_ort && tract_runs_forward(label, forward, feeds)
+    {
         let mut ts = b
             .tract
             .load_model(model, label)
@@ -494,17 +495,26 @@ pub fn cases(n: u32) -> proptest::test_runner::Config {
 /// says so.
 pub fn tract_runs_forward(label: &str, forward: &ModelProto, feeds: &[(String, Tensor)]) -> bool {
     let b = backends();
-    let reference = b.reference.load_model(forward, "forward").unwrap().run(feeds.to_vec()).unwrap();
+    let reference = b
+        .reference
+        .load_model(forward, "forward")
+        .unwrap()
+        .run(feeds.to_vec())
+        .unwrap();
     let tract = b
         .tract
         .load_model(forward, "forward")
         .and_then(|mut s| s.run(feeds.to_vec()));
     let why = match tract {
-        Err(e) => format!("{}", e.to_string().lines().next().unwrap_or_default()),
+        Err(e) => e.to_string().lines().next().unwrap_or_default().to_string(),
         Ok(t) => {
             let (r, t) = (to_f64(&reference[0].1), to_f64(&t[0].1));
             let scale = r.iter().fold(1f64, |m, v| m.max(v.abs()));
-            let d = r.iter().zip(&t).fold(0f64, |m, (a, b)| m.max((a - b).abs())) / scale;
+            let d = r
+                .iter()
+                .zip(&t)
+                .fold(0f64, |m, (a, b)| m.max((a - b).abs()))
+                / scale;
             if r.len() == t.len() && d <= 1e-5 {
                 return true;
             }

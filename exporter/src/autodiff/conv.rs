@@ -414,7 +414,7 @@ pub(crate) fn conv(cx: &mut Ctx, s: &Step) -> Grads {
 /// ConvTranspose.
 pub(crate) fn conv_transpose(cx: &mut Ctx, s: &Step) -> Grads {
     let dy = s.dy0()?.to_string();
-    let (x, w, y) = (s.x(0)?, s.x(1)?, s.y(0));
+    let (x, w) = (s.x(0)?, s.x(1)?);
     let a = &s.node.attribute;
     if attr::find(a, "output_shape").is_some() {
         return Err(s.unsupported("output_shape (give pads and output_padding instead)"));
@@ -451,7 +451,6 @@ pub(crate) fn conv_transpose(cx: &mut Ctx, s: &Step) -> Grads {
         out[1] = Some(conv_weight_grad(cx, &dy, x, &xs[2..], &g, c, mg, &r));
     }
     if s.need(2) {
-        let _ = y;
         out[2] = Some(bias_grad(cx, &dy, rank));
     }
     Ok(out)

@@ -6,7 +6,6 @@
 use super::broadcast::reduce_like;
 use super::{AutodiffError, Ctx, Step};
 use crate::builder::attr;
-use crate::tensor::DType;
 
 type Grads = Result<Vec<Option<String>>, AutodiffError>;
 
@@ -379,6 +378,5 @@ pub(crate) fn dropout(cx: &mut Ctx, s: &Step) -> Grads {
             ));
         }
     }
-    let _ = DType::F32;
     identity(cx, s)
 }

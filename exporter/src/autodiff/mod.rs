@@ -700,7 +700,10 @@ pub fn with_gradients(model: &ModelProto, req: &GradRequest) -> Result<ModelProt
                 ..Default::default()
             },
             None => {
-                let shape = format!("{name}.shape");
+                let mut shape = format!("{name}.shape");
+                while !taken.insert(shape.clone()) {
+                    shape.push('_');
+                }
                 out.node.push(NodeProto {
                     name: shape.clone(),
                     op_type: "Shape".into(),

@@ -65,7 +65,7 @@ pub(crate) fn average_pool(cx: &mut Ctx, s: &Step) -> Grads {
         return Ok(out);
     }
     let dy = s.dy0()?.to_string();
-    let (x, y) = (s.x(0)?, s.y(0));
+    let x = s.x(0)?;
     let xs = cx.shape(s, x)?;
     let dtype = cx.dtype(s, x)?;
     let kernel = pool_kernel(s)?;
@@ -128,7 +128,6 @@ pub(crate) fn average_pool(cx: &mut Ctx, s: &Step) -> Grads {
     let mut xs_flat = vec![Dim::Unknown, Dim::Fixed(1)];
     xs_flat.extend(xs[2..].iter().cloned());
     let dx = conv_input_grad(cx, &flat, &ones_kernel, x, &xs_flat[2..], &g1);
-    let _ = y;
     out[0] = Some(cx.e.reshape_like(&dx, x));
     Ok(out)
 }

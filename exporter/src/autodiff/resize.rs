@@ -82,10 +82,13 @@ pub(crate) fn resize(cx: &mut Ctx, s: &Step) -> Grads {
     let axes: Vec<usize> = (0..r)
         .filter(|&k| match &scale_values {
             Some(v) => v.get(k).is_none_or(|&f| f != 1.0),
-            None => !(xs[k] == ys[k] && !matches!(xs[k], Dim::Unknown)),
+            None => xs[k] != ys[k] || matches!(xs[k], Dim::Unknown),
         })
         .collect();
-    let same_shape = xs.iter().zip(&ys).all(|(a, b)| a.fixed().is_some() && a == b);
+    let same_shape = xs
+        .iter()
+        .zip(&ys)
+        .all(|(a, b)| a.fixed().is_some() && a == b);
     if same_shape && !axes.is_empty() {
         return Err(s.unsupported(
             "scales other than 1 that keep the shape: ONNX Runtime copies the input there, the ONNX specification resamples",
