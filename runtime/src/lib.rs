@@ -6,6 +6,8 @@
 
 pub mod backend;
 pub mod data;
+pub mod eval;
+pub mod mask;
 pub mod npy;
 
 pub use backend::{open_backend, Backend, BackendError, BackendKind, BackendOptions, Session};

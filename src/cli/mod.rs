@@ -1,6 +1,7 @@
 //! Subcommands. Each lives in its own module; errors carry the file and the step (anyhow
 //! context) and end the process with a non-zero status.
 
+mod eval;
 mod export;
 mod inspect;
 mod run;
@@ -34,6 +35,9 @@ pub enum Command {
     Inspect(inspect::InspectArgs),
     /// Time a model on a backend (used by the benchmarks in benches/).
     Bench(run::BenchArgs),
+    /// Evaluate predictions: COCO AP (pycocotools-equal), semantic segmentation mIoU.
+    #[command(subcommand)]
+    Eval(eval::EvalCommand),
     /// The whole pipeline on synthetic data: pretrain, fine-tune, export, serve, evaluate.
     Demo(DemoArgs),
 }
@@ -88,6 +92,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Run(args) => run::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::Bench(args) => run::bench(args),
+        Command::Eval(cmd) => eval::run(cmd),
         Command::Demo(args) => {
             let _ = args.out;
             anyhow::bail!(
