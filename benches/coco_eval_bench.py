@@ -42,13 +42,15 @@ def make_case(workdir, n_images, n_dets):
                 cat, (x, y, bw, bh) = boxes[j % len(boxes)]
                 jit = rng.normal(0, 0.1, 4) * [bw, bh, bw, bh]
                 box = [x + jit[0], y + jit[1], max(bw + jit[2], 1), max(bh + jit[3], 1)]
+                score = rng.uniform(0.3, 1.0)
             else:
                 cat = int(rng.randint(1, 81))
                 bw, bh = rng.uniform(4, 200, 2)
                 box = [rng.uniform(0, w - bw), rng.uniform(0, h - bh), bw, bh]
+                score = rng.uniform(0.0, 0.7)
             dets.append({"image_id": img, "category_id": cat,
                          "bbox": [round(float(v), 2) for v in box],
-                         "score": round(float(rng.rand()), 4)})
+                         "score": round(float(score), 4)})
     gt = {"images": images, "annotations": anns,
           "categories": [{"id": c, "name": f"c{c}"} for c in range(1, 81)]}
     gt_path, dt_path = os.path.join(workdir, "gt.json"), os.path.join(workdir, "dt.json")

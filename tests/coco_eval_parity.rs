@@ -150,12 +150,11 @@ fn make_case(seed: u64, form: DtForm) -> (Value, Value) {
         let (w, h) = if rng.chance(0.3) {
             (640, 480)
         } else {
-            (
-                60 + rng.below(260) as u32,
-                50 + rng.below(200) as u32,
-            )
+            (60 + rng.below(260) as u32, 50 + rng.below(200) as u32)
         };
-        images.push(json!({"id": image, "file_name": format!("{image}.jpg"), "width": w, "height": h}));
+        images.push(
+            json!({"id": image, "file_name": format!("{image}.jpg"), "width": w, "height": h}),
+        );
         // Image 3: no ground truth (detections only); image 4: nothing at all.
         let n_gt = match image {
             3 | 4 => 0,
@@ -173,10 +172,15 @@ fn make_case(seed: u64, form: DtForm) -> (Value, Value) {
                 // A compressed RLE ground truth.
                 let p = polygon(&mut rng, b);
                 let rle = Rle::from_polygon(&p, h, w);
-                (json!({"size": [h, w], "counts": rle.to_compressed()}), poly_box(&p))
+                (
+                    json!({"size": [h, w], "counts": rle.to_compressed()}),
+                    poly_box(&p),
+                )
             } else if rng.chance(0.2) {
                 // Two polygon parts.
-                let (p, q) = (polygon(&mut rng, b), polygon(&mut rng, jitter(&mut rng, b, 0.5)));
+                let p = polygon(&mut rng, b);
+                let moved = jitter(&mut rng, b, 0.5);
+                let q = polygon(&mut rng, moved);
                 let bb = poly_box(&p);
                 (json!([p, q]), bb)
             } else {
@@ -272,8 +276,17 @@ fn stats_and_per_class_ap_equal_pycocotools() {
         write_json(&dt_path, &dt);
         let report = dir.path().join(format!("report{seed}"));
         let o = run_densa(&[
-            "eval", "coco", "--gt", s(&gt_path), "--dt", s(&dt_path), "--iou-type", iou_type,
-            "--json", "--report", s(&report),
+            "eval",
+            "coco",
+            "--gt",
+            s(&gt_path),
+            "--dt",
+            s(&dt_path),
+            "--iou-type",
+            iou_type,
+            "--json",
+            "--report",
+            s(&report),
         ]);
         assert!(o.status.success(), "case {seed}: {}", stderr(&o));
         let stdout = String::from_utf8(o.stdout).unwrap();
@@ -326,7 +339,10 @@ fn stats_and_per_class_ap_equal_pycocotools() {
             );
         }
         // Non-trivial: some stats are defined and not all equal.
-        assert!(want.iter().any(|v| v.as_f64().unwrap() > 0.05), "case {seed}: {want:?}");
+        assert!(
+            want.iter().any(|v| v.as_f64().unwrap() > 0.05),
+            "case {seed}: {want:?}"
+        );
         for entry in metrics["per_class"].as_array().unwrap() {
             let id = entry["id"].as_u64().unwrap().to_string();
             let (a, b) = (&entry["AP"], &reference["per_class"][&id]);
@@ -335,10 +351,16 @@ fn stats_and_per_class_ap_equal_pycocotools() {
                     (a - b).abs() <= 1e-6,
                     "case {seed} category {id}: densa {a} pycocotools {b}"
                 ),
-                _ => assert!(a.is_null() && b.is_null(), "case {seed} category {id}: {a} vs {b}"),
+                _ => assert!(
+                    a.is_null() && b.is_null(),
+                    "case {seed} category {id}: {a} vs {b}"
+                ),
             }
         }
-        assert!(metrics["per_class"][4]["AP"].is_null(), "category 9 has no ground truth");
+        assert!(
+            metrics["per_class"][4]["AP"].is_null(),
+            "category 9 has no ground truth"
+        );
     }
 }
 
@@ -351,12 +373,14 @@ fn table_output_has_the_summary_and_per_class_ap() {
     write_json(&d, &dt);
     let o = run_densa(&["eval", "coco", "--gt", s(&g), "--dt", s(&d)]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let out = String::from_utf8(o.stdout).unwrap();
+    let out = String::from_utf8(o.stdout.clone()).unwrap();
     assert!(
         out.contains(" Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ] = "),
         "{out}"
     );
-    assert!(out.contains(" Average Recall     (AR) @[ IoU=0.50:0.95 | area= large | maxDets=100 ] = "));
+    assert!(
+        out.contains(" Average Recall     (AR) @[ IoU=0.50:0.95 | area= large | maxDets=100 ] = ")
+    );
     assert!(out.contains("cat9"), "{out}");
     assert!(stderr(&o).contains("category_id that is not among the ground truth's categories"));
 }
@@ -367,7 +391,16 @@ fn eval_error(gt: &str, dt: &str) -> String {
     let (g, d) = (dir.path().join("GT.json"), dir.path().join("DT.json"));
     std::fs::write(&g, gt).unwrap();
     std::fs::write(&d, dt).unwrap();
-    let o = run_densa(&["eval", "coco", "--gt", s(&g), "--dt", s(&d), "--iou-type", "segm"]);
+    let o = run_densa(&[
+        "eval",
+        "coco",
+        "--gt",
+        s(&g),
+        "--dt",
+        s(&d),
+        "--iou-type",
+        "segm",
+    ]);
     assert_clean_failure(&o)
 }
 
@@ -378,8 +411,7 @@ fn gt_with(ann: &str) -> String {
     format!(r#"{{{IMAGES}, "annotations": [{ann}]}}"#)
 }
 
-const GOOD_ANN: &str =
-    r#"{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 4, 4], "area": 16, "iscrowd": 0,
+const GOOD_ANN: &str = r#"{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 4, 4], "area": 16, "iscrowd": 0,
         "segmentation": [[1, 1, 5, 1, 5, 5, 1, 5]]}"#;
 const GOOD_DT: &str = r#"[{"image_id": 1, "category_id": 1, "bbox": [1, 1, 4, 4], "score": 0.9}]"#;
 
@@ -411,8 +443,10 @@ fn malformed_files_name_the_file_and_the_field() {
             "GT.json: annotations[1].id: 1 appears twice",
         ),
         (
-            gt_with(r#"{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 4, 4], "area": 16,
-                 "segmentation": {"size": [8, 10], "counts": [3, 4]}}"#),
+            gt_with(
+                r#"{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 4, 4], "area": 16,
+                 "segmentation": {"size": [8, 10], "counts": [3, 4]}}"#,
+            ),
             "annotations[0] (id 1): segmentation: RLE counts sum to 7 but the mask has 8x10",
         ),
     ];
@@ -422,31 +456,53 @@ fn malformed_files_name_the_file_and_the_field() {
     }
     let gt = gt_with(GOOD_ANN);
     let bad_dt: [(&str, &str); 7] = [
-        (r#"[{"image_id": 5, "category_id": 1, "bbox": [1, 1, 4, 4], "score": 0.9}]"#,
-         "DT.json: detections[0].image_id: 5 is not an image of the ground truth"),
-        (r#"[{"image_id": 1, "category_id": 1, "bbox": [1, 1, 4, 4], "score": 0.9},
+        (
+            r#"[{"image_id": 5, "category_id": 1, "bbox": [1, 1, 4, 4], "score": 0.9}]"#,
+            "DT.json: detections[0].image_id: 5 is not an image of the ground truth",
+        ),
+        (
+            r#"[{"image_id": 1, "category_id": 1, "bbox": [1, 1, 4, 4], "score": 0.9},
              {"image_id": 1, "category_id": 1, "bbox": [1, 1], "score": 0.9}]"#,
-         "DT.json: detections[1].bbox: expected 4 numbers, got 2"),
-        (r#"[{"image_id": 1, "category_id": 1, "bbox": [1, 1, 4, 4]}]"#,
-         "DT.json: [0]: missing field `score`"),
-        (r#"[{"image_id": 1, "category_id": 1, "bbox": [1, 1, 4, 4], "score": 0.9,
+            "DT.json: detections[1].bbox: expected 4 numbers, got 2",
+        ),
+        (
+            r#"[{"image_id": 1, "category_id": 1, "bbox": [1, 1, 4, 4]}]"#,
+            "DT.json: detections[0]: missing field `score`",
+        ),
+        (
+            r#"[{"image_id": 1, "category_id": 1, "bbox": [1, 1, 4, 4], "score": 0.9,
               "segmentation": {"size": [8, 10], "counts": "~~"}}]"#,
-         "detections[0].segmentation: compressed RLE: byte '~'"),
-        (r#"[{"image_id": 1, "category_id": 1, "score": 0.9,
+            "detections[0].segmentation: compressed RLE: byte '~'",
+        ),
+        (
+            r#"[{"image_id": 1, "category_id": 1, "score": 0.9,
               "segmentation": {"size": [4, 4], "counts": [16]}}]"#,
-         "DT.json: detections[0].segmentation: RLE size [4, 4] differs from image 1's"),
+            "DT.json: detections[0].segmentation: RLE size [4, 4] differs from image 1's",
+        ),
         (r#"{"annotations": []}"#, "(is this a ground-truth file?)"),
-        (r#"[{"image_id": 1, "category_id": 1, "bbox": [1, 1, 4, 4], "score": 0.9"#,
-         "DT.json: [0]: EOF while parsing"),
+        (
+            r#"[{"image_id": 1, "category_id": 1, "bbox": [1, 1, 4, 4], "score": 0.9"#,
+            "DT.json: detections[0]: EOF while parsing",
+        ),
     ];
     for (dt, want) in bad_dt {
         let err = eval_error(&gt, dt);
         assert!(err.contains(want), "want {want:?} in:\n{err}");
     }
     let err = eval_error("{", GOOD_DT);
-    assert!(err.contains("GT.json: (top level): EOF while parsing"), "{err}");
+    assert!(
+        err.contains("GT.json: (top level): EOF while parsing"),
+        "{err}"
+    );
     // A missing file names itself.
-    let o = run_densa(&["eval", "coco", "--gt", "/nonexistent/gt.json", "--dt", "x.json"]);
+    let o = run_densa(&[
+        "eval",
+        "coco",
+        "--gt",
+        "/nonexistent/gt.json",
+        "--dt",
+        "x.json",
+    ]);
     let err = assert_clean_failure(&o);
     assert!(err.contains("reading /nonexistent/gt.json"), "{err}");
 }

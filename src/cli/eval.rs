@@ -80,10 +80,8 @@ fn coco(args: CocoArgs) -> Result<()> {
         IouTypeArg::Bbox => IouType::Bbox,
         IouTypeArg::Segm => IouType::Segm,
     };
-    let gt = load_dataset(&args.gt)
-        .with_context(|| format!("reading the ground truth {}", args.gt.display()))?;
-    let dt = load_results(&args.dt, &gt)
-        .with_context(|| format!("reading the detections {}", args.dt.display()))?;
+    let gt = load_dataset(&args.gt).context("reading the ground truth")?;
+    let dt = load_results(&args.dt, &gt).context("reading the detections")?;
     warn_about(&gt, &dt, iou_type);
     let e = evaluate(&gt, &dt, &CocoParams::new(iou_type)).with_context(|| {
         format!(
@@ -93,7 +91,8 @@ fn coco(args: CocoArgs) -> Result<()> {
         )
     })?;
     if let Some(dir) = &args.report {
-        write_report(dir, &gt, &e).with_context(|| format!("writing the report {}", dir.display()))?;
+        write_report(dir, &gt, &e)
+            .with_context(|| format!("writing the report {}", dir.display()))?;
     }
     if args.json {
         println!("{}", serde_json::to_string(&e.stats)?);
@@ -160,7 +159,10 @@ fn print_table(gt: &Dataset, e: &CocoEvaluation) {
     let ap50 = e.category_ap(Some(0.5));
     let width = names.iter().map(|n| n.len()).max().unwrap_or(8).max(8);
     println!();
-    println!("{:<width$} {:>8} {:>8} {:>8}", "category", "id", "AP", "AP50");
+    println!(
+        "{:<width$} {:>8} {:>8} {:>8}",
+        "category", "id", "AP", "AP50"
+    );
     let fmt = |v: Option<f64>| v.map_or_else(|| "-".to_string(), |v| format!("{v:.3}"));
     for (k, name) in names.iter().enumerate() {
         println!(
@@ -232,14 +234,16 @@ fn write_report(dir: &Path, gt: &Dataset, e: &CocoEvaluation) -> Result<()> {
 }
 
 fn segmentation(args: SegArgs) -> Result<()> {
-    let (matrix, images) = seg::evaluate_dirs(&args.gt, &args.pred, args.classes, Some(args.ignore))
-        .with_context(|| {
-            format!(
-                "evaluating the label maps in {} against {}",
-                args.pred.display(),
-                args.gt.display()
-            )
-        })?;
+    let (matrix, images) =
+        seg::evaluate_dirs(&args.gt, &args.pred, args.classes, Some(args.ignore)).with_context(
+            || {
+                format!(
+                    "evaluating the label maps in {} against {}",
+                    args.pred.display(),
+                    args.gt.display()
+                )
+            },
+        )?;
     let m = matrix.metrics();
     if args.json {
         let mut v = serde_json::to_value(&m)?;
@@ -257,7 +261,12 @@ fn segmentation(args: SegArgs) -> Result<()> {
     println!("mean accuracy  {}", fmt(m.mean_accuracy));
     println!();
     println!("{:>5} {:>8} {:>8}", "class", "IoU", "acc");
-    for (c, (iou, acc)) in m.per_class_iou.iter().zip(&m.per_class_accuracy).enumerate() {
+    for (c, (iou, acc)) in m
+        .per_class_iou
+        .iter()
+        .zip(&m.per_class_accuracy)
+        .enumerate()
+    {
         println!("{c:>5} {:>8} {:>8}", fmt(*iou), fmt(*acc));
     }
     if m.per_class_iou.iter().any(Option::is_none) {

@@ -140,7 +140,12 @@ fn read(path: &Path) -> Result<Vec<u8>, CocoError> {
 }
 
 /// Parses `bytes` as `T`; on failure, parses again tracking the JSON path for the message.
-fn parse<T: serde::de::DeserializeOwned>(path: &Path, bytes: &[u8]) -> Result<T, CocoError> {
+/// `root` names the top level in paths (`detections` gives `detections[3].bbox`).
+fn parse<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    bytes: &[u8],
+    root: &str,
+) -> Result<T, CocoError> {
     match serde_json::from_slice(bytes) {
         Ok(v) => Ok(v),
         Err(first) => {
@@ -149,10 +154,15 @@ fn parse<T: serde::de::DeserializeOwned>(path: &Path, bytes: &[u8]) -> Result<T,
                 Err(e) => (e.path().to_string(), e.into_inner().to_string()),
                 Ok(_) => (".".to_string(), first.to_string()),
             };
-            let field = if field == "." {
-                "(top level)".to_string()
-            } else {
-                field
+            // serde_path_to_error writes `?` for a position it could not name (e.g. the end of
+            // a truncated file).
+            let field = field.trim_end_matches(".?").trim_end_matches('?');
+            let field = match field {
+                "." | "" if root.is_empty() => "(top level)".to_string(),
+                "." | "" => root.to_string(),
+                f if f.starts_with('[') => format!("{root}{f}"),
+                f if root.is_empty() => f.to_string(),
+                f => format!("{root}.{f}"),
             };
             let message = message.replace(
                 "data did not match any variant of untagged enum Segmentation",
@@ -197,9 +207,13 @@ struct RawAnnotation {
 
 /// A box `[x, y, w, h]`: 4 finite numbers, `w, h >= 0`.
 fn check_box(origin: &str, field: impl Fn() -> String, b: &[f64]) -> Result<[f64; 4], CocoError> {
-    let bb: [f64; 4] = b
-        .try_into()
-        .map_err(|_| invalid(origin, field(), format!("expected 4 numbers, got {}", b.len())))?;
+    let bb: [f64; 4] = b.try_into().map_err(|_| {
+        invalid(
+            origin,
+            field(),
+            format!("expected 4 numbers, got {}", b.len()),
+        )
+    })?;
     if bb.iter().any(|v| !v.is_finite()) || bb[2] < 0.0 || bb[3] < 0.0 {
         return Err(invalid(
             origin,
@@ -242,7 +256,7 @@ fn image_mask(
 /// `iscrowd` too.
 pub fn load_dataset(path: impl AsRef<Path>) -> Result<Dataset, CocoError> {
     let path = path.as_ref();
-    let raw: RawDataset = parse(path, &read(path)?)?;
+    let raw: RawDataset = parse(path, &read(path)?, "")?;
     let origin = path.display().to_string();
     let origin = origin.as_str();
 
@@ -370,10 +384,13 @@ struct RawDetection {
 pub fn load_results(path: impl AsRef<Path>, gt: &Dataset) -> Result<Results, CocoError> {
     let path = path.as_ref();
     let bytes = read(path)?;
-    let raw: Vec<RawDetection> = parse(path, &bytes).map_err(|e| match e {
-        CocoError::Json { path, field, message }
-            if field == "(top level)"
-                && bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{') =>
+    let raw: Vec<RawDetection> = parse(path, &bytes, "detections").map_err(|e| match e {
+        CocoError::Json {
+            path,
+            field,
+            message,
+        } if field == "detections"
+            && bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{') =>
         {
             CocoError::Json {
                 path,
@@ -483,4 +500,86 @@ fn check_raw_results(
         });
     }
     Ok(Results { detections, areas })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    const GT: &str = r#"{
+        "images": [{"id": 7, "file_name": "a.jpg", "width": 10, "height": 8}],
+        "categories": [{"id": 1, "name": "a"}],
+        "annotations": [
+            {"id": 1, "image_id": 7, "category_id": 1, "bbox": [0, 0, 4, 2], "area": 5.5},
+            {"id": 2, "image_id": 7, "category_id": 1, "bbox": [0, 0, 4, 2]},
+            {"id": 3, "image_id": 7, "category_id": 1, "bbox": [0, 0, 4, 2],
+             "segmentation": {"size": [8, 10], "counts": [2, 3, 75]}}
+        ]}"#;
+
+    #[test]
+    fn missing_areas_come_from_the_mask_or_the_box() {
+        let dir = tempfile::tempdir().unwrap();
+        let gt = load_dataset(write(dir.path(), "gt.json", GT)).unwrap();
+        let areas: Vec<f64> = gt.annotations.iter().map(|a| a.area).collect();
+        assert_eq!(areas, vec![5.5, 8.0, 3.0]);
+    }
+
+    #[test]
+    fn mask_only_results_get_mask_boxes_and_areas() {
+        let dir = tempfile::tempdir().unwrap();
+        let gt = load_dataset(write(dir.path(), "gt.json", GT)).unwrap();
+        // Column-major runs: 10 background, 5 foreground (column 1, rows 2..7), rest background.
+        let dt = r#"[{"image_id": 7, "category_id": 1, "score": 0.5,
+                      "segmentation": {"size": [8, 10], "counts": [10, 5, 65]}}]"#;
+        let r = load_results(write(dir.path(), "dt.json", dt), &gt).unwrap();
+        assert_eq!(r.detections[0].bbox, [1.0, 2.0, 1.0, 5.0]);
+        assert_eq!(r.areas, vec![5.0]);
+        // With boxes (pycocotools decides by the first detection), areas are box areas.
+        let dt = r#"[{"image_id": 7, "category_id": 1, "score": 0.5, "bbox": [1, 1, 3, 3],
+                      "segmentation": {"size": [8, 10], "counts": [10, 5, 65]}}]"#;
+        let r = load_results(write(dir.path(), "dt2.json", dt), &gt).unwrap();
+        assert_eq!(r.areas, vec![9.0]);
+    }
+
+    #[test]
+    fn errors_name_the_file_and_the_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let bad = GT.replace(
+            r#""bbox": [0, 0, 4, 2], "area": 5.5"#,
+            r#""bbox": [0, 0, 4, 2], "area": "x""#,
+        );
+        let path = write(dir.path(), "bad.json", &bad);
+        let e = load_dataset(&path).unwrap_err().to_string();
+        assert!(
+            e.starts_with(&format!(
+                "{}: annotations[0].area: invalid type: string",
+                path.display()
+            )),
+            "{e}"
+        );
+        let gt = load_dataset(write(dir.path(), "gt.json", GT)).unwrap();
+        let e = check_results(
+            vec![Detection {
+                image_id: 8,
+                category_id: 1,
+                bbox: [0.0; 4],
+                score: 1.0,
+                segmentation: None,
+                file_name: None,
+            }],
+            &gt,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with("detections: detections[0].image_id: 8 is not an image"),
+            "{e}"
+        );
+    }
 }

@@ -130,6 +130,8 @@ pub enum EvalError {
     UnknownImage { index: usize, image_id: u64 },
     #[error("ground truth annotations[{index}].image_id {image_id} is not in images")]
     UnknownGtImage { index: usize, image_id: u64 },
+    #[error("detections[{index}].score {score} is not a finite number")]
+    Score { index: usize, score: f64 },
     #[error("{areas} detection areas for {detections} detections")]
     AreasLength { areas: usize, detections: usize },
     #[error("parameters: {0}")]
@@ -258,6 +260,17 @@ pub fn evaluate(
             detections: dt.detections.len(),
         });
     }
+    if let Some((index, d)) = dt
+        .detections
+        .iter()
+        .enumerate()
+        .find(|(_, d)| !d.score.is_finite())
+    {
+        return Err(EvalError::Score {
+            index,
+            score: d.score,
+        });
+    }
     if params.max_dets.is_empty() || params.max_dets.windows(2).any(|w| w[0] > w[1]) {
         return Err(EvalError::Params(format!(
             "max_dets {:?} must be non-empty and ascending",
@@ -270,8 +283,11 @@ pub fn evaluate(
     let mut category_ids: Vec<u64> = gt.categories.iter().map(|c| c.id).collect();
     category_ids.sort_unstable();
     category_ids.dedup();
-    let image_index: HashMap<u64, usize> =
-        image_ids.iter().enumerate().map(|(i, &id)| (id, i)).collect();
+    let image_index: HashMap<u64, usize> = image_ids
+        .iter()
+        .enumerate()
+        .map(|(i, &id)| (id, i))
+        .collect();
     let category_index: HashMap<u64, usize> = category_ids
         .iter()
         .enumerate()
@@ -330,7 +346,9 @@ pub fn evaluate(
     let mut scores = Array5::from_elem((t_count, r_count, k_count, a_count, m_count), -1.0);
     let mut recall = Array4::from_elem((t_count, k_count, a_count, m_count), -1.0);
     for (k, res) in per_category.into_iter().enumerate() {
-        precision.slice_mut(s![.., .., k, .., ..]).assign(&res.precision);
+        precision
+            .slice_mut(s![.., .., k, .., ..])
+            .assign(&res.precision);
         scores.slice_mut(s![.., .., k, .., ..]).assign(&res.scores);
         recall.slice_mut(s![.., k, .., ..]).assign(&res.recall);
     }

@@ -108,7 +108,7 @@ pub fn pr_curves_png(
         }
         chart
             .configure_series_labels()
-            .position(SeriesLabelPosition::LowerLeft)
+            .position(SeriesLabelPosition::UpperRight)
             .label_font((FONT, 15))
             .background_style(WHITE.mix(0.85))
             .border_style(BLACK)
@@ -117,8 +117,8 @@ pub fn pr_curves_png(
     })
 }
 
-/// Horizontal bars of per-class AP in `[0, 1]`; a class without AP (`None`) gets no bar and
-/// "(no ground truth)" after its name.
+/// Horizontal bars of per-class AP in `[0, 1]`, the first class on top; a class without AP
+/// (`None`) gets no bar and "(no ground truth)" after its name.
 pub fn class_ap_png(
     path: &Path,
     title: &str,
@@ -154,19 +154,25 @@ pub fn class_ap_png(
             .x_desc("AP")
             .y_labels(n)
             .y_label_formatter(&|v| match v {
-                SegmentValue::CenterOf(i) | SegmentValue::Exact(i) => {
-                    names.get(*i).cloned().unwrap_or_default()
+                SegmentValue::CenterOf(i) | SegmentValue::Exact(i) if *i < n => {
+                    names.get(n - 1 - i).cloned().unwrap_or_default()
                 }
+                SegmentValue::CenterOf(_) | SegmentValue::Exact(_) => String::new(),
                 SegmentValue::Last => String::new(),
             })
             .label_style((FONT, 14))
             .axis_desc_style((FONT, 17))
             .draw()?;
         let fill = Palette99::pick(0).to_rgba().filled();
+        // Rows count from the bottom: class i is drawn in row n - 1 - i.
         chart.draw_series(bars.iter().enumerate().filter_map(|(i, (_, ap))| {
+            let i = n - 1 - i;
             ap.map(|ap| {
                 let mut bar = Rectangle::new(
-                    [(0.0, SegmentValue::Exact(i)), (ap, SegmentValue::Exact(i + 1))],
+                    [
+                        (0.0, SegmentValue::Exact(i)),
+                        (ap, SegmentValue::Exact(i + 1)),
+                    ],
                     fill,
                 );
                 bar.set_margin(3, 3, 0, 0);
@@ -174,6 +180,7 @@ pub fn class_ap_png(
             })
         }))?;
         chart.draw_series(bars.iter().enumerate().filter_map(|(i, (_, ap))| {
+            let i = n - 1 - i;
             ap.map(|ap| {
                 Text::new(
                     format!("{ap:.3}"),
@@ -192,7 +199,8 @@ mod tests {
 
     /// Reads back an RGB PNG: (width, height, pixels).
     fn read_rgb(path: &Path) -> (u32, u32, Vec<u8>) {
-        let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
+        let decoder =
+            png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
         let mut reader = decoder.read_info().unwrap();
         let mut buf = vec![0; reader.output_buffer_size().unwrap()];
         let info = reader.next_frame(&mut buf).unwrap();
@@ -206,9 +214,16 @@ mod tests {
     #[test]
     fn pr_curves_render_lines_and_text_without_system_fonts() {
         let dir = tempfile::tempdir().unwrap();
-        let curve: Vec<(f64, f64)> = (0..=100).map(|i| (i as f64 / 100.0, 1.0 - (i as f64 / 100.0).powi(2))).collect();
+        let curve: Vec<(f64, f64)> = (0..=100)
+            .map(|i| (i as f64 / 100.0, 1.0 - (i as f64 / 100.0).powi(2)))
+            .collect();
         let with_text = dir.path().join("pr.png");
-        pr_curves_png(&with_text, "Precision-recall (bbox)", &[("IoU=.50".into(), curve.clone())]).unwrap();
+        pr_curves_png(
+            &with_text,
+            "Precision-recall (bbox)",
+            &[("IoU=.50".into(), curve.clone())],
+        )
+        .unwrap();
         let (w, h, buf) = read_rgb(&with_text);
         assert_eq!((w, h), (800, 600));
         // Text (title, axis labels) draws dark pixels: compare with the same plot untitled.
@@ -235,13 +250,19 @@ mod tests {
         assert_eq!((w, h), (900, 110 + 22 * 12));
         // The bars are filled with the first palette colour.
         let bar = Palette99::pick(0).to_rgba();
-        let filled = buf.chunks(3).filter(|p| p == &[bar.0, bar.1, bar.2]).count();
+        let filled = buf
+            .chunks(3)
+            .filter(|p| p == &[bar.0, bar.1, bar.2])
+            .count();
         assert!(filled > 1000, "{filled} bar pixels");
     }
 
     #[test]
     fn unwritable_path_is_an_error() {
         let e = pr_curves_png(Path::new("/nonexistent-dir/pr.png"), "t", &[]).unwrap_err();
-        assert!(e.to_string().starts_with("writing /nonexistent-dir/pr.png"), "{e}");
+        assert!(
+            e.to_string().starts_with("writing /nonexistent-dir/pr.png"),
+            "{e}"
+        );
     }
 }

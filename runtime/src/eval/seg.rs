@@ -189,16 +189,15 @@ impl ConfusionMatrix {
         }
         let n = self.num_classes;
         let w = gt.width as usize;
-        let range_err = |path: &Path, i: usize, value: u32, ignore: Option<u32>| {
-            SegError::LabelRange {
+        let range_err =
+            |path: &Path, i: usize, value: u32, ignore: Option<u32>| SegError::LabelRange {
                 path: path.to_path_buf(),
                 x: i % w.max(1),
                 y: i / w.max(1),
                 value,
                 num_classes: n,
                 ignore: ignore.map_or(String::new(), |v| format!(" or the ignore index {v}")),
-            }
-        };
+            };
         for (i, (&g, &p)) in gt.labels.iter().zip(&pred.labels).enumerate() {
             if Some(g) == ignore {
                 continue;
@@ -343,8 +342,7 @@ mod tests {
         let defined: Vec<f64> = iou.iter().flatten().copied().collect();
         let defined_acc: Vec<f64> = acc.iter().flatten().copied().collect();
         SegMetrics {
-            miou: (!defined.is_empty())
-                .then(|| defined.iter().sum::<f64>() / defined.len() as f64),
+            miou: (!defined.is_empty()).then(|| defined.iter().sum::<f64>() / defined.len() as f64),
             pixel_accuracy: (!kept.is_empty()).then(|| correct as f64 / kept.len() as f64),
             mean_accuracy: (!defined_acc.is_empty())
                 .then(|| defined_acc.iter().sum::<f64>() / defined_acc.len() as f64),
@@ -424,23 +422,46 @@ mod tests {
         let q = Path::new("pred/a.png");
         let mut m = ConfusionMatrix::new(2);
         let e = m
-            .add(&map(2, 1, vec![0, 7]), &map(2, 1, vec![0, 0]), Some(255), p, q)
+            .add(
+                &map(2, 1, vec![0, 7]),
+                &map(2, 1, vec![0, 0]),
+                Some(255),
+                p,
+                q,
+            )
             .unwrap_err();
         assert_eq!(
             e.to_string(),
             "gt/a.png: pixel (x 1, y 0) has label 7, outside 0..2 or the ignore index 255"
         );
         let e = m
-            .add(&map(2, 1, vec![0, 1]), &map(2, 1, vec![0, 2]), Some(255), p, q)
+            .add(
+                &map(2, 1, vec![0, 1]),
+                &map(2, 1, vec![0, 2]),
+                Some(255),
+                p,
+                q,
+            )
             .unwrap_err();
-        assert!(e.to_string().starts_with("pred/a.png: pixel (x 1, y 0)"), "{e}");
+        assert!(
+            e.to_string().starts_with("pred/a.png: pixel (x 1, y 0)"),
+            "{e}"
+        );
         let e = m
             .add(&map(2, 1, vec![0, 1]), &map(1, 2, vec![0, 1]), None, p, q)
             .unwrap_err();
         assert!(matches!(e, SegError::SizeMismatch { .. }), "{e}");
     }
 
-    fn write_png(path: &Path, w: u32, h: u32, color: png::ColorType, depth: png::BitDepth, data: &[u8], palette: Option<Vec<u8>>) {
+    fn write_png(
+        path: &Path,
+        w: u32,
+        h: u32,
+        color: png::ColorType,
+        depth: png::BitDepth,
+        data: &[u8],
+        palette: Option<Vec<u8>>,
+    ) {
         let file = std::fs::File::create(path).unwrap();
         let mut enc = png::Encoder::new(std::io::BufWriter::new(file), w, h);
         enc.set_color(color);
@@ -455,26 +476,79 @@ mod tests {
     fn png_label_maps_gray_palette_packed_and_16_bit() {
         let dir = tempfile::tempdir().unwrap();
         let gray = dir.path().join("gray.png");
-        write_png(&gray, 3, 2, png::ColorType::Grayscale, png::BitDepth::Eight, &[0, 1, 2, 255, 4, 5], None);
-        assert_eq!(read_label_png(&gray).unwrap(), map(3, 2, vec![0, 1, 2, 255, 4, 5]));
+        write_png(
+            &gray,
+            3,
+            2,
+            png::ColorType::Grayscale,
+            png::BitDepth::Eight,
+            &[0, 1, 2, 255, 4, 5],
+            None,
+        );
+        assert_eq!(
+            read_label_png(&gray).unwrap(),
+            map(3, 2, vec![0, 1, 2, 255, 4, 5])
+        );
         // Palette indices, not colours.
         let pal = dir.path().join("pal.png");
         let palette: Vec<u8> = (0..4u8).flat_map(|i| [i * 60, 255 - i * 60, 7]).collect();
-        write_png(&pal, 2, 2, png::ColorType::Indexed, png::BitDepth::Eight, &[3, 0, 1, 2], Some(palette.clone()));
+        write_png(
+            &pal,
+            2,
+            2,
+            png::ColorType::Indexed,
+            png::BitDepth::Eight,
+            &[3, 0, 1, 2],
+            Some(palette.clone()),
+        );
         assert_eq!(read_label_png(&pal).unwrap(), map(2, 2, vec![3, 0, 1, 2]));
         // 2-bit palette: one row of 5 pixels packed into 2 bytes.
         let packed = dir.path().join("packed.png");
-        write_png(&packed, 5, 1, png::ColorType::Indexed, png::BitDepth::Two, &[0b00_01_10_11, 0b01_000000], Some(palette));
-        assert_eq!(read_label_png(&packed).unwrap(), map(5, 1, vec![0, 1, 2, 3, 1]));
+        write_png(
+            &packed,
+            5,
+            1,
+            png::ColorType::Indexed,
+            png::BitDepth::Two,
+            &[0b00_01_10_11, 0b01_000000],
+            Some(palette),
+        );
+        assert_eq!(
+            read_label_png(&packed).unwrap(),
+            map(5, 1, vec![0, 1, 2, 3, 1])
+        );
         let wide = dir.path().join("wide.png");
-        write_png(&wide, 2, 1, png::ColorType::Grayscale, png::BitDepth::Sixteen, &[1, 2, 0, 9], None);
+        write_png(
+            &wide,
+            2,
+            1,
+            png::ColorType::Grayscale,
+            png::BitDepth::Sixteen,
+            &[1, 2, 0, 9],
+            None,
+        );
         assert_eq!(read_label_png(&wide).unwrap(), map(2, 1, vec![258, 9]));
         let rgb = dir.path().join("rgb.png");
-        write_png(&rgb, 1, 1, png::ColorType::Rgb, png::BitDepth::Eight, &[1, 2, 3], None);
-        assert!(matches!(read_label_png(&rgb), Err(SegError::NotLabels { .. })));
+        write_png(
+            &rgb,
+            1,
+            1,
+            png::ColorType::Rgb,
+            png::BitDepth::Eight,
+            &[1, 2, 3],
+            None,
+        );
+        assert!(matches!(
+            read_label_png(&rgb),
+            Err(SegError::NotLabels { .. })
+        ));
         let junk = dir.path().join("junk.png");
         std::fs::write(&junk, b"not a png").unwrap();
         let e = read_label_png(&junk).unwrap_err();
-        assert!(e.to_string().starts_with(&format!("{}: not a readable PNG", junk.display())), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with(&format!("{}: not a readable PNG", junk.display())),
+            "{e}"
+        );
     }
 }

@@ -137,13 +137,8 @@ fn iou(a: &[f64; 4], b: &[f64; 4], inclusive: bool) -> f64 {
     }
 }
 
-/// AP of one class: `(recall, precision)` per detection in score order, and the AP (`None`
-/// without non-difficult ground truth).
-fn class_ap(
-    gts: &[&VocObject],
-    dets: &mut Vec<&VocDetection>,
-    config: &VocConfig,
-) -> Option<f64> {
+/// AP of one class; `None` without non-difficult ground truth.
+fn class_ap(gts: &[&VocObject], dets: &mut Vec<&VocDetection>, config: &VocConfig) -> Option<f64> {
     let npos = gts.iter().filter(|g| !g.difficult).count();
     let mut by_image: HashMap<u64, Vec<usize>> = HashMap::new();
     for (i, g) in gts.iter().enumerate() {
@@ -182,11 +177,7 @@ fn class_ap(
 }
 
 /// VOC AP of every class present in `gts` or `dets`.
-pub fn evaluate_voc(
-    gts: &[VocObject],
-    dets: &[VocDetection],
-    config: &VocConfig,
-) -> VocEvaluation {
+pub fn evaluate_voc(gts: &[VocObject], dets: &[VocDetection], config: &VocConfig) -> VocEvaluation {
     let mut classes: Vec<u64> = gts
         .iter()
         .map(|g| g.class_id)

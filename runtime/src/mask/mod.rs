@@ -267,7 +267,12 @@ impl Rle {
 
     /// Foreground pixel count (`rleArea`).
     pub fn area(&self) -> u64 {
-        self.counts.iter().skip(1).step_by(2).map(|&c| c as u64).sum()
+        self.counts
+            .iter()
+            .skip(1)
+            .step_by(2)
+            .map(|&c| c as u64)
+            .sum()
     }
 
     /// Bounding box `[x, y, w, h]` of the foreground (`rleToBbox`); all zeros for an empty mask.
@@ -366,7 +371,9 @@ impl Rle {
                 continue;
             }
             let row = v[j].min(v[j - 1]);
-            let yd = ((row as f64 + 0.5) / SCALE - 0.5).clamp(0.0, h as f64).ceil();
+            let yd = ((row as f64 + 0.5) / SCALE - 0.5)
+                .clamp(0.0, h as f64)
+                .ceil();
             toggles.push((xd as i64 * h + yd as i64) as u64);
         }
         toggles.push((h * w) as u64);

@@ -34,8 +34,7 @@ fn polygon_masks(fx: &Value) -> Vec<Rle> {
         .unwrap()
         .iter()
         .map(|c| {
-            Rle::from_segmentation(&Segmentation::Polygons(polygons(&c["polygons"])), h, w)
-                .unwrap()
+            Rle::from_segmentation(&Segmentation::Polygons(polygons(&c["polygons"])), h, w).unwrap()
         })
         .collect()
 }
@@ -183,7 +182,10 @@ fn union_intersection_iou_equal_pixel_brute_force() {
         let (ra, rb) = (Rle::from_mask(&a, h, w), Rle::from_mask(&b, h, w));
         let or: Vec<u8> = a.iter().zip(&b).map(|(x, y)| x | y).collect();
         let and: Vec<u8> = a.iter().zip(&b).map(|(x, y)| x & y).collect();
-        assert_eq!(Rle::union(&[ra.clone(), rb.clone()]), Rle::from_mask(&or, h, w));
+        assert_eq!(
+            Rle::union(&[ra.clone(), rb.clone()]),
+            Rle::from_mask(&or, h, w)
+        );
         assert_eq!(
             Rle::intersection(&[ra.clone(), rb.clone()]),
             Rle::from_mask(&and, h, w)
@@ -195,7 +197,11 @@ fn union_intersection_iou_equal_pixel_brute_force() {
         let area_a = a.iter().map(|&v| v as u64).sum::<u64>();
         let expected = if i == 0 { 0.0 } else { i as f64 / u as f64 };
         assert_eq!(ra.iou(&rb, false), expected, "case {case}");
-        let crowd = if i == 0 { 0.0 } else { i as f64 / area_a as f64 };
+        let crowd = if i == 0 {
+            0.0
+        } else {
+            i as f64 / area_a as f64
+        };
         assert_eq!(ra.iou(&rb, true), crowd, "case {case} crowd");
         // Round trips.
         assert_eq!(ra.to_mask(), a);
@@ -212,7 +218,12 @@ fn union_intersection_iou_equal_pixel_brute_force() {
             let x1 = fg.iter().map(|p| p.0).max().unwrap();
             let y0 = fg.iter().map(|p| p.1).min().unwrap();
             let y1 = fg.iter().map(|p| p.1).max().unwrap();
-            [x0 as f64, y0 as f64, (x1 - x0 + 1) as f64, (y1 - y0 + 1) as f64]
+            [
+                x0 as f64,
+                y0 as f64,
+                (x1 - x0 + 1) as f64,
+                (y1 - y0 + 1) as f64,
+            ]
         };
         assert_eq!(ra.bbox(), bb, "case {case} bbox");
     }

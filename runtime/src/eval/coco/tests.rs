@@ -77,7 +77,10 @@ fn perfect_detections_score_one_and_absent_areas_are_minus_one() {
     assert_eq!((s.ap, s.ap50, s.ap75, s.ap_medium), (1.0, 1.0, 1.0, 1.0));
     assert_eq!((s.ar1, s.ar10, s.ar100, s.ar_medium), (1.0, 1.0, 1.0, 1.0));
     // No small or large ground truth: undefined.
-    assert_eq!((s.ap_small, s.ap_large, s.ar_small, s.ar_large), (-1.0, -1.0, -1.0, -1.0));
+    assert_eq!(
+        (s.ap_small, s.ap_large, s.ar_small, s.ar_large),
+        (-1.0, -1.0, -1.0, -1.0)
+    );
     assert_eq!(e.category_ap(None), vec![Some(1.0)]);
 }
 
@@ -88,7 +91,10 @@ fn a_false_positive_above_the_true_one_halves_precision() {
     // Higher-scored miss, then the hit: precision 1/2 at recall 1 for every threshold.
     let e = run(
         &gt,
-        vec![det(1, 1, [300.0, 300.0, 40.0, 40.0], 0.9), det(1, 1, b, 0.5)],
+        vec![
+            det(1, 1, [300.0, 300.0, 40.0, 40.0], 0.9),
+            det(1, 1, b, 0.5),
+        ],
     );
     assert!((e.stats.ap - 0.5).abs() < 1e-12, "{:?}", e.stats);
     // maxDets 1 keeps only the miss.
