@@ -8,6 +8,8 @@ pub mod augment;
 pub mod backend;
 pub mod data;
 pub mod infer;
+pub mod eval;
+pub mod mask;
 pub mod npy;
 
 pub use backend::{open_backend, Backend, BackendError, BackendKind, BackendOptions, Session};

@@ -2,6 +2,7 @@
 //! context) and end the process with a non-zero status.
 
 mod detect;
+mod eval;
 mod export;
 mod inspect;
 mod run;
@@ -37,6 +38,9 @@ pub enum Command {
     Detect(detect::DetectArgs),
     /// Time a model on a backend (used by the benchmarks in benches/).
     Bench(run::BenchArgs),
+    /// Evaluate predictions: COCO AP (pycocotools-equal), semantic segmentation mIoU.
+    #[command(subcommand)]
+    Eval(eval::EvalCommand),
     /// The whole pipeline on synthetic data: pretrain, fine-tune, export, serve, evaluate.
     Demo(DemoArgs),
 }
@@ -92,6 +96,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Inspect(args) => inspect::run(args),
         Command::Bench(args) => run::bench(args),
         Command::Detect(args) => detect::run(args),
+        Command::Eval(cmd) => eval::run(cmd),
         Command::Demo(args) => {
             let _ = args.out;
             anyhow::bail!(
