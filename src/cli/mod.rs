@@ -4,6 +4,7 @@
 mod export;
 mod inspect;
 mod run;
+mod synth;
 
 use std::path::PathBuf;
 
@@ -34,6 +35,8 @@ pub enum Command {
     Inspect(inspect::InspectArgs),
     /// Time a model on a backend (used by the benchmarks in benches/).
     Bench(run::BenchArgs),
+    /// Write a synthetic scene dataset: images, COCO JSON, semantic masks.
+    Synth(synth::SynthArgs),
     /// The whole pipeline on synthetic data: pretrain, fine-tune, export, serve, evaluate.
     Demo(DemoArgs),
 }
@@ -88,6 +91,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Run(args) => run::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::Bench(args) => run::bench(args),
+        Command::Synth(args) => synth::run(args),
         Command::Demo(args) => {
             let _ = args.out;
             anyhow::bail!(
