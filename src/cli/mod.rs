@@ -6,6 +6,7 @@ mod eval;
 mod export;
 mod inspect;
 mod run;
+mod synth;
 
 use std::path::PathBuf;
 
@@ -41,6 +42,8 @@ pub enum Command {
     /// Evaluate predictions: COCO AP (pycocotools-equal), semantic segmentation mIoU.
     #[command(subcommand)]
     Eval(eval::EvalCommand),
+    /// Write a synthetic scene dataset: images, COCO JSON, semantic masks.
+    Synth(synth::SynthArgs),
     /// The whole pipeline on synthetic data: pretrain, fine-tune, export, serve, evaluate.
     Demo(DemoArgs),
 }
@@ -97,6 +100,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Bench(args) => run::bench(args),
         Command::Detect(args) => detect::run(args),
         Command::Eval(cmd) => eval::run(cmd),
+        Command::Synth(args) => synth::run(args),
         Command::Demo(args) => {
             let _ = args.out;
             anyhow::bail!(
