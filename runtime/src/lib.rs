@@ -7,6 +7,8 @@
 pub mod backend;
 pub mod data;
 pub mod npy;
+#[cfg(feature = "train")]
+pub mod train;
 
 pub use backend::{open_backend, Backend, BackendError, BackendKind, BackendOptions, Session};
 pub use densa_exporter::{DType, Tensor};
