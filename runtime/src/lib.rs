@@ -11,6 +11,8 @@ pub mod infer;
 pub mod eval;
 pub mod mask;
 pub mod npy;
+#[cfg(feature = "train")]
+pub mod train;
 
 pub use backend::{open_backend, Backend, BackendError, BackendKind, BackendOptions, Session};
 pub use densa_exporter::{DType, Tensor};

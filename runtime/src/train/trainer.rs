@@ -1,0 +1,715 @@
+//! The training loop: runs an artifact's train step on a backend, step after step.
+//!
+//! Each step feeds the batch (from the [`DataSource`]), the state (the host's named tensors)
+//! and the hyperparameters (from the [`Schedule`], else the manifest defaults), runs the graph,
+//! and swaps every state input for its `next` output. A step whose loss or new state is not
+//! finite is skipped: the old state is kept, a warning printed and the step logged with
+//! `"skipped": true`; `max_nonfinite_in_row` such steps in a row stop the run with an error.
+//!
+//! Exact resume: the state is saved bit for bit, batches are a function of (seed, epoch, index)
+//! and the schedule a function of the step, so a run resumed from a checkpoint computes the
+//! same steps as one that never stopped (on the same backend).
+//!
+//! Our choices: the loop is in Rust on the host; state travels host -> backend -> host every
+//! step (see the note in [`Trainer::step`] on ONNX Runtime IoBinding); the clock (`time_s`)
+//! and throughput are the only fields of the log that differ between two identical runs.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use densa_exporter::weights::StateDict;
+use densa_exporter::Tensor;
+use serde::{Deserialize, Serialize};
+
+use super::checkpoint::{
+    self, ArtifactRef, CheckpointManifest, CheckpointReason, DataOrder, ScheduleState,
+    CHECKPOINT_KIND, CHECKPOINT_SCHEMA_VERSION, CHECKPOINT_STATE,
+};
+use super::data::{BatchAt, DataSource};
+use super::log::{self, JsonlLog, Progress, StepRecord, LOG_FILE, PLOT_FILE};
+use super::manifest::{hyper_tensor, Artifact, InputRole, OutputRole};
+use super::schedule::Schedule;
+use super::TrainError;
+use crate::backend::{Backend, Port, Session};
+
+/// How long to train.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Length {
+    /// This many steps in all.
+    Steps(u64),
+    /// This many epochs (of the data source's `batches_per_epoch`).
+    Epochs(u64),
+}
+
+/// Options of a run. `TrainOptions::new(out_dir)` gives the defaults.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainOptions {
+    /// Where the log, the plot and the checkpoints go.
+    pub out_dir: PathBuf,
+    /// Seed of the data order and of per-batch generators. Default 0.
+    pub seed: u64,
+    /// How long to train. Default 1000 steps.
+    pub length: Length,
+    /// Checkpoint every this many steps (0: only on interrupt and at the end). Default 500.
+    pub checkpoint_every: u64,
+    /// How many checkpoints to keep (the newest). Default 3.
+    pub keep_checkpoints: usize,
+    /// Stop with an error after this many non-finite steps in a row. Default 5.
+    pub max_nonfinite_in_row: u32,
+    /// Show a progress bar (only when stderr is a terminal). Default true.
+    pub progress: bool,
+    /// Draw `loss.png` at the end. Default true.
+    pub plot: bool,
+    /// Catch Ctrl-C: finish the step, checkpoint, return (a second Ctrl-C exits at once).
+    /// Default true.
+    pub handle_ctrl_c: bool,
+}
+
+impl TrainOptions {
+    /// The defaults, writing into `out_dir`.
+    pub fn new(out_dir: impl Into<PathBuf>) -> TrainOptions {
+        TrainOptions {
+            out_dir: out_dir.into(),
+            seed: 0,
+            length: Length::Steps(1000),
+            checkpoint_every: 500,
+            keep_checkpoints: 3,
+            max_nonfinite_in_row: 5,
+            progress: true,
+            plot: true,
+            handle_ctrl_c: true,
+        }
+    }
+}
+
+/// Where a run stands.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Position {
+    /// Steps completed.
+    pub step: u64,
+    /// Epoch of the next batch.
+    pub epoch: u64,
+    /// Batches of that epoch already consumed.
+    pub index_in_epoch: u64,
+}
+
+/// Why [`Trainer::run`] returned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    /// Every step of `length` ran.
+    Finished,
+    /// Ctrl-C or [`Trainer::stop_handle`]: stopped after a step, checkpointed.
+    Interrupted,
+}
+
+/// What a run did.
+#[derive(Clone, Debug)]
+pub struct TrainSummary {
+    /// Why it returned.
+    pub stop: StopReason,
+    /// Where it stands now.
+    pub position: Position,
+    /// Steps run by this call.
+    pub steps_run: u64,
+    /// The last finite loss of this call.
+    pub last_loss: Option<f64>,
+    /// The last checkpoint written.
+    pub checkpoint: Option<PathBuf>,
+    /// The step log.
+    pub log: PathBuf,
+    /// The loss curve, when drawn.
+    pub plot: Option<PathBuf>,
+}
+
+/// Where each manifest entry sits among the session's inputs and outputs.
+struct StepPlan {
+    batch_inputs: HashSet<String>,
+    state_names: Vec<String>,
+    /// For each state input: the position of its `next` among the outputs.
+    next_index: Vec<usize>,
+    loss_index: usize,
+    metrics: Vec<(String, usize)>,
+    hyper: Vec<(String, f64, Port)>,
+}
+
+impl StepPlan {
+    fn new(artifact: &Artifact, session: &dyn Session) -> StepPlan {
+        let interface = session.interface();
+        let out_pos = |name: &str| {
+            interface
+                .outputs
+                .iter()
+                .position(|p| p.name == name)
+                .expect("the manifest was validated against the graph")
+        };
+        let manifest = artifact.manifest();
+        let mut plan = StepPlan {
+            batch_inputs: HashSet::new(),
+            state_names: Vec::new(),
+            next_index: Vec::new(),
+            loss_index: 0,
+            metrics: Vec::new(),
+            hyper: Vec::new(),
+        };
+        for e in &manifest.inputs {
+            match e.role {
+                InputRole::Batch => {
+                    plan.batch_inputs.insert(e.name.clone());
+                }
+                InputRole::Hyper => {
+                    let port = interface
+                        .inputs
+                        .iter()
+                        .find(|p| p.name == e.name)
+                        .expect("validated")
+                        .clone();
+                    plan.hyper
+                        .push((e.name.clone(), e.default.expect("validated"), port));
+                }
+                _ => {
+                    plan.state_names.push(e.name.clone());
+                    plan.next_index
+                        .push(out_pos(e.next.as_deref().expect("validated")));
+                }
+            }
+        }
+        for e in &manifest.outputs {
+            match e.role {
+                OutputRole::Loss => plan.loss_index = out_pos(&e.name),
+                OutputRole::Metric => plan.metrics.push((e.name.clone(), out_pos(&e.name))),
+                OutputRole::State => {}
+            }
+        }
+        plan
+    }
+}
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// Installs the process's Ctrl-C handler once: the first Ctrl-C asks running trainers to stop
+/// after their step, the second exits at once (status 130).
+fn install_ctrl_c() {
+    static INSTALLED: OnceLock<Result<(), String>> = OnceLock::new();
+    let result = INSTALLED.get_or_init(|| {
+        ctrlc::set_handler(|| {
+            if INTERRUPTED.swap(true, Ordering::SeqCst) {
+                std::process::exit(130);
+            }
+            eprintln!(
+                "densa: interrupted: finishing the step, then checkpointing (Ctrl-C again quits now)"
+            );
+        })
+        .map_err(|e| e.to_string())
+    });
+    if let Err(e) = result {
+        tracing::warn!("Ctrl-C will not checkpoint: {e}");
+    }
+}
+
+/// Runs a training artifact. See the module documentation.
+pub struct Trainer<'a> {
+    artifact: Artifact,
+    session: Box<dyn Session>,
+    data: Box<dyn DataSource + 'a>,
+    schedule: Box<dyn Schedule + 'a>,
+    options: TrainOptions,
+    plan: StepPlan,
+    /// Current state, aligned with `plan.state_names`.
+    state: Vec<Tensor>,
+    position: Position,
+    nonfinite_in_row: u32,
+    last_hyper: BTreeMap<String, f64>,
+    /// Training seconds before this process (resumed runs).
+    elapsed_before: f64,
+    started: Instant,
+    resumed: bool,
+    stop: Arc<AtomicBool>,
+}
+
+impl<'a> Trainer<'a> {
+    /// A trainer at step 0 with the artifact's initial state. Loads the train step on
+    /// `backend`.
+    pub fn new(
+        artifact: Artifact,
+        backend: &dyn Backend,
+        data: impl DataSource + 'a,
+        schedule: impl Schedule + 'a,
+        options: TrainOptions,
+    ) -> Result<Trainer<'a>, TrainError> {
+        let label = format!("{}/{}", artifact.label(), artifact.manifest().graph);
+        let session = backend.load_model(artifact.graph(), &label)?;
+        let plan = StepPlan::new(&artifact, session.as_ref());
+        let state = plan
+            .state_names
+            .iter()
+            .map(|n| artifact.state().get(n).expect("validated").clone())
+            .collect();
+        if data.batches_per_epoch() == 0 {
+            return Err(TrainError::EmptyData {
+                source_name: data.describe(),
+            });
+        }
+        Ok(Trainer {
+            artifact,
+            session,
+            data: Box::new(data),
+            schedule: Box::new(schedule),
+            options,
+            plan,
+            state,
+            position: Position::default(),
+            nonfinite_in_row: 0,
+            last_hyper: BTreeMap::new(),
+            elapsed_before: 0.0,
+            started: Instant::now(),
+            resumed: false,
+            stop: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    /// A trainer continuing from a checkpoint: `from` is a checkpoint directory or an output
+    /// directory (its newest checkpoint). The artifact must be the one the checkpoint was made
+    /// with (same fingerprint), the seed the same and the data source as long; `options` may
+    /// change the length, checkpointing and output directory.
+    pub fn resume(
+        from: &Path,
+        artifact: Artifact,
+        backend: &dyn Backend,
+        data: impl DataSource + 'a,
+        schedule: impl Schedule + 'a,
+        options: TrainOptions,
+    ) -> Result<Trainer<'a>, TrainError> {
+        let dir = checkpoint::locate(from)?;
+        let (ckpt, state) = checkpoint::read(&dir)?;
+        let mismatch = |field: &str, checkpoint: String, current: String| TrainError::Resume {
+            checkpoint: dir.clone(),
+            field: field.to_string(),
+            in_checkpoint: checkpoint,
+            now: current,
+        };
+        let fingerprint = artifact.fingerprint();
+        if ckpt.artifact.fingerprint != fingerprint {
+            return Err(mismatch(
+                "artifact fingerprint",
+                format!("{} ({})", ckpt.artifact.fingerprint, ckpt.artifact.label),
+                format!("{fingerprint} ({})", artifact.label()),
+            ));
+        }
+        if ckpt.data_order.seed != options.seed {
+            return Err(mismatch(
+                "seed",
+                ckpt.data_order.seed.to_string(),
+                options.seed.to_string(),
+            ));
+        }
+        if ckpt.data_order.batches_per_epoch != data.batches_per_epoch() {
+            return Err(mismatch(
+                "batches per epoch",
+                format!("{} ({})", ckpt.data_order.batches_per_epoch, ckpt.data_order.source),
+                format!("{} ({})", data.batches_per_epoch(), data.describe()),
+            ));
+        }
+        let mut trainer = Trainer::new(artifact, backend, data, schedule, options)?;
+        let state_path = dir.join(&ckpt.state);
+        for (name, slot) in trainer.plan.state_names.iter().zip(trainer.state.iter_mut()) {
+            let Some(t) = state.get(name) else {
+                return Err(TrainError::CheckpointState {
+                    path: state_path,
+                    name: name.clone(),
+                    problem: "missing".into(),
+                });
+            };
+            if t.dtype() != slot.dtype() || t.shape() != slot.shape() {
+                return Err(TrainError::CheckpointState {
+                    path: state_path,
+                    name: name.clone(),
+                    problem: format!(
+                        "is {} {:?}, the artifact's state is {} {:?}",
+                        t.dtype(),
+                        t.shape(),
+                        slot.dtype(),
+                        slot.shape()
+                    ),
+                });
+            }
+            *slot = t.clone();
+        }
+        trainer.position = ckpt.position();
+        trainer.nonfinite_in_row = ckpt.nonfinite_in_row;
+        trainer.last_hyper = ckpt.schedule.last_values.clone();
+        trainer.elapsed_before = ckpt.elapsed_s;
+        trainer.resumed = true;
+        Ok(trainer)
+    }
+
+    /// The total number of steps `options.length` asks for.
+    pub fn total_steps(&self) -> u64 {
+        match self.options.length {
+            Length::Steps(n) => n,
+            Length::Epochs(n) => n * self.data.batches_per_epoch(),
+        }
+    }
+
+    /// Where the run stands.
+    pub fn position(&self) -> Position {
+        self.position
+    }
+
+    /// The current state, by name (manifest order).
+    pub fn state(&self) -> StateDict {
+        let mut sd = StateDict::new();
+        for (name, t) in self.plan.state_names.iter().zip(&self.state) {
+            sd.insert(name.clone(), t.clone());
+        }
+        sd
+    }
+
+    /// The artifact.
+    pub fn artifact(&self) -> &Artifact {
+        &self.artifact
+    }
+
+    /// The options.
+    pub fn options(&self) -> &TrainOptions {
+        &self.options
+    }
+
+    /// A flag that, once set, makes [`run`](Self::run) stop after the current step, checkpoint
+    /// and return [`StopReason::Interrupted`] (what Ctrl-C does).
+    pub fn stop_handle(&self) -> Arc<AtomicBool> {
+        self.stop.clone()
+    }
+
+    /// Runs one step and returns its record. A non-finite step keeps the old state; the
+    /// `max_nonfinite_in_row`-th in a row is an error.
+    pub fn step(&mut self) -> Result<StepRecord, TrainError> {
+        let record = self.step_unchecked()?;
+        self.check_nonfinite(&record)?;
+        Ok(record)
+    }
+
+    fn check_nonfinite(&self, record: &StepRecord) -> Result<(), TrainError> {
+        let limit = self.options.max_nonfinite_in_row.max(1);
+        if self.nonfinite_in_row >= limit {
+            return Err(TrainError::NonFinite {
+                step: record.step,
+                in_row: self.nonfinite_in_row,
+                last: record.note.clone().unwrap_or_default(),
+            });
+        }
+        Ok(())
+    }
+
+    fn hyper_values(&self, step: u64) -> Result<Vec<(String, f64)>, TrainError> {
+        let mut values: Vec<(String, f64)> = self
+            .plan
+            .hyper
+            .iter()
+            .map(|(n, d, _)| (n.clone(), *d))
+            .collect();
+        for (name, v) in self.schedule.values(step) {
+            let Some(slot) = values.iter_mut().find(|(n, _)| *n == name) else {
+                return Err(TrainError::Schedule {
+                    step,
+                    name,
+                    expected: self
+                        .plan
+                        .hyper
+                        .iter()
+                        .map(|(n, _, _)| n.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                });
+            };
+            slot.1 = v;
+        }
+        Ok(values)
+    }
+
+    fn step_unchecked(&mut self) -> Result<StepRecord, TrainError> {
+        let t0 = Instant::now();
+        let pos = self.position;
+        let at = BatchAt {
+            seed: self.options.seed,
+            epoch: pos.epoch,
+            index: pos.index_in_epoch,
+            step: pos.step,
+        };
+        let batch = self.data.batch(at).map_err(|source| TrainError::Data {
+            step: pos.step + 1,
+            source,
+        })?;
+        for (name, _) in &batch {
+            if !self.plan.batch_inputs.contains(name) {
+                return Err(TrainError::BatchInput {
+                    source_name: self.data.describe(),
+                    name: name.clone(),
+                    expected: self.batch_names(),
+                });
+            }
+        }
+        if let Some(missing) = self
+            .plan
+            .batch_inputs
+            .iter()
+            .find(|n| !batch.iter().any(|(b, _)| b == *n))
+        {
+            return Err(TrainError::BatchInput {
+                source_name: self.data.describe(),
+                name: format!("{missing} (missing)"),
+                expected: self.batch_names(),
+            });
+        }
+        let samples = batch
+            .first()
+            .and_then(|(_, t)| t.shape().first().copied())
+            .unwrap_or(1);
+        let hyper = self.hyper_values(pos.step)?;
+
+        let mut inputs: Vec<(String, Tensor)> =
+            Vec::with_capacity(batch.len() + self.state.len() + hyper.len());
+        inputs.extend(batch);
+        // The state is copied in and the new state copied out every step. On ONNX Runtime with
+        // a GPU this is where IoBinding plugs in: bind each state input and its `next` output
+        // to device buffers (swapping the two each step) so the state stays on the device, and
+        // copy it to the host only for checkpoints. The copy also keeps the old state for a
+        // skipped (non-finite) step.
+        inputs.extend(
+            self.plan
+                .state_names
+                .iter()
+                .cloned()
+                .zip(self.state.iter().cloned()),
+        );
+        for ((name, value), (_, _, port)) in hyper.iter().zip(&self.plan.hyper) {
+            let t = hyper_tensor(port, *value).map_err(|problem| TrainError::Schedule {
+                step: pos.step,
+                name: format!("{name} ({problem})"),
+                expected: String::new(),
+            })?;
+            inputs.push((name.clone(), t));
+        }
+
+        let outputs = self.session.run(inputs)?;
+        let mut outputs: Vec<Option<Tensor>> = outputs.into_iter().map(|(_, t)| Some(t)).collect();
+        let loss = mean(outputs[self.plan.loss_index].as_ref().expect("present"));
+        let metrics: BTreeMap<String, Option<f64>> = self
+            .plan
+            .metrics
+            .iter()
+            .map(|(n, i)| {
+                let v = mean(outputs[*i].as_ref().expect("present"));
+                (n.clone(), v.is_finite().then_some(v))
+            })
+            .collect();
+
+        let mut problem = (!loss.is_finite()).then(|| format!("loss is {loss}"));
+        if problem.is_none() {
+            for (name, &i) in self.plan.state_names.iter().zip(&self.plan.next_index) {
+                if !all_finite(outputs[i].as_ref().expect("present")) {
+                    problem = Some(format!("the new value of `{name}` is not finite"));
+                    break;
+                }
+            }
+        }
+        let step = pos.step + 1;
+        match &problem {
+            None => {
+                for (k, &i) in self.plan.next_index.iter().enumerate() {
+                    let new = outputs[i].take().expect("each output is the next of one input");
+                    if new.dtype() != self.state[k].dtype() || new.shape() != self.state[k].shape() {
+                        return Err(TrainError::StateShape {
+                            step,
+                            name: self.plan.state_names[k].clone(),
+                            expected: format!("{} {:?}", self.state[k].dtype(), self.state[k].shape()),
+                            got: format!("{} {:?}", new.dtype(), new.shape()),
+                        });
+                    }
+                    self.state[k] = new;
+                }
+                self.nonfinite_in_row = 0;
+            }
+            Some(p) => {
+                self.nonfinite_in_row += 1;
+                tracing::warn!(
+                    "step {step}: {p}; update skipped, state kept ({} in a row, stopping at {})",
+                    self.nonfinite_in_row,
+                    self.options.max_nonfinite_in_row.max(1)
+                );
+            }
+        }
+
+        self.position.step = step;
+        self.position.index_in_epoch += 1;
+        if self.position.index_in_epoch >= self.data.batches_per_epoch() {
+            self.position.epoch += 1;
+            self.position.index_in_epoch = 0;
+        }
+        self.last_hyper = hyper.into_iter().collect();
+        let seconds = t0.elapsed().as_secs_f64().max(1e-9);
+        Ok(StepRecord {
+            step,
+            epoch: pos.epoch,
+            loss: loss.is_finite().then_some(loss),
+            metrics,
+            hyper: self.last_hyper.clone(),
+            images_per_s: samples as f64 / seconds,
+            time_s: self.elapsed(),
+            skipped: problem.is_some(),
+            note: problem,
+        })
+    }
+
+    fn batch_names(&self) -> String {
+        let mut names: Vec<&str> = self.plan.batch_inputs.iter().map(String::as_str).collect();
+        names.sort();
+        names.join(", ")
+    }
+
+    fn elapsed(&self) -> f64 {
+        self.elapsed_before + self.started.elapsed().as_secs_f64()
+    }
+
+    /// Writes a checkpoint of the current state and position now; returns its directory.
+    pub fn checkpoint(&mut self, reason: CheckpointReason) -> Result<PathBuf, TrainError> {
+        let manifest = CheckpointManifest {
+            schema_version: CHECKPOINT_SCHEMA_VERSION,
+            kind: CHECKPOINT_KIND.into(),
+            step: self.position.step,
+            epoch: self.position.epoch,
+            index_in_epoch: self.position.index_in_epoch,
+            data_order: DataOrder {
+                generator: "chacha8".into(),
+                seed: self.options.seed,
+                stream: self.position.epoch,
+                position: self.position.index_in_epoch,
+                batches_per_epoch: self.data.batches_per_epoch(),
+                source: self.data.describe(),
+            },
+            schedule: ScheduleState {
+                step: self.position.step,
+                describe: self.schedule.describe(),
+                last_values: self.last_hyper.clone(),
+            },
+            nonfinite_in_row: self.nonfinite_in_row,
+            elapsed_s: self.elapsed(),
+            reason,
+            artifact: ArtifactRef {
+                fingerprint: self.artifact.fingerprint(),
+                label: self.artifact.label(),
+                task: self.artifact.manifest().task.clone(),
+            },
+            config: self.options.clone(),
+            state: CHECKPOINT_STATE.into(),
+        };
+        Ok(checkpoint::write(
+            &self.options.out_dir,
+            &manifest,
+            &self.state(),
+            self.options.keep_checkpoints,
+        )?)
+    }
+
+    /// Trains until `options.length` steps are done or a stop is requested: logs every step,
+    /// checkpoints every `checkpoint_every` steps, on stop and at the end, draws the loss
+    /// curve at the end.
+    pub fn run(&mut self) -> Result<TrainSummary, TrainError> {
+        let out = self.options.out_dir.clone();
+        std::fs::create_dir_all(&out).map_err(|source| TrainError::Io {
+            path: out.clone(),
+            source,
+        })?;
+        if self.options.handle_ctrl_c {
+            install_ctrl_c();
+            INTERRUPTED.store(false, Ordering::SeqCst);
+        }
+        let log_path = out.join(LOG_FILE);
+        let mut log = if self.resumed || self.position.step > 0 {
+            JsonlLog::resume(&log_path, self.position.step)?
+        } else {
+            JsonlLog::create(&log_path)?
+        };
+        self.started = Instant::now();
+        let total = self.total_steps();
+        let progress = Progress::new(total, self.position.step, self.options.progress);
+        let mut summary = TrainSummary {
+            stop: StopReason::Finished,
+            position: self.position,
+            steps_run: 0,
+            last_loss: None,
+            checkpoint: None,
+            log: log_path.clone(),
+            plot: None,
+        };
+        let mut checkpointed_at = None;
+        while self.position.step < total {
+            let record = progress.suspend(|| self.step_unchecked())?;
+            log.append(&record)?;
+            progress.update(&record);
+            summary.steps_run += 1;
+            if record.loss.is_some() {
+                summary.last_loss = record.loss;
+            }
+            if let Err(e) = self.check_nonfinite(&record) {
+                progress.finish();
+                return Err(e);
+            }
+            let every = self.options.checkpoint_every;
+            if every > 0 && self.position.step % every == 0 {
+                summary.checkpoint = Some(self.checkpoint(CheckpointReason::Periodic)?);
+                checkpointed_at = Some(self.position.step);
+            }
+            if self.stop.load(Ordering::SeqCst) || INTERRUPTED.load(Ordering::SeqCst) {
+                summary.stop = StopReason::Interrupted;
+                break;
+            }
+        }
+        let reason = match summary.stop {
+            StopReason::Finished => CheckpointReason::Final,
+            StopReason::Interrupted => CheckpointReason::Interrupt,
+        };
+        if checkpointed_at != Some(self.position.step) || reason == CheckpointReason::Interrupt {
+            summary.checkpoint = Some(self.checkpoint(reason)?);
+        }
+        progress.finish();
+        if self.options.plot {
+            let records = log::read_records(&log_path)?;
+            let plot = out.join(PLOT_FILE);
+            let title = match &self.artifact.manifest().task {
+                Some(task) => format!("training loss: {task}"),
+                None => "training loss".to_string(),
+            };
+            log::plot_loss(&records, &plot, &title, (800, 500))?;
+            summary.plot = Some(plot);
+        }
+        summary.position = self.position;
+        Ok(summary)
+    }
+}
+
+/// The mean of a tensor's elements as f64 (NaN for an empty tensor).
+fn mean(t: &Tensor) -> f64 {
+    let n = t.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    let sum: f64 = match t {
+        Tensor::F64(a) => a.iter().sum(),
+        other => other.to_f32().iter().map(|&v| f64::from(v)).sum(),
+    };
+    sum / n as f64
+}
+
+fn all_finite(t: &Tensor) -> bool {
+    match t {
+        Tensor::F32(a) => a.iter().all(|v| v.is_finite()),
+        Tensor::F64(a) => a.iter().all(|v| v.is_finite()),
+        Tensor::F16(a) => a.iter().all(|v| v.is_finite()),
+        Tensor::BF16(a) => a.iter().all(|v| v.is_finite()),
+        _ => true,
+    }
+}
