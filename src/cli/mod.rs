@@ -4,6 +4,9 @@
 mod detect;
 mod eval;
 mod export;
+mod finetune;
+mod finetune_detect;
+mod finetune_segment;
 mod inspect;
 mod run;
 mod synth;
@@ -42,6 +45,8 @@ pub enum Command {
     /// Evaluate predictions: COCO AP (pycocotools-equal), semantic segmentation mIoU.
     #[command(subcommand)]
     Eval(eval::EvalCommand),
+    /// Fine-tune a detector or a segmenter on COCO-format data.
+    Finetune(finetune::FinetuneArgs),
     /// Write a synthetic scene dataset: images, COCO JSON, semantic masks.
     Synth(synth::SynthArgs),
     /// The whole pipeline on synthetic data: pretrain, fine-tune, export, serve, evaluate.
@@ -101,6 +106,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Detect(args) => detect::run(args),
         Command::Eval(cmd) => eval::run(cmd),
         Command::Synth(args) => synth::run(args),
+        Command::Finetune(args) => finetune::run(args),
         Command::Demo(args) => {
             let _ = args.out;
             anyhow::bail!(
