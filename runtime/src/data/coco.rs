@@ -164,11 +164,16 @@ fn parse<T: serde::de::DeserializeOwned>(
                 f if root.is_empty() => f.to_string(),
                 f => format!("{root}.{f}"),
             };
-            let message = message.replace(
-                "data did not match any variant of untagged enum Segmentation",
-                "expected a list of polygons [[x1, y1, x2, y2, ...], ...] or an RLE object \
+            let message = message
+                .replace(
+                    "data did not match any variant of untagged enum Segmentation",
+                    "expected a list of polygons [[x1, y1, x2, y2, ...], ...] or an RLE object \
                  {\"size\": [h, w], \"counts\": ...}",
-            );
+                )
+                .replace(
+                    "struct RawDataset with 5 elements",
+                    "an object with images, annotations and categories",
+                );
             Err(CocoError::Json {
                 path: path.to_path_buf(),
                 field,
@@ -256,7 +261,12 @@ fn image_mask(
 /// `iscrowd` too.
 pub fn load_dataset(path: impl AsRef<Path>) -> Result<Dataset, CocoError> {
     let path = path.as_ref();
-    let raw: RawDataset = parse(path, &read(path)?, "")?;
+    parse_dataset(&read(path)?, path)
+}
+
+/// [`load_dataset`] on bytes already read; `path` names the file in errors.
+pub fn parse_dataset(bytes: &[u8], path: &Path) -> Result<Dataset, CocoError> {
+    let raw: RawDataset = parse(path, bytes, "")?;
     let origin = path.display().to_string();
     let origin = origin.as_str();
 

@@ -8,72 +8,37 @@
 //! [`SampleSource::segment_classes`] is `background` followed by the classes. Validation here
 //! is basic (syntax, unique ids, references between sections, finite boxes).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::coco::Dataset;
+use super::coco::{CocoError, Dataset};
 use super::image::read_rgb;
 use super::mask::{check_classes, read_mask_png};
 use super::{
     out_of_range, read_file, BoxAnnotation, DataError, Sample, SampleSource, IGNORE_INDEX,
 };
 
-/// Parses a COCO instances file from bytes with basic validation; `path` names it in errors.
+/// Parses and validates a COCO instances file from bytes ([`super::coco::parse_dataset`]: JSON
+/// shape, unique ids, references between sections, box sizes); `path` names it in errors.
 pub fn parse_coco(bytes: &[u8], path: &Path) -> Result<Dataset, DataError> {
-    let dataset: Dataset = serde_json::from_slice(bytes).map_err(|e| {
-        DataError::syntax(
+    super::coco::parse_dataset(bytes, path).map_err(|e| match e {
+        CocoError::Io { path, source } => DataError::io(&path, source),
+        CocoError::Json {
             path,
-            format!("not a COCO instances file: {e}"),
-        )
-    })?;
-    let mut image_ids = HashSet::new();
-    for (i, image) in dataset.images.iter().enumerate() {
-        if !image_ids.insert(image.id) {
-            return Err(DataError::field(
-                path,
-                format!("images[{i}].id"),
-                format!("{} is used by an earlier image", image.id),
-            ));
+            field,
+            message,
+        } if field.is_empty() || field == "." => {
+            DataError::syntax(&path, format!("not a COCO instances file: {message}"))
         }
-    }
-    let mut category_ids = HashSet::new();
-    for (i, category) in dataset.categories.iter().enumerate() {
-        if !category_ids.insert(category.id) {
-            return Err(DataError::field(
-                path,
-                format!("categories[{i}].id"),
-                format!("{} is used by an earlier category", category.id),
-            ));
-        }
-    }
-    for (i, a) in dataset.annotations.iter().enumerate() {
-        if !image_ids.contains(&a.image_id) {
-            return Err(DataError::field(
-                path,
-                format!("annotations[{i}].image_id"),
-                format!("{} is not the id of an image", a.image_id),
-            ));
-        }
-        if !category_ids.contains(&a.category_id) {
-            return Err(DataError::field(
-                path,
-                format!("annotations[{i}].category_id"),
-                format!("{} is not the id of a category", a.category_id),
-            ));
-        }
-        let [x, y, w, h] = a.bbox;
-        if !(x.is_finite() && y.is_finite() && w.is_finite() && h.is_finite()) || w < 0.0 || h < 0.0
-        {
-            return Err(DataError::field(
-                path,
-                format!("annotations[{i}].bbox"),
-                format!("{:?} is not [x, y, width, height] with finite values and width, height >= 0", a.bbox),
-            ));
-        }
-    }
-    Ok(dataset)
+        CocoError::Json {
+            path,
+            field,
+            message,
+        } => DataError::field(&path, field, message),
+        CocoError::Invalid { field, problem, .. } => DataError::field(path, field, problem),
+    })
 }
 
 /// A COCO dataset on disk.
@@ -112,8 +77,11 @@ impl CocoSource {
     pub fn from_dataset(dataset: Dataset, spec: &CocoSpec) -> Result<Self, DataError> {
         let mut categories: Vec<_> = dataset.categories.iter().collect();
         categories.sort_by_key(|c| c.id);
-        let class_of: HashMap<u64, usize> =
-            categories.iter().enumerate().map(|(i, c)| (c.id, i)).collect();
+        let class_of: HashMap<u64, usize> = categories
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.id, i))
+            .collect();
         let classes: Vec<String> = categories.iter().map(|c| c.name.clone()).collect();
         let position: HashMap<u64, usize> = dataset
             .images
@@ -124,7 +92,8 @@ impl CocoSource {
         let mut boxes = vec![Vec::new(); dataset.images.len()];
         for a in &dataset.annotations {
             // parse_coco checked both references; a dataset built in code may not have been.
-            let (Some(&i), Some(&class)) = (position.get(&a.image_id), class_of.get(&a.category_id))
+            let (Some(&i), Some(&class)) =
+                (position.get(&a.image_id), class_of.get(&a.category_id))
             else {
                 return Err(DataError::field(
                     &spec.annotations,
@@ -314,19 +283,22 @@ mod tests {
         // An image whose size disagrees with the file is a bad image.
         write_png_rgb(&dir.path().join("img/a.png"), &RgbImage::new(9, 4)).unwrap();
         let e = source.load(0).unwrap_err();
-        assert!(e.is_bad_image() && e.to_string().contains("the annotation file says 8x4"), "{e}");
+        assert!(
+            e.is_bad_image() && e.to_string().contains("the annotation file says 8x4"),
+            "{e}"
+        );
     }
 
     #[test]
     fn malformed_files_are_clear_errors() {
         let cases = [
-            (&GOOD[..GOOD.len() / 2], "instances.json: not a COCO instances file: EOF while parsing"),
-            ("[]", "instances.json: not a COCO instances file: invalid"),
-            (&GOOD.replace("\"id\": 3, \"file_name\"", "\"id\": 7, \"file_name\""), "images[1].id: 7 is used by an earlier image"),
-            (&GOOD.replace("\"image_id\": 3", "\"image_id\": 4"), "annotations[2].image_id: 4 is not the id of an image"),
-            (&GOOD.replace("\"category_id\": 2", "\"category_id\": 9"), "annotations[1].category_id: 9 is not the id of a category"),
-            (&GOOD.replace("[1, 0, 2, 3]", "[1, 0, -2, 3]"), "annotations[0].bbox: [1.0, 0.0, -2.0, 3.0] is not"),
-            (&GOOD.replace("{\"id\": 2, \"name\": \"dog\"}", "{\"id\": 5, \"name\": \"dog\"}"), "categories[1].id: 5 is used by an earlier category"),
+            (&GOOD[..GOOD.len() / 2], "instances.json: annotations[0]: EOF while parsing"),
+            ("[]", "instances.json: (top level): invalid length 2, expected an object with images, annotations and categories"),
+            (&GOOD.replace("\"id\": 3, \"file_name\"", "\"id\": 7, \"file_name\""), "instances.json: images[1].id: 7 is already the id of images[0]"),
+            (&GOOD.replace("\"image_id\": 3", "\"image_id\": 4"), "instances.json: annotations[2].image_id: 4 is not in images"),
+            (&GOOD.replace("\"category_id\": 2", "\"category_id\": 9"), "instances.json: annotations[1].category_id: 9 is not in categories"),
+            (&GOOD.replace("[1, 0, 2, 3]", "[1, 0, -2, 3]"), "instances.json: annotations[0].bbox: [1.0, 0.0, -2.0, 3.0] is not a box"),
+            (&GOOD.replace("{\"id\": 2, \"name\": \"dog\"}", "{\"id\": 5, \"name\": \"dog\"}"), "instances.json: categories[1].id: 5 appears twice"),
         ];
         for (text, expected) in cases {
             let msg = err(text);
