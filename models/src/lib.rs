@@ -5,6 +5,7 @@
 //! ([`export`]).
 
 pub mod backbone;
+pub mod detect;
 pub mod export;
 pub mod neck;
 pub mod nn;
