@@ -11,3 +11,5 @@ pub mod neck;
 pub mod nn;
 
 pub use backbone::Arch;
+#[cfg(feature = "train")]
+pub mod train_step;
