@@ -377,6 +377,15 @@ fn bce_with_logits(b: &mut GraphBuilder, x: &Value, t: &Value) -> Result<Value, 
     b.sub(&y, &xt)
 }
 
+/// The loss values of a training graph (scalars).
+pub struct Losses {
+    /// `cls + boxes + ctr`.
+    pub loss: Value,
+    pub cls: Value,
+    pub boxes: Value,
+    pub ctr: Value,
+}
+
 /// The names of the training graph's batch inputs and loss outputs.
 pub mod names {
     pub const IMAGES: &str = "images";
@@ -401,6 +410,23 @@ impl DetectorConfig {
     /// `sum(centerness_t * (1 - GIoU)) / sum(centerness_t)` over positives; centerness BCE
     /// over positives / number of positives.
     pub fn training_graph(&self, seed: u64) -> Result<(ModelProto, Vec<String>), DetectError> {
+        let (mut b, losses) = self.training_forward(seed)?;
+        b.output(&losses.loss, names::LOSS)?;
+        b.output(&losses.cls, names::LOSS_CLS)?;
+        b.output(&losses.boxes, names::LOSS_BOX)?;
+        b.output(&losses.ctr, names::LOSS_CTR)?;
+        let trainable = b
+            .params()
+            .iter()
+            .filter(|p| p.kind == ParamKind::Param)
+            .map(|p| p.name.clone())
+            .collect();
+        Ok((b.finish(), trainable))
+    }
+
+    /// The builder of [`training_graph`](Self::training_graph) before its outputs are
+    /// declared, and the loss values: what a train-step composer takes.
+    pub fn training_forward(&self, seed: u64) -> Result<(GraphBuilder, Losses), DetectError> {
         let mut b = GraphBuilder::new("densa-fcos-train", seed);
         let s = self.image_size as i64;
         let l = self.assigner().locations() as i64;
@@ -495,18 +521,16 @@ impl DetectorConfig {
             let total = b.add(&total, &loss_ctr)?;
             Ok([total, loss_cls, loss_box, loss_ctr])
         })?;
-        let [total, lc, lb, lz] = losses;
-        b.output(&total, names::LOSS)?;
-        b.output(&lc, names::LOSS_CLS)?;
-        b.output(&lb, names::LOSS_BOX)?;
-        b.output(&lz, names::LOSS_CTR)?;
-        let trainable = b
-            .params()
-            .iter()
-            .filter(|p| p.kind == ParamKind::Param)
-            .map(|p| p.name.clone())
-            .collect();
-        Ok((b.finish(), trainable))
+        let [loss, cls, boxes, ctr] = losses;
+        Ok((
+            b,
+            Losses {
+                loss,
+                cls,
+                boxes,
+                ctr,
+            },
+        ))
     }
 
     /// The inference graph: input `images [N, 3, S, S]` (normalised as `mean`/`std` say),
