@@ -177,6 +177,7 @@ pub fn detector_artifact(
 ) -> Result<Artifact> {
     let (b, losses) = config.training_forward(seed)?;
     let forward = ForwardGraph::new(b, losses.loss)
+        .norm_state(losses.norm_state)
         .metric(names::LOSS_CLS, losses.cls)
         .metric(names::LOSS_BOX, losses.boxes)
         .metric(names::LOSS_CTR, losses.ctr);

@@ -10,9 +10,9 @@
 //!   as `log(distance / stride)` (so `exp` of the head output, as FCOS, with targets normalised
 //!   by the stride, as FCOS' `norm_reg_targets`); GIoU is scale invariant, so the box loss is
 //!   computed on the normalised distances directly.
-//! - The backbone's batch norms run with their stored statistics during fine-tuning (frozen
-//!   statistics, as detectron2's `FrozenBatchNorm2d` for detection fine-tuning; their affine
-//!   parameters train). Inference folds them into the convolutions.
+//! - The backbone's batch norms train with batch statistics by default
+//!   ([`DetectorConfig::train_batch_norm`]); `false` keeps the stored statistics (detectron2's
+//!   `FrozenBatchNorm2d`). Inference folds them into the convolutions.
 //! - Inference scores are `sqrt(sigmoid(cls) * sigmoid(centerness))` (FCOS' later versions);
 //!   decoding (distances -> boxes in input pixels, top-k over locations x classes) is in the
 //!   graph, NMS per class on the host (`host_nms` in the spec).
@@ -34,7 +34,7 @@ use crate::backbone::resnet::ResNet;
 use crate::backbone::Arch;
 use crate::export::ExportError;
 use crate::neck::{Fpn, FpnConfig};
-use crate::nn::{Conv2d, Conv2dConfig};
+use crate::nn::{Conv2d, Conv2dConfig, NormMode};
 pub use assign::{AssignConfig, Level, Targets};
 
 /// Why a detector could not be built.
@@ -96,6 +96,15 @@ pub struct DetectorConfig {
     /// Normalisation of `pixel / 255`: mean and std (ImageNet's).
     pub mean: [f32; 3],
     pub std: [f32; 3],
+    /// Train the backbone's batch norms with batch statistics (PyTorch's `model.train()`),
+    /// updating their running statistics; false keeps the stored statistics (detectron2's
+    /// frozen BN, for pretrained backbones and tiny batches). Default true.
+    #[serde(default = "default_true")]
+    pub train_batch_norm: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 impl DetectorConfig {
@@ -115,6 +124,7 @@ impl DetectorConfig {
             prior_prob: 0.01,
             mean: crate::export::IMAGENET_MEAN,
             std: crate::export::IMAGENET_STD,
+            train_batch_norm: true,
         }
     }
 
@@ -277,8 +287,9 @@ impl Detector {
         &self,
         b: &mut GraphBuilder,
         images: &Value,
+        mode: &mut NormMode,
     ) -> Result<RawOutputs, DetectError> {
-        let stages = self.backbone.forward(b, images)?;
+        let stages = self.backbone.forward_mode(b, images, mode)?;
         let feats = b.scoped("fpn", |b| {
             self.fpn.forward(b, &[&stages.c3, &stages.c4, &stages.c5])
         })?;
@@ -384,6 +395,8 @@ pub struct Losses {
     pub cls: Value,
     pub boxes: Value,
     pub ctr: Value,
+    /// The backbone's running-statistic updates (empty with frozen batch norm).
+    pub norm_state: densa_exporter::train::Fragment,
 }
 
 /// The names of the training graph's batch inputs and loss outputs.
@@ -442,7 +455,12 @@ impl DetectorConfig {
         let t_ctr = b.input(names::CTR, DType::F32, vec![n.clone(), l.into()])?;
         let t_pos = b.input(names::POS, DType::F32, vec![n.clone(), l.into()])?;
         let net = self.init(&mut b)?;
-        let raw = net.forward_raw(&mut b, &images)?;
+        let mut mode = if self.train_batch_norm {
+            NormMode::train()
+        } else {
+            NormMode::Inference
+        };
+        let raw = net.forward_raw(&mut b, &images, &mut mode)?;
         let (alpha, gamma) = (self.focal_alpha, self.focal_gamma);
         let losses = b.scoped("loss", |b| -> Result<[Value; 4], BuildError> {
             let one = b.const_f32(1.0);
@@ -522,6 +540,7 @@ impl DetectorConfig {
             Ok([total, loss_cls, loss_box, loss_ctr])
         })?;
         let [loss, cls, boxes, ctr] = losses;
+        let norm_state = mode.into_state();
         Ok((
             b,
             Losses {
@@ -529,6 +548,7 @@ impl DetectorConfig {
                 cls,
                 boxes,
                 ctr,
+                norm_state,
             },
         ))
     }
@@ -573,7 +593,7 @@ impl DetectorConfig {
                 b.set_initializer(&name, Tensor::F32(t.to_f32()))?;
             }
         }
-        let raw = net.forward_raw(&mut b, &images)?;
+        let raw = net.forward_raw(&mut b, &images, &mut NormMode::Inference)?;
         let points = self.assigner().location_points();
         let l = points.len();
         let c = self.num_classes();
