@@ -36,10 +36,10 @@ pub struct DemoPlan {
 impl Default for DemoPlan {
     fn default() -> Self {
         DemoPlan {
-            train_images: 1000,
+            train_images: 3000,
             val_images: 100,
             label_fraction: 0.1,
-            epochs: 40,
+            epochs: 30,
             batch_size: 8,
         }
     }
