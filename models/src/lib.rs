@@ -5,8 +5,11 @@
 //! ([`export`]).
 
 pub mod backbone;
+pub mod detect;
 pub mod export;
 pub mod neck;
 pub mod nn;
 
 pub use backbone::Arch;
+#[cfg(feature = "train")]
+pub mod train_step;

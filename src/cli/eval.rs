@@ -21,6 +21,8 @@ pub enum EvalCommand {
     Coco(CocoArgs),
     /// Semantic segmentation metrics (mIoU, pixel accuracy) of PNG label maps.
     Seg(SegArgs),
+    /// Run a detector on a COCO image set and score it (COCO AP, per class, PR curves, images/s).
+    Detect(super::eval_detect::EvalDetectArgs),
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -72,6 +74,7 @@ pub fn run(cmd: EvalCommand) -> Result<()> {
     match cmd {
         EvalCommand::Coco(args) => coco(args),
         EvalCommand::Seg(args) => segmentation(args),
+        EvalCommand::Detect(args) => super::eval_detect::run(args),
     }
 }
 
@@ -144,7 +147,7 @@ fn category_names(gt: &Dataset, e: &CocoEvaluation) -> Vec<String> {
         .collect()
 }
 
-fn print_table(gt: &Dataset, e: &CocoEvaluation) {
+pub(super) fn print_table(gt: &Dataset, e: &CocoEvaluation) {
     println!(
         "COCO {} evaluation: {} images, {} categories",
         e.params.iou_type,
@@ -177,7 +180,7 @@ fn print_table(gt: &Dataset, e: &CocoEvaluation) {
     }
 }
 
-fn write_report(dir: &Path, gt: &Dataset, e: &CocoEvaluation) -> Result<()> {
+pub(super) fn write_report(dir: &Path, gt: &Dataset, e: &CocoEvaluation) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let iou = e.params.iou_type;
     let curves: Vec<(String, Vec<(f64, f64)>)> = [

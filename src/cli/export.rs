@@ -12,6 +12,8 @@ use densa_models::Arch;
 pub enum ExportCommand {
     /// A backbone as an inference graph: input `images` [N,3,H,W], outputs c2..c5.
     Backbone(BackboneArgs),
+    /// A fine-tuned detector (`densa finetune --task detect` output) as a served model.
+    Detector(super::export_detector::ExportDetectorArgs),
 }
 
 #[derive(Debug, Args)]
@@ -38,6 +40,7 @@ pub struct BackboneArgs {
 pub fn run(cmd: ExportCommand) -> Result<()> {
     match cmd {
         ExportCommand::Backbone(args) => backbone(args),
+        ExportCommand::Detector(args) => super::export_detector::run(args),
     }
 }
 

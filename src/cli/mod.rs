@@ -1,9 +1,12 @@
 //! Subcommands. Each lives in its own module; errors carry the file and the step (anyhow
 //! context) and end the process with a non-zero status.
 
+mod demo;
 mod detect;
 mod eval;
+mod eval_detect;
 mod export;
+mod export_detector;
 mod finetune;
 mod finetune_detect;
 mod finetune_segment;
@@ -107,13 +110,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Eval(cmd) => eval::run(cmd),
         Command::Synth(args) => synth::run(args),
         Command::Finetune(args) => finetune::run(args),
-        Command::Demo(args) => {
-            let _ = args.out;
-            anyhow::bail!(
-                "`densa demo` is not yet available: it needs the detector, training and data \
-                 pipelines (issues 3-5). Today densa exports backbones (`densa export backbone`), \
-                 runs any ONNX model (`densa run`) and inspects models (`densa inspect`)."
-            )
-        }
+        Command::Demo(args) => demo::run(args),
     }
 }

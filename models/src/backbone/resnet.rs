@@ -9,7 +9,9 @@
 use densa_exporter::builder::ops::Window2d;
 use densa_exporter::{BuildError, GraphBuilder, Init, Value};
 
-use crate::nn::{BatchNorm2d, BatchNorm2dConfig, Conv2d, Conv2dConfig};
+use densa_exporter::train::TrainError;
+
+use crate::nn::{BatchNorm2d, BatchNorm2dConfig, Conv2d, Conv2dConfig, NormMode};
 
 /// The residual block type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -182,12 +184,17 @@ pub struct ResidualBlock {
 }
 
 impl ResidualBlock {
-    fn forward(&self, b: &mut GraphBuilder, x: &Value) -> Result<Value, BuildError> {
+    fn forward_mode(
+        &self,
+        b: &mut GraphBuilder,
+        x: &Value,
+        mode: &mut NormMode,
+    ) -> Result<Value, TrainError> {
         let mut h = x.clone();
         let n = self.convs.len();
         for (i, (conv, bn)) in self.convs.iter().zip(&self.bns).enumerate() {
             h = conv.forward(b, &h)?;
-            h = bn.forward(b, &h)?;
+            h = bn.forward_mode(b, &h, mode)?;
             if i + 1 < n {
                 h = b.scoped(&self.name, |b| b.relu(&h));
             }
@@ -195,7 +202,7 @@ impl ResidualBlock {
         let identity = match &self.downsample {
             Some((conv, bn)) => {
                 let d = conv.forward(b, x)?;
-                bn.forward(b, &d)?
+                bn.forward_mode(b, &d, mode)?
             }
             None => x.clone(),
         };
@@ -204,6 +211,18 @@ impl ResidualBlock {
             Ok(b.relu(&sum))
         })
     }
+}
+
+/// The build error of an inference-mode forward (which creates no training fragments).
+fn inference_only<T>(r: Result<T, TrainError>) -> Result<T, BuildError> {
+    r.map_err(|e| match e {
+        TrainError::Build(e) => e,
+        other => BuildError::Op {
+            op: "BatchNormalization".into(),
+            node: String::new(),
+            message: other.to_string(),
+        },
+    })
 }
 
 /// A ResNet whose parameters exist in the graph.
@@ -238,14 +257,29 @@ impl ResNet {
     /// `images [N, 3, H, W] -> c2 [N, C2, H/4, W/4], c3 [.., H/8, ..], c4 [.., H/16, ..],
     /// c5 [N, C5, H/32, W/32]` (sizes rounded up, as torchvision's strided convolutions do).
     pub fn forward(&self, b: &mut GraphBuilder, images: &Value) -> Result<Stages, BuildError> {
+        inference_only(self.forward_mode(b, images, &mut NormMode::Inference))
+    }
+
+    /// [`forward`](Self::forward) with batch norm as `mode` says: in training mode
+    /// (`NormMode::train()`) every batch norm uses batch statistics and records the update of
+    /// its running statistics in `mode`.
+    ///
+    /// # Shapes
+    /// As [`forward`](Self::forward).
+    pub fn forward_mode(
+        &self,
+        b: &mut GraphBuilder,
+        images: &Value,
+        mode: &mut NormMode,
+    ) -> Result<Stages, TrainError> {
         let mut x = self.conv1.forward(b, images)?;
-        x = self.bn1.forward(b, &x)?;
+        x = self.bn1.forward_mode(b, &x, mode)?;
         x = b.relu(&x);
         x = b.scoped("maxpool", |b| b.max_pool2d(&x, &Window2d::square(3, 2, 1)))?;
         let mut outs = Vec::with_capacity(4);
         for stage in &self.stages {
             for block in stage {
-                x = block.forward(b, &x)?;
+                x = block.forward_mode(b, &x, mode)?;
             }
             outs.push(x.clone());
         }

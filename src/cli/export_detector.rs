@@ -1,0 +1,149 @@
+//! `densa export detector --ckpt DIR --out MODEL.onnx [--top-k K]`: a fine-tuned detector as a
+//! self-describing inference model: batch norm folded, decoding in the graph (boxes in input
+//! pixels, scores, labels; top-k over locations x classes), and the `densa.spec` metadata
+//! (input size, letterbox, normalisation, output layout, class names) that lets
+//! `densa detect MODEL.onnx imgs/` serve it with no other argument.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use densa_exporter::onnx::ModelProto;
+use densa_exporter::weights::{load_safetensors, StateDict};
+use densa_models::detect::DetectorConfig;
+use densa_runtime::infer::spec::{
+    Channels, InputLayout, InputSpec, ModelSpec, OutputLayout, OutputSpec, ResizeMode,
+};
+use densa_runtime::train::checkpoint;
+
+/// The fine-tuning output's detector description.
+pub const CONFIG_FILE: &str = "detector.json";
+/// The best checkpoint's folder inside a fine-tuning output.
+pub const BEST_DIR: &str = "best";
+/// The state file of `best/`.
+pub const STATE_FILE: &str = "state.safetensors";
+
+#[derive(Debug, Args)]
+pub struct ExportDetectorArgs {
+    /// A `densa finetune --task detect` output directory (its best checkpoint, else its newest),
+    /// or a folder with `detector.json` and `state.safetensors`.
+    #[arg(long)]
+    pub ckpt: PathBuf,
+    /// The .onnx file to write.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Candidates kept per image before NMS.
+    #[arg(long, default_value_t = 100)]
+    pub top_k: usize,
+    /// Suppress in the graph (ONNX NonMaxSuppression) instead of on the host. Not available
+    /// yet: densa's detectors ship with host NMS (class-aware, in the spec).
+    #[arg(long)]
+    pub nms_in_graph: bool,
+    /// IoU threshold of the (host) NMS written into the spec.
+    #[arg(long, default_value_t = 0.6)]
+    pub nms_iou: f32,
+}
+
+/// The serving spec of a detector: letterboxed square input, `pixel / 255` then the config's
+/// mean/std, boxes-scores-labels outputs with class-aware NMS on the host.
+pub fn detector_spec(config: &DetectorConfig, nms_iou: f32) -> ModelSpec {
+    ModelSpec {
+        input: InputSpec {
+            name: Some("images".into()),
+            layout: InputLayout::Nchw,
+            size: [config.image_size, config.image_size],
+            resize: ResizeMode::Letterbox,
+            pad_value: 114,
+            scale: 1.0 / 255.0,
+            mean: config.mean,
+            std: config.std,
+            channels: Channels::Rgb,
+        },
+        output: OutputSpec {
+            layout: OutputLayout::BoxesScoresLabels,
+            boxes: "boxes".into(),
+            scores: "scores".into(),
+            labels: "labels".into(),
+            label_offset: 0,
+            nms_iou,
+            host_nms: true,
+            classes: config.classes.clone(),
+        },
+    }
+}
+
+/// The inference model of `config` with `state`, carrying its spec.
+pub fn detector_model(
+    config: &DetectorConfig,
+    state: &StateDict,
+    top_k: usize,
+    nms_iou: f32,
+) -> Result<ModelProto> {
+    let spec = detector_spec(config, nms_iou).to_toml();
+    Ok(config.inference_graph(
+        Some(state),
+        top_k,
+        &[(densa_runtime::infer::spec::SPEC_KEY, spec.as_str())],
+    )?)
+}
+
+/// Reads `detector.json` in `dir`.
+pub fn read_config(dir: &Path) -> Result<DetectorConfig> {
+    let path = dir.join(CONFIG_FILE);
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+}
+
+/// The detector config and state a `--ckpt` names (see [`ExportDetectorArgs::ckpt`]).
+pub fn load_checkpoint(dir: &Path) -> Result<(DetectorConfig, StateDict, PathBuf)> {
+    let best = dir.join(BEST_DIR);
+    let (config_dir, state_path) = if best.join(STATE_FILE).is_file() {
+        (best.clone(), best.join(STATE_FILE))
+    } else if dir.join(STATE_FILE).is_file() {
+        (dir.to_path_buf(), dir.join(STATE_FILE))
+    } else {
+        match checkpoint::latest(dir).with_context(|| format!("reading {}", dir.display()))? {
+            Some(step_dir) => {
+                let config = read_config(dir)?;
+                let (_, state) = checkpoint::read(&step_dir)
+                    .with_context(|| format!("reading checkpoint {}", step_dir.display()))?;
+                return Ok((config, state, step_dir));
+            }
+            None => bail!(
+                "{}: no detector checkpoint here (expected {BEST_DIR}/{STATE_FILE}, {STATE_FILE} \
+                 with {CONFIG_FILE}, or a `densa finetune --task detect` output with checkpoints)",
+                dir.display()
+            ),
+        }
+    };
+    let config = read_config(&config_dir)?;
+    let state = load_safetensors(&state_path)
+        .with_context(|| format!("reading {}", state_path.display()))?;
+    Ok((config, state, state_path))
+}
+
+pub fn run(args: ExportDetectorArgs) -> Result<()> {
+    if args.nms_in_graph {
+        bail!(
+            "--nms-in-graph is not available yet; the exported detector's spec runs class-aware \
+             NMS on the host (densa detect, densa eval detect)"
+        );
+    }
+    let (config, state, from) = load_checkpoint(&args.ckpt)?;
+    let model = detector_model(&config, &state, args.top_k, args.nms_iou)
+        .with_context(|| format!("exporting the detector of {}", from.display()))?;
+    densa_exporter::io::save(&model, &args.out)
+        .with_context(|| format!("writing {}", args.out.display()))?;
+    eprintln!(
+        "densa: wrote {} ({} on {}, {} classes, {}x{} input, from {})",
+        args.out.display(),
+        "FCOS",
+        config.arch,
+        config.classes.len(),
+        config.image_size,
+        config.image_size,
+        from.display()
+    );
+    Ok(())
+}
