@@ -10,3 +10,4 @@ pub mod neck;
 pub mod nn;
 
 pub use backbone::Arch;
+pub mod segment;

@@ -9,7 +9,9 @@
 use densa_exporter::builder::ops::Window2d;
 use densa_exporter::{BuildError, GraphBuilder, Init, Value};
 
-use crate::nn::{BatchNorm2d, BatchNorm2dConfig, Conv2d, Conv2dConfig};
+use densa_exporter::train::TrainError;
+
+use crate::nn::{BatchNorm2d, BatchNorm2dConfig, Conv2d, Conv2dConfig, NormMode};
 
 /// The residual block type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -246,6 +248,67 @@ impl ResNet {
         for stage in &self.stages {
             for block in stage {
                 x = block.forward(b, &x)?;
+            }
+            outs.push(x.clone());
+        }
+        let [c2, c3, c4, c5]: [Value; 4] = outs.try_into().expect("four stages");
+        Ok(Stages { c2, c3, c4, c5 })
+    }
+}
+
+impl ResidualBlock {
+    /// [`forward`](Self::forward) with every batch norm in `mode` (training mode records the
+    /// running-statistic updates there).
+    fn forward_mode(
+        &self,
+        b: &mut GraphBuilder,
+        x: &Value,
+        mode: &mut NormMode,
+    ) -> Result<Value, TrainError> {
+        let mut h = x.clone();
+        let n = self.convs.len();
+        for (i, (conv, bn)) in self.convs.iter().zip(&self.bns).enumerate() {
+            h = conv.forward(b, &h)?;
+            h = bn.forward_mode(b, &h, mode)?;
+            if i + 1 < n {
+                h = b.scoped(&self.name, |b| b.relu(&h));
+            }
+        }
+        let identity = match &self.downsample {
+            Some((conv, bn)) => {
+                let d = conv.forward(b, x)?;
+                bn.forward_mode(b, &d, mode)?
+            }
+            None => x.clone(),
+        };
+        Ok(b.scoped(&self.name, |b| {
+            let sum = b.add(&h, &identity)?;
+            Ok::<_, BuildError>(b.relu(&sum))
+        })?)
+    }
+}
+
+impl ResNet {
+    /// [`forward`](Self::forward) with batch norm as `mode` says: `NormMode::train()` gives
+    /// PyTorch's `model.train()` (batch statistics; the running-statistic updates are recorded
+    /// in `mode`), `NormMode::Inference` the same graph as `forward`.
+    ///
+    /// # Shapes
+    /// As [`forward`](Self::forward).
+    pub fn forward_mode(
+        &self,
+        b: &mut GraphBuilder,
+        images: &Value,
+        mode: &mut NormMode,
+    ) -> Result<Stages, TrainError> {
+        let mut x = self.conv1.forward(b, images)?;
+        x = self.bn1.forward_mode(b, &x, mode)?;
+        x = b.relu(&x);
+        x = b.scoped("maxpool", |b| b.max_pool2d(&x, &Window2d::square(3, 2, 1)))?;
+        let mut outs = Vec::with_capacity(4);
+        for stage in &self.stages {
+            for block in stage {
+                x = block.forward_mode(b, &x, mode)?;
             }
             outs.push(x.clone());
         }
