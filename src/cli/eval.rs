@@ -21,6 +21,8 @@ pub enum EvalCommand {
     Coco(CocoArgs),
     /// Semantic segmentation metrics (mIoU, pixel accuracy) of PNG label maps.
     Seg(SegArgs),
+    /// Serve a densa segmenter on a COCO dataset with masks: mIoU, per-class IoU, images/s.
+    Segment(super::eval_segment::EvalSegmentArgs),
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -72,6 +74,7 @@ pub fn run(cmd: EvalCommand) -> Result<()> {
     match cmd {
         EvalCommand::Coco(args) => coco(args),
         EvalCommand::Seg(args) => segmentation(args),
+        EvalCommand::Segment(args) => super::eval_segment::run(args),
     }
 }
 

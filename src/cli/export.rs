@@ -12,6 +12,9 @@ use densa_models::Arch;
 pub enum ExportCommand {
     /// A backbone as an inference graph: input `images` [N,3,H,W], outputs c2..c5.
     Backbone(BackboneArgs),
+    /// A fine-tuned segmenter (`densa finetune --task segment` directory): outputs logits and
+    /// class map at input resolution, self-describing metadata.
+    Segmenter(super::export_segmenter::SegmenterArgs),
 }
 
 #[derive(Debug, Args)]
@@ -38,6 +41,7 @@ pub struct BackboneArgs {
 pub fn run(cmd: ExportCommand) -> Result<()> {
     match cmd {
         ExportCommand::Backbone(args) => backbone(args),
+        ExportCommand::Segmenter(args) => super::export_segmenter::run(args),
     }
 }
 

@@ -3,12 +3,15 @@
 
 mod detect;
 mod eval;
+mod eval_segment;
 mod export;
+mod export_segmenter;
 mod finetune;
 mod finetune_detect;
 mod finetune_segment;
 mod inspect;
 mod run;
+mod segment;
 mod synth;
 
 use std::path::PathBuf;
@@ -51,6 +54,8 @@ pub enum Command {
     Synth(synth::SynthArgs),
     /// The whole pipeline on synthetic data: pretrain, fine-tune, export, serve, evaluate.
     Demo(DemoArgs),
+    /// Segment images with a segmenter exported by densa: label PNGs and colour overlays.
+    Segment(segment::SegmentArgs),
 }
 
 /// Backend selection, shared by the commands that run models.
@@ -107,6 +112,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Eval(cmd) => eval::run(cmd),
         Command::Synth(args) => synth::run(args),
         Command::Finetune(args) => finetune::run(args),
+        Command::Segment(args) => segment::run(args),
         Command::Demo(args) => {
             let _ = args.out;
             anyhow::bail!(

@@ -289,27 +289,23 @@ pub fn cross_entropy(
     })
 }
 
-/// The forward + loss graph a train step is composed from.
-#[derive(Debug)]
-pub struct TrainingGraph {
-    /// Inputs `images` float32 `[N, 3, size, size]` and `labels` int64 `[N, size, size]`;
-    /// outputs `loss` `[]` and the running-statistic updates `*.running_mean.next`, ... .
-    pub model: ModelProto,
-    /// The batch-norm running-statistic updates (already declared as outputs of `model`).
-    pub state: Fragment,
-    /// Parameters to train (all but the backbone's with `freeze_backbone`).
-    pub trainable: Vec<String>,
-    /// Buffers (running statistics) of the model.
-    pub buffers: Vec<String>,
+/// The training forward graph, unfinished, as a train step is composed from it
+/// (`densa_models::train_step::ForwardGraph`): batch inputs `images` float32
+/// `[N, 3, size, size]` and `labels` int64 `[N, size, size]`, batch norm in training mode.
+pub struct TrainingForward {
+    pub builder: GraphBuilder,
+    /// The scalar loss ([`cross_entropy`]).
+    pub loss: Value,
+    /// The batch-norm running-statistic updates.
+    pub norm: Fragment,
 }
 
-/// The training forward graph: batch norm in training mode, loss `cross_entropy`.
-pub fn training_graph(
+/// Builds the training forward graph (parameters initialised from `seed`).
+pub fn training_forward(
     config: &SegmenterConfig,
     image_size: usize,
-    freeze_backbone: bool,
     seed: u64,
-) -> Result<TrainingGraph, SegmentError> {
+) -> Result<TrainingForward, SegmentError> {
     let mut b = GraphBuilder::new("densa-segmenter-train", seed);
     let s = image_size as i64;
     let images = b.input(
@@ -326,25 +322,60 @@ pub fn training_graph(
     let mut mode = NormMode::train();
     let logits = net.forward(&mut b, &images, &mut mode)?;
     let loss = cross_entropy(&mut b, &logits, &labels, config.num_classes)?;
-    b.output(&loss, "loss")?;
-    let state = mode.into_state();
-    state.declare_outputs(&mut b)?;
-    let trainable = b
+    Ok(TrainingForward {
+        builder: b,
+        loss,
+        norm: mode.into_state(),
+    })
+}
+
+/// The prefixes of the parameters that are not the backbone's (what `--freeze-backbone`
+/// trains).
+pub const HEAD_PREFIXES: [&str; 2] = ["fpn", "head"];
+
+/// The training forward graph as a finished model with outputs `loss` and the running-statistic
+/// updates (`*.next`): for tests and inspection.
+#[derive(Debug)]
+pub struct TrainingGraph {
+    pub model: ModelProto,
+    /// The batch-norm running-statistic updates (declared as outputs of `model`).
+    pub state: Fragment,
+    /// Parameters to train (all but the backbone's with `freeze_backbone`).
+    pub trainable: Vec<String>,
+    /// Buffers (running statistics) of the model.
+    pub buffers: Vec<String>,
+}
+
+/// [`training_forward`], finished.
+pub fn training_graph(
+    config: &SegmenterConfig,
+    image_size: usize,
+    freeze_backbone: bool,
+    seed: u64,
+) -> Result<TrainingGraph, SegmentError> {
+    let TrainingForward {
+        mut builder,
+        loss,
+        norm,
+    } = training_forward(config, image_size, seed)?;
+    builder.output(&loss, "loss")?;
+    norm.declare_outputs(&mut builder)?;
+    let trainable = builder
         .params()
         .iter()
         .filter(|p| p.kind == ParamKind::Param)
         .filter(|p| !(freeze_backbone && Segmenter::is_backbone(&p.name)))
         .map(|p| p.name.clone())
         .collect();
-    let buffers = b
+    let buffers = builder
         .params()
         .iter()
         .filter(|p| p.kind == ParamKind::Buffer)
         .map(|p| p.name.clone())
         .collect();
     Ok(TrainingGraph {
-        model: b.finish(),
-        state,
+        model: builder.finish(),
+        state: norm,
         trainable,
         buffers,
     })
@@ -427,6 +458,27 @@ fn load_state(b: &mut GraphBuilder, state: &StateDict) -> Result<(), SegmentErro
         seen.insert(name);
     }
     Ok(())
+}
+
+/// The file in a fine-tuning directory that describes the run to `densa export segmenter`.
+pub const RUN_FILE: &str = "segmenter.json";
+/// The weights (parameters and running statistics) with the best validation mIoU.
+pub const BEST_STATE: &str = "best.safetensors";
+/// The weights at the end of the last completed run (used when no validation ran).
+pub const LAST_STATE: &str = "last.safetensors";
+
+/// What `densa finetune --task segment` stores in its output directory ([`RUN_FILE`]) so that
+/// the export needs no other arguments.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SegmenterRun {
+    pub model: SegmenterConfig,
+    /// Class names, index = class (0 = background).
+    pub classes: Vec<String>,
+    /// Square input size the model was trained at (images are stretched to it).
+    pub image_size: u32,
+    /// Normalisation of `pixel / 255`: `(x - mean) / std`, RGB.
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
 }
 
 /// `Arch` as its command-line name in JSON.
