@@ -11,3 +11,5 @@ pub mod nn;
 
 pub use backbone::Arch;
 pub mod segment;
+#[cfg(feature = "train")]
+pub mod train_step;

@@ -184,12 +184,17 @@ pub struct ResidualBlock {
 }
 
 impl ResidualBlock {
-    fn forward(&self, b: &mut GraphBuilder, x: &Value) -> Result<Value, BuildError> {
+    fn forward_mode(
+        &self,
+        b: &mut GraphBuilder,
+        x: &Value,
+        mode: &mut NormMode,
+    ) -> Result<Value, TrainError> {
         let mut h = x.clone();
         let n = self.convs.len();
         for (i, (conv, bn)) in self.convs.iter().zip(&self.bns).enumerate() {
             h = conv.forward(b, &h)?;
-            h = bn.forward(b, &h)?;
+            h = bn.forward_mode(b, &h, mode)?;
             if i + 1 < n {
                 h = b.scoped(&self.name, |b| b.relu(&h));
             }
@@ -197,7 +202,7 @@ impl ResidualBlock {
         let identity = match &self.downsample {
             Some((conv, bn)) => {
                 let d = conv.forward(b, x)?;
-                bn.forward(b, &d)?
+                bn.forward_mode(b, &d, mode)?
             }
             None => x.clone(),
         };
@@ -206,6 +211,18 @@ impl ResidualBlock {
             Ok(b.relu(&sum))
         })
     }
+}
+
+/// The build error of an inference-mode forward (which creates no training fragments).
+fn inference_only<T>(r: Result<T, TrainError>) -> Result<T, BuildError> {
+    r.map_err(|e| match e {
+        TrainError::Build(e) => e,
+        other => BuildError::Op {
+            op: "BatchNormalization".into(),
+            node: String::new(),
+            message: other.to_string(),
+        },
+    })
 }
 
 /// A ResNet whose parameters exist in the graph.
@@ -240,58 +257,12 @@ impl ResNet {
     /// `images [N, 3, H, W] -> c2 [N, C2, H/4, W/4], c3 [.., H/8, ..], c4 [.., H/16, ..],
     /// c5 [N, C5, H/32, W/32]` (sizes rounded up, as torchvision's strided convolutions do).
     pub fn forward(&self, b: &mut GraphBuilder, images: &Value) -> Result<Stages, BuildError> {
-        let mut x = self.conv1.forward(b, images)?;
-        x = self.bn1.forward(b, &x)?;
-        x = b.relu(&x);
-        x = b.scoped("maxpool", |b| b.max_pool2d(&x, &Window2d::square(3, 2, 1)))?;
-        let mut outs = Vec::with_capacity(4);
-        for stage in &self.stages {
-            for block in stage {
-                x = block.forward(b, &x)?;
-            }
-            outs.push(x.clone());
-        }
-        let [c2, c3, c4, c5]: [Value; 4] = outs.try_into().expect("four stages");
-        Ok(Stages { c2, c3, c4, c5 })
+        inference_only(self.forward_mode(b, images, &mut NormMode::Inference))
     }
-}
 
-impl ResidualBlock {
-    /// [`forward`](Self::forward) with every batch norm in `mode` (training mode records the
-    /// running-statistic updates there).
-    fn forward_mode(
-        &self,
-        b: &mut GraphBuilder,
-        x: &Value,
-        mode: &mut NormMode,
-    ) -> Result<Value, TrainError> {
-        let mut h = x.clone();
-        let n = self.convs.len();
-        for (i, (conv, bn)) in self.convs.iter().zip(&self.bns).enumerate() {
-            h = conv.forward(b, &h)?;
-            h = bn.forward_mode(b, &h, mode)?;
-            if i + 1 < n {
-                h = b.scoped(&self.name, |b| b.relu(&h));
-            }
-        }
-        let identity = match &self.downsample {
-            Some((conv, bn)) => {
-                let d = conv.forward(b, x)?;
-                bn.forward_mode(b, &d, mode)?
-            }
-            None => x.clone(),
-        };
-        Ok(b.scoped(&self.name, |b| {
-            let sum = b.add(&h, &identity)?;
-            Ok::<_, BuildError>(b.relu(&sum))
-        })?)
-    }
-}
-
-impl ResNet {
-    /// [`forward`](Self::forward) with batch norm as `mode` says: `NormMode::train()` gives
-    /// PyTorch's `model.train()` (batch statistics; the running-statistic updates are recorded
-    /// in `mode`), `NormMode::Inference` the same graph as `forward`.
+    /// [`forward`](Self::forward) with batch norm as `mode` says: in training mode
+    /// (`NormMode::train()`) every batch norm uses batch statistics and records the update of
+    /// its running statistics in `mode`.
     ///
     /// # Shapes
     /// As [`forward`](Self::forward).

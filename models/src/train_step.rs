@@ -1,0 +1,906 @@
+//! Train-step composition: a forward graph with a scalar loss becomes a training artifact.
+//!
+//! What PyTorch spells `loss.backward(); clip_grad_norm_(...); optimizer.step()` (plus the
+//! running-statistic updates `model.train()` makes), here one ONNX graph built once:
+//!
+//! 1. the caller builds the **forward** graph with a [`GraphBuilder`]: batch inputs declared
+//!    with [`GraphBuilder::input`] (images, and any target tensor the host computes), learned
+//!    parameters and buffers as initializers ([`GraphBuilder::param`], `ParamKind::Param` /
+//!    `ParamKind::Buffer`, named as the checkpoint names them), batch norm in training mode
+//!    ([`NormMode::train`](crate::nn::NormMode::train)) and a scalar float32 loss;
+//! 2. [`build_train_step`] differentiates the loss with respect to the trainable parameters
+//!    ([`densa_exporter::autodiff`]), optionally clips the gradients by their global norm, adds
+//!    the optimizer's update ([`densa_exporter::train::optim`]), turns every parameter and
+//!    buffer into a state input and names every output;
+//! 3. [`train_step_artifact`] wraps that with an inference-mode **eval** graph into a
+//!    [`densa_runtime::train::Artifact`] (`train_step.onnx`, `eval.onnx`, `state.safetensors`,
+//!    `manifest.json`), which the [`Trainer`](densa_runtime::train::Trainer) runs on ONNX
+//!    Runtime or tract.
+//!
+//! # The artifact's interface (the manifest contract)
+//! - batch inputs: the forward graph's inputs, as declared (role `batch`);
+//! - `param` inputs: every `ParamKind::Param` initializer, named as in the forward graph
+//!   (torchvision names for the model zoo), next value `{name}.next`;
+//! - `buffer` inputs: every `ParamKind::Buffer` initializer (`bn1.running_mean`...), next value
+//!   `{name}.next` (the batch-norm update in training mode);
+//! - `optimizer` inputs: the optimizer's slots and step counter (`optim.momentum_buffer.{p}`,
+//!   `optim.step`), next value `{name}.next`;
+//! - `hyper` inputs: float64 scalars with defaults (`optim.lr`, `optim.momentum`,
+//!   `optim.weight_decay`, ..., `clip.max_norm`);
+//! - outputs: `loss` (role `loss`), the caller's metrics (role `metric`; `grad_norm` too when
+//!   clipping) and the `.next` values (role `state`).
+//!
+//! # Choices that are ours
+//! - Every parameter and buffer is state, also frozen ones: a frozen parameter, a parameter the
+//!   loss does not depend on (PyTorch: `p.grad is None`, so `optimizer.step()` skips it) and a
+//!   buffer nothing updates are passed through unchanged (`Identity`). Checkpoints therefore
+//!   always hold the whole model, and eval graphs take any checkpoint ([`eval_with_state`]).
+//! - Weight decay applies to every trained parameter for SGD and AdamW (PyTorch's default with
+//!   one parameter group); LARS excludes biases and normalisation parameters
+//!   ([`is_bias_or_norm`]) as the self-supervised papers do. [`TrainStepConfig::exclude_bias_and_norm`]
+//!   overrides either.
+//! - The eval graph is the caller's inference-mode forward with the *same* parameter names and
+//!   no batch-norm folding, so the trained state can replace its initializers by name.
+//!
+//! # Example
+//! ```
+//! use densa_exporter::{DType, GraphBuilder};
+//! use densa_models::nn::{BatchNorm2dConfig, Conv2dConfig, NormMode};
+//! use densa_models::train_step::{
+//!     cross_entropy, train_step_artifact, ForwardGraph, OptimizerConfig, TrainStepConfig,
+//! };
+//!
+//! // One builder per mode; the same seed gives the same initial weights.
+//! let build = |mode: &mut NormMode, train: bool| -> Result<(GraphBuilder, _), Box<dyn std::error::Error>> {
+//!     let mut b = GraphBuilder::new("tiny", 0);
+//!     let x = b.input("images", DType::F32, vec!["N".into(), 3.into(), 8.into(), 8.into()])?;
+//!     let conv = Conv2dConfig::new(3, 4, 3).padding(1).init(&mut b, "conv")?;
+//!     let bn = BatchNorm2dConfig::new(4).init(&mut b, "bn")?;
+//!     let h = conv.forward(&mut b, &x)?;
+//!     let h = bn.forward_mode(&mut b, &h, mode)?;
+//!     let h = b.relu(&h);
+//!     let h = b.global_avg_pool(&h)?;
+//!     let logits = b.flatten(&h, 1);
+//!     if train {
+//!         let labels = b.input("labels", DType::I64, vec!["N".into()])?;
+//!         let loss = cross_entropy(&mut b, &logits, &labels)?;
+//!         Ok((b, Some(loss)))
+//!     } else {
+//!         b.output(&logits, "logits")?;
+//!         Ok((b, None))
+//!     }
+//! };
+//! let mut mode = NormMode::train();
+//! let (b, loss) = build(&mut mode, true).unwrap();
+//! let forward = ForwardGraph::new(b, loss.unwrap()).norm_state(mode.into_state());
+//! let (eval, _) = build(&mut NormMode::Inference, false).unwrap();
+//! let config = TrainStepConfig::new(OptimizerConfig::sgd(0.1, 0.9, 1e-4));
+//! let artifact = train_step_artifact(forward, Some(eval.finish()), &config).unwrap();
+//! assert!(artifact.manifest().input("optim.momentum_buffer.conv.weight").is_some());
+//! assert!(artifact.manifest().input("bn.running_mean").is_some());
+//! ```
+
+use std::collections::{HashMap, HashSet};
+
+use densa_exporter::autodiff::{
+    gradients, prepare_forward, AutodiffError, ConvWeightGrad, GradRequest,
+};
+use densa_exporter::builder::{attr, tensor_type, Dim};
+use densa_exporter::onnx::{ModelProto, NodeProto, ValueInfoProto};
+use densa_exporter::train::clip::{clip_grad_norm, ClipConfig};
+use densa_exporter::train::optim::{
+    is_bias_or_norm, AdamWConfig, LarsConfig, Optimizer, ParamGrad, SgdConfig,
+};
+use densa_exporter::train::{next_name, Fragment, InputRole as FragmentRole, TrainError};
+use densa_exporter::weights::StateDict;
+use densa_exporter::{BuildError, DType, GraphBuilder, ParamKind, Value};
+use densa_runtime::train::{Artifact, InputRole, Manifest, ManifestError, OutputRole};
+
+/// Why a train step could not be composed. Each variant names the value or setting concerned.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainStepError {
+    #[error(transparent)]
+    Build(#[from] BuildError),
+    #[error(transparent)]
+    Fragment(#[from] TrainError),
+    #[error("differentiating `loss`: {0}")]
+    Autodiff(#[from] AutodiffError),
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    #[error(
+        "the loss `{name}` is {dtype} with shape {shape}; a train step needs a float32 scalar"
+    )]
+    Loss {
+        name: String,
+        dtype: DType,
+        shape: String,
+    },
+    #[error("trainable prefix `{prefix}` matches no parameter (parameters: {available})")]
+    UnknownPrefix { prefix: String, available: String },
+    #[error("nothing to train: no parameter is trainable and reaches the loss")]
+    NothingToTrain,
+    #[error("metric `{0}` uses a reserved name (`loss`, `grad_norm`, `*.next`, or a graph input)")]
+    ReservedName(String),
+    #[error("initializer `{0}` has no value in the forward graph")]
+    MissingValue(String),
+}
+
+/// Which parameters the optimizer updates (the others are frozen: passed through unchanged).
+/// Prefixes match whole name components: `layer4` matches `layer4.0.conv1.weight`, not
+/// `layer40.weight`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Trainable {
+    /// Every parameter (`ParamKind::Param` initializer). The default.
+    #[default]
+    All,
+    /// Only parameters under one of these prefixes (a linear probe: `["fc"]`).
+    Only(Vec<String>),
+    /// Every parameter except those under these prefixes (a frozen backbone stem: `["conv1",
+    /// "bn1", "layer1"]`).
+    Frozen(Vec<String>),
+}
+
+fn under(name: &str, prefix: &str) -> bool {
+    name == prefix
+        || (name.starts_with(prefix) && name[prefix.len()..].starts_with('.'))
+        || prefix.is_empty()
+}
+
+impl Trainable {
+    /// Whether parameter `name` is trained.
+    pub fn trains(&self, name: &str) -> bool {
+        match self {
+            Trainable::All => true,
+            Trainable::Only(p) => p.iter().any(|p| under(name, p)),
+            Trainable::Frozen(p) => !p.iter().any(|p| under(name, p)),
+        }
+    }
+
+    fn prefixes(&self) -> &[String] {
+        match self {
+            Trainable::All => &[],
+            Trainable::Only(p) | Trainable::Frozen(p) => p,
+        }
+    }
+}
+
+/// The optimizer of a train step: `torch.optim.SGD`, `torch.optim.AdamW` or LARS (see
+/// [`densa_exporter::train::optim`] for the exact update and the hyperparameter inputs).
+#[derive(Clone, Debug, PartialEq)]
+pub enum OptimizerConfig {
+    Sgd(SgdConfig),
+    AdamW(AdamWConfig),
+    Lars(LarsConfig),
+}
+
+impl OptimizerConfig {
+    /// SGD with momentum (dampening 0, no Nesterov) and L2 weight decay.
+    pub fn sgd(lr: f64, momentum: f64, weight_decay: f64) -> OptimizerConfig {
+        OptimizerConfig::Sgd(SgdConfig {
+            lr,
+            momentum,
+            weight_decay,
+            ..SgdConfig::default()
+        })
+    }
+
+    /// AdamW with PyTorch's betas and eps, decoupled weight decay.
+    pub fn adamw(lr: f64, weight_decay: f64) -> OptimizerConfig {
+        OptimizerConfig::AdamW(AdamWConfig {
+            lr,
+            weight_decay,
+            ..AdamWConfig::default()
+        })
+    }
+
+    /// LARS with the papers' trust coefficient.
+    pub fn lars(lr: f64, momentum: f64, weight_decay: f64) -> OptimizerConfig {
+        OptimizerConfig::Lars(LarsConfig {
+            lr,
+            momentum,
+            weight_decay,
+            ..LarsConfig::default()
+        })
+    }
+
+    fn optimizer(&self) -> &dyn Optimizer {
+        match self {
+            OptimizerConfig::Sgd(c) => c,
+            OptimizerConfig::AdamW(c) => c,
+            OptimizerConfig::Lars(c) => c,
+        }
+    }
+
+    /// `sgd`, `adamw`, `lars`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            OptimizerConfig::Sgd(_) => "sgd",
+            OptimizerConfig::AdamW(_) => "adamw",
+            OptimizerConfig::Lars(_) => "lars",
+        }
+    }
+}
+
+impl Default for OptimizerConfig {
+    /// [`SgdConfig::default`].
+    fn default() -> Self {
+        OptimizerConfig::Sgd(SgdConfig::default())
+    }
+}
+
+/// How a train step is composed.
+#[derive(Clone, Debug, Default)]
+pub struct TrainStepConfig {
+    /// Default: SGD with [`SgdConfig::default`].
+    pub optimizer: OptimizerConfig,
+    /// Default: [`Trainable::All`].
+    pub trainable: Trainable,
+    /// Gradient clipping by global norm (before the optimizer); default none.
+    pub clip: Option<ClipConfig>,
+    /// Exclude biases and normalisation parameters from weight decay (and LARS adaptation).
+    /// Default `None`: yes for LARS, no for SGD and AdamW (see the module docs).
+    pub exclude_bias_and_norm: Option<bool>,
+    /// The manifest's `task`; default none.
+    pub task: Option<String>,
+    /// Convolution weight-gradient formulation; default [`ConvWeightGrad::ConvTrick`].
+    pub conv_weight_grad: ConvWeightGrad,
+}
+
+impl TrainStepConfig {
+    /// Defaults with this optimizer.
+    pub fn new(optimizer: OptimizerConfig) -> TrainStepConfig {
+        TrainStepConfig {
+            optimizer,
+            ..TrainStepConfig::default()
+        }
+    }
+}
+
+/// A forward graph under construction, ready to become a train step.
+pub struct ForwardGraph {
+    /// The builder holding the forward graph: batch inputs, parameters, buffers, nodes.
+    /// Outputs declared on it (other than the loss and metrics) are dropped.
+    pub builder: GraphBuilder,
+    /// The scalar float32 loss.
+    pub loss: Value,
+    /// Values logged every step, by output name.
+    pub metrics: Vec<(String, Value)>,
+    /// Buffer updates recorded while building (batch-norm running statistics:
+    /// [`NormMode::into_state`](crate::nn::NormMode::into_state)).
+    pub norm: Fragment,
+}
+
+impl ForwardGraph {
+    /// A forward graph with its loss, no metrics, no buffer updates.
+    pub fn new(builder: GraphBuilder, loss: Value) -> ForwardGraph {
+        ForwardGraph {
+            builder,
+            loss,
+            metrics: Vec::new(),
+            norm: Fragment::default(),
+        }
+    }
+
+    /// Adds a metric output.
+    pub fn metric(mut self, name: &str, value: Value) -> ForwardGraph {
+        self.metrics.push((name.to_string(), value));
+        self
+    }
+
+    /// Sets the buffer updates (usually `mode.into_state()`).
+    pub fn norm_state(mut self, norm: Fragment) -> ForwardGraph {
+        self.norm.extend(norm);
+        self
+    }
+}
+
+/// A composed train step: the graph, its manifest and its initial state (see the module docs
+/// for the interface).
+#[derive(Clone, Debug)]
+pub struct TrainStep {
+    pub graph: ModelProto,
+    pub manifest: Manifest,
+    pub state: StateDict,
+}
+
+/// Composes the train step of `forward` (see the module docs).
+pub fn build_train_step(
+    forward: ForwardGraph,
+    config: &TrainStepConfig,
+) -> Result<TrainStep, TrainStepError> {
+    let ForwardGraph {
+        builder: mut b,
+        loss,
+        metrics,
+        norm,
+    } = forward;
+    if loss.dtype() != DType::F32 || !loss.shape().iter().all(|d| d.fixed() == Some(1)) {
+        return Err(TrainStepError::Loss {
+            name: loss.name().to_string(),
+            dtype: loss.dtype(),
+            shape: densa_exporter::builder::shape_string(loss.shape()),
+        });
+    }
+
+    // The model's state: parameters and buffers, with their values.
+    let mut params: Vec<(String, Vec<usize>)> = Vec::new();
+    let mut buffers: Vec<(String, Vec<usize>)> = Vec::new();
+    let mut state = StateDict::new();
+    for p in b.params() {
+        let list = match p.kind {
+            ParamKind::Param => &mut params,
+            ParamKind::Buffer => &mut buffers,
+            ParamKind::Constant => continue,
+        };
+        list.push((p.name.clone(), p.shape.clone()));
+        let value = b
+            .initializer_value(&p.name)
+            .ok_or_else(|| TrainStepError::MissingValue(p.name.clone()))?;
+        state.insert(p.name.clone(), value.clone());
+    }
+    for prefix in config.trainable.prefixes() {
+        if !params.iter().any(|(n, _)| under(n, prefix)) {
+            let available: Vec<&str> = params.iter().map(|(n, _)| n.as_str()).collect();
+            return Err(TrainStepError::UnknownPrefix {
+                prefix: prefix.clone(),
+                available: available.join(", "),
+            });
+        }
+    }
+
+    // Forward outputs: loss, metrics, buffer updates.
+    b.output(&loss, "loss")?;
+    let mut metric_names = Vec::new();
+    for (name, v) in &metrics {
+        if name == "loss" || name == "grad_norm" || name.ends_with(".next") {
+            return Err(TrainStepError::ReservedName(name.clone()));
+        }
+        b.output(v, name)?;
+        metric_names.push(name.clone());
+    }
+    norm.declare_outputs(&mut b)?;
+    let updated_buffers: HashSet<String> = norm.updates.iter().map(|u| u.name.clone()).collect();
+    let model = b.finish();
+    let graph = model.graph.as_ref().ok_or(AutodiffError::NoGraph)?;
+    let batch_inputs: Vec<String> = graph.input.iter().map(|i| i.name.clone()).collect();
+    if metric_names.iter().any(|m| batch_inputs.contains(m)) {
+        let m = metric_names.iter().find(|m| batch_inputs.contains(m));
+        return Err(TrainStepError::ReservedName(m.cloned().unwrap_or_default()));
+    }
+    // Only the outputs the step declares (loss, metrics, buffer `.next`).
+    let keep: HashSet<String> = std::iter::once("loss".to_string())
+        .chain(metric_names.iter().cloned())
+        .chain(norm.updates.iter().map(|u| next_name(&u.name)))
+        .collect();
+    let mut graph = graph.clone();
+    graph.output.retain(|o| keep.contains(&o.name));
+
+    // Backward.
+    let wrt: Vec<String> = params
+        .iter()
+        .filter(|(n, _)| config.trainable.trains(n))
+        .map(|(n, _)| n.clone())
+        .collect();
+    let mut req = GradRequest {
+        loss: "loss".into(),
+        wrt: wrt.clone(),
+        ..GradRequest::default()
+    };
+    req.options.conv_weight_grad = config.conv_weight_grad;
+    if let Some(o) = model
+        .opset_import
+        .iter()
+        .find(|o| o.domain.is_empty() || o.domain == "ai.onnx")
+    {
+        req.options.opset = o.version;
+    }
+    let mut graph = prepare_forward(&graph, &req)?;
+    let grads = gradients(&graph, &req)?;
+    graph.node.extend(grads.nodes);
+    graph.initializer.extend(grads.initializers);
+    if grads.grads.is_empty() {
+        return Err(TrainStepError::NothingToTrain);
+    }
+
+    // The optimizer, built in its own builder whose inputs are the parameters and gradients,
+    // then appended. Every name of the graph so far is claimed first so nothing collides.
+    let shapes: HashMap<&str, &Vec<usize>> = params.iter().map(|(n, s)| (n.as_str(), s)).collect();
+    let mut ob = GraphBuilder::new("optimizer", 0);
+    let fixed = |s: &[usize]| s.iter().map(|&d| Dim::from(d)).collect::<Vec<_>>();
+    let mut pg = Vec::new();
+    let mut glue = HashSet::new();
+    for (p, g) in &grads.grads {
+        let shape = fixed(shapes[p.as_str()]);
+        let pv = ob.input(p, DType::F32, shape.clone())?;
+        let gv = ob.input(g, DType::F32, shape)?;
+        glue.insert(p.clone());
+        glue.insert(g.clone());
+        pg.push((pv, gv));
+    }
+    for name in graph
+        .node
+        .iter()
+        .flat_map(|n| n.output.iter().chain(std::iter::once(&n.name)))
+        .chain(graph.initializer.iter().map(|t| &t.name))
+        .chain(graph.input.iter().map(|i| &i.name))
+        .chain(params.iter().chain(&buffers).map(|(n, _)| n))
+    {
+        if !glue.contains(name) {
+            ob.unique_name(name);
+        }
+    }
+    let mut fragment = Fragment::default();
+    let mut grad_values: Vec<Value> = pg.iter().map(|(_, g)| g.clone()).collect();
+    if let Some(clip) = &config.clip {
+        let clipped = clip_grad_norm(&mut ob, &grad_values, clip)?;
+        grad_values = clipped.grads;
+        ob.output(&clipped.total_norm, "grad_norm")?;
+        metric_names.push("grad_norm".into());
+        fragment.extend(clipped.fragment);
+    }
+    let exclude = config
+        .exclude_bias_and_norm
+        .unwrap_or(matches!(config.optimizer, OptimizerConfig::Lars(_)));
+    let param_grads: Vec<ParamGrad> = pg
+        .iter()
+        .zip(&grad_values)
+        .map(|((p, _), g)| ParamGrad {
+            param: p.clone(),
+            grad: g.clone(),
+            exclude: exclude && is_bias_or_norm(p.name(), p.rank()),
+        })
+        .collect();
+    fragment.extend(config.optimizer.optimizer().update(&mut ob, &param_grads)?);
+    fragment.declare_outputs(&mut ob)?;
+    let opt = ob.finish().graph.unwrap_or_default();
+    graph.node.extend(opt.node);
+    graph.initializer.extend(opt.initializer);
+    graph
+        .input
+        .extend(opt.input.into_iter().filter(|i| !glue.contains(&i.name)));
+    graph.output.extend(opt.output);
+
+    // Parameters and buffers become state inputs; the ones nothing updates pass through.
+    let updated: HashSet<&str> = fragment
+        .updates
+        .iter()
+        .map(|u| u.name.as_str())
+        .chain(updated_buffers.iter().map(String::as_str))
+        .collect();
+    let state_names: HashSet<&str> = params
+        .iter()
+        .chain(&buffers)
+        .map(|(n, _)| n.as_str())
+        .collect();
+    graph
+        .initializer
+        .retain(|t| !state_names.contains(t.name.as_str()));
+    for (name, shape) in params.iter().chain(&buffers) {
+        let ty = tensor_type(DType::F32, &fixed(shape));
+        graph.input.push(ValueInfoProto {
+            name: name.clone(),
+            r#type: Some(ty.clone()),
+            ..Default::default()
+        });
+        if !updated.contains(name.as_str()) {
+            let next = next_name(name);
+            graph.node.push(NodeProto {
+                name: next.clone(),
+                op_type: "Identity".into(),
+                input: vec![name.clone()],
+                output: vec![next.clone()],
+                ..Default::default()
+            });
+            graph.output.push(ValueInfoProto {
+                name: next,
+                r#type: Some(ty),
+                ..Default::default()
+            });
+        }
+    }
+    // The manifest, in a stable order: batch, params, buffers, optimizer state, hyper.
+    let mut manifest = Manifest::new();
+    if let Some(task) = &config.task {
+        manifest = manifest.task(task);
+    }
+    for name in &batch_inputs {
+        manifest = manifest.batch(name);
+    }
+    for (name, _) in &params {
+        manifest = manifest.state(name, InputRole::Param, &next_name(name));
+    }
+    for (name, _) in &buffers {
+        manifest = manifest.state(name, InputRole::Buffer, &next_name(name));
+    }
+    for input in &fragment.inputs {
+        match input.role {
+            FragmentRole::State => {
+                manifest =
+                    manifest.state(&input.name, InputRole::Optimizer, &next_name(&input.name));
+                state.insert(input.name.clone(), input.initial.clone());
+            }
+            FragmentRole::Hyperparameter => {}
+        }
+    }
+    for (name, default) in fragment.hyperparameters() {
+        manifest = manifest.hyper(name, default);
+    }
+    manifest = manifest.output("loss", OutputRole::Loss);
+    for m in &metric_names {
+        manifest = manifest.output(m, OutputRole::Metric);
+    }
+    rename_prefix_nodes(&mut graph);
+    let mut model = model;
+    model.graph = Some(graph);
+    let model = densa_exporter::passes::eliminate_dead_code(&model).map_err(AutodiffError::from)?;
+    Ok(TrainStep {
+        graph: model,
+        manifest,
+        state,
+    })
+}
+
+/// Renames nodes whose name is a module prefix of a value name (`conv` and the input
+/// `conv.bias`): tract names the parts it splits a node into `{node}.{part}` and refuses
+/// graphs where such a name is also a graph input. Node names carry no meaning in ONNX.
+fn rename_prefix_nodes(graph: &mut densa_exporter::onnx::GraphProto) {
+    let values: HashSet<String> = graph
+        .input
+        .iter()
+        .map(|i| i.name.clone())
+        .chain(graph.initializer.iter().map(|t| t.name.clone()))
+        .chain(graph.node.iter().flat_map(|n| n.output.iter().cloned()))
+        .collect();
+    let mut prefixes: HashSet<&str> = HashSet::new();
+    for v in &values {
+        for (i, c) in v.char_indices() {
+            if c == '.' {
+                prefixes.insert(&v[..i]);
+            }
+        }
+    }
+    let clashing: Vec<usize> = graph
+        .node
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| prefixes.contains(n.name.as_str()))
+        .map(|(i, _)| i)
+        .collect();
+    let mut taken: HashSet<String> = graph.node.iter().map(|n| n.name.clone()).collect();
+    for i in clashing {
+        let base = format!("{}/{}", graph.node[i].name, graph.node[i].op_type);
+        let mut name = base.clone();
+        let mut k = 1;
+        while taken.contains(&name) || values.contains(&name) {
+            name = format!("{base}_{k}");
+            k += 1;
+        }
+        taken.insert(name.clone());
+        graph.node[i].name = name;
+    }
+}
+
+/// [`build_train_step`] as a validated [`Artifact`], with `eval` (the inference-mode forward,
+/// same parameter names) as its eval graph.
+pub fn train_step_artifact(
+    forward: ForwardGraph,
+    eval: Option<ModelProto>,
+    config: &TrainStepConfig,
+) -> Result<Artifact, TrainStepError> {
+    let step = build_train_step(forward, config)?;
+    let artifact = Artifact::new(step.manifest, step.graph, step.state)?;
+    Ok(match eval {
+        Some(e) => artifact.with_eval_graph(e),
+        None => artifact,
+    })
+}
+
+/// `eval` with every initializer that `state` names replaced by the state's value (trained
+/// parameters and running statistics into an inference graph). Entries of `state` the graph
+/// does not have (optimizer slots) are ignored; a shape mismatch is an error.
+pub fn eval_with_state(eval: &ModelProto, state: &StateDict) -> Result<ModelProto, BuildError> {
+    let mut out = eval.clone();
+    if let Some(g) = out.graph.as_mut() {
+        for t in g.initializer.iter_mut() {
+            if let Some(v) = state.get(&t.name) {
+                let dims: Vec<usize> = t.dims.iter().map(|&d| d as usize).collect();
+                if v.shape() != dims.as_slice() {
+                    return Err(BuildError::ParamShape {
+                        name: t.name.clone(),
+                        expected: dims,
+                        got: v.shape().to_vec(),
+                    });
+                }
+                *t = v.to_proto(&t.name);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Mean cross-entropy of `logits` `[N, C]` against class indices `labels` (int64 `[N]`):
+/// PyTorch's `F.cross_entropy(logits, labels)` (reduction mean, no weights, no smoothing).
+///
+/// # Shapes
+/// `logits [N, C]`, `labels [N]` -> `[]`.
+pub fn cross_entropy(
+    b: &mut GraphBuilder,
+    logits: &Value,
+    labels: &Value,
+) -> Result<Value, BuildError> {
+    if logits.rank() != 2 || labels.rank() != 1 || labels.dtype() != DType::I64 {
+        return Err(b.op_error(
+            "CrossEntropy",
+            format!(
+                "expects logits [N, C] and int64 labels [N]; got `{}` {} and `{}` {} {}",
+                logits.name(),
+                densa_exporter::builder::shape_string(logits.shape()),
+                labels.name(),
+                labels.dtype(),
+                densa_exporter::builder::shape_string(labels.shape()),
+            ),
+        ));
+    }
+    let logp = b.node1(
+        "LogSoftmax",
+        Some("log_softmax"),
+        &[logits],
+        vec![attr::int("axis", 1)],
+        DType::F32,
+        logits.shape().to_vec(),
+    );
+    let axes = b.const_i64(&[1]);
+    let idx = b.node1(
+        "Unsqueeze",
+        None,
+        &[labels, &axes],
+        vec![],
+        DType::I64,
+        vec![labels.dim(0).clone(), Dim::from(1)],
+    );
+    let picked = b.node1(
+        "GatherElements",
+        None,
+        &[&logp, &idx],
+        vec![attr::int("axis", 1)],
+        DType::F32,
+        vec![labels.dim(0).clone(), Dim::from(1)],
+    );
+    let mean = b.reduce_mean(&picked, &[], false)?;
+    Ok(b.neg(&mean))
+}
+
+/// Fraction of rows of `logits` `[N, C]` whose arg-max is the label (int64 `[N]`): a metric.
+///
+/// # Shapes
+/// `logits [N, C]`, `labels [N]` -> `[]`.
+pub fn accuracy(b: &mut GraphBuilder, logits: &Value, labels: &Value) -> Result<Value, BuildError> {
+    let pred = b.node1(
+        "ArgMax",
+        Some("argmax"),
+        &[logits],
+        vec![attr::int("axis", 1), attr::int("keepdims", 0)],
+        DType::I64,
+        vec![logits.dim(0).clone()],
+    );
+    let hit = b.equal(&pred, labels)?;
+    let hit = b.cast(&hit, DType::F32);
+    b.reduce_mean(&hit, &[], false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::{BatchNorm2dConfig, Conv2dConfig, NormMode};
+    use densa_exporter::{Init, Tensor};
+    use densa_runtime::backend::tract::TractBackend;
+    use densa_runtime::backend::Backend;
+    use ndarray::{ArrayD, IxDyn};
+
+    /// conv(3->4, 3x3) -> BN (train) -> ReLU -> global pool -> fc(4->3) -> cross-entropy.
+    fn small_cnn(train: bool) -> (GraphBuilder, Option<Value>, Fragment) {
+        let mut b = GraphBuilder::new("small-cnn", 5);
+        let x = b
+            .input(
+                "images",
+                DType::F32,
+                vec![2.into(), 3.into(), 5.into(), 5.into()],
+            )
+            .unwrap();
+        let conv = Conv2dConfig::new(3, 4, 3)
+            .padding(1)
+            .init(&mut b, "conv")
+            .unwrap();
+        let bn = BatchNorm2dConfig::new(4).init(&mut b, "bn").unwrap();
+        let w = b
+            .param(
+                "fc.weight",
+                &[3, 4],
+                Init::KaimingUniformFanIn,
+                ParamKind::Param,
+            )
+            .unwrap();
+        let bias = b
+            .param("fc.bias", &[3], Init::Uniform(0.5), ParamKind::Param)
+            .unwrap();
+        let mut mode = if train {
+            NormMode::train()
+        } else {
+            NormMode::Inference
+        };
+        let h = conv.forward(&mut b, &x).unwrap();
+        let h = bn.forward_mode(&mut b, &h, &mut mode).unwrap();
+        let h = b.relu(&h);
+        let h = b.global_avg_pool(&h).unwrap();
+        let h = b.flatten(&h, 1);
+        let logits = b.linear(Some("fc"), &h, &w, Some(&bias)).unwrap();
+        if train {
+            let labels = b.input("labels", DType::I64, vec![2.into()]).unwrap();
+            let loss = cross_entropy(&mut b, &logits, &labels).unwrap();
+            (b, Some(loss), mode.into_state())
+        } else {
+            b.output(&logits, "logits").unwrap();
+            (b, None, Fragment::default())
+        }
+    }
+
+    fn batch() -> Vec<(String, Tensor)> {
+        let x: Vec<f32> = (0..150)
+            .map(|i| ((i * 37 % 23) as f32 / 11.0) - 1.0)
+            .collect();
+        vec![
+            (
+                "images".into(),
+                Tensor::F32(ArrayD::from_shape_vec(IxDyn(&[2, 3, 5, 5]), x).unwrap()),
+            ),
+            (
+                "labels".into(),
+                Tensor::I64(ArrayD::from_shape_vec(IxDyn(&[2]), vec![2, 0]).unwrap()),
+            ),
+        ]
+    }
+
+    fn artifact(config: &TrainStepConfig) -> Artifact {
+        let (b, loss, norm) = small_cnn(true);
+        let fwd = ForwardGraph::new(b, loss.unwrap()).norm_state(norm);
+        let (eval, _, _) = small_cnn(false);
+        train_step_artifact(fwd, Some(eval.finish()), config).unwrap()
+    }
+
+    /// Runs one step: every state input from `state`, hyperparameters at their defaults.
+    fn run(a: &Artifact, state: &StateDict) -> HashMap<String, Tensor> {
+        let mut session = TractBackend::new().load_model(a.graph(), "step").unwrap();
+        let mut inputs = batch();
+        for e in &a.manifest().inputs {
+            match e.role {
+                InputRole::Batch => {}
+                InputRole::Hyper => inputs.push((
+                    e.name.clone(),
+                    Tensor::F64(ArrayD::from_elem(IxDyn(&[]), e.default.unwrap())),
+                )),
+                _ => inputs.push((e.name.clone(), state.get(&e.name).unwrap().clone())),
+            }
+        }
+        session.run(inputs).unwrap().into_iter().collect()
+    }
+
+    fn scalar(t: &Tensor) -> f64 {
+        t.to_f32().iter().next().copied().unwrap() as f64
+    }
+
+    #[test]
+    fn one_sgd_step_moves_every_parameter_by_lr_times_its_finite_difference_gradient() {
+        let lr = 0.5;
+        let a = artifact(&TrainStepConfig::new(OptimizerConfig::sgd(lr, 0.9, 0.0)));
+        let m = a.manifest();
+        assert_eq!(m.input("images").unwrap().role, InputRole::Batch);
+        assert_eq!(m.input("labels").unwrap().role, InputRole::Batch);
+        assert_eq!(m.input("conv.weight").unwrap().role, InputRole::Param);
+        assert_eq!(m.input("bn.running_var").unwrap().role, InputRole::Buffer);
+        assert_eq!(
+            m.input("optim.momentum_buffer.fc.weight").unwrap().role,
+            InputRole::Optimizer
+        );
+        assert_eq!(m.input("optim.lr").unwrap().default, Some(lr));
+        let out = run(&a, a.state());
+        assert_eq!(scalar(&out["optim.step.next"]), 1.0);
+        // Momentum: the buffer is the gradient at the first step, so p.next = p - lr * g.
+        for name in [
+            "conv.weight",
+            "conv.bias",
+            "bn.weight",
+            "bn.bias",
+            "fc.weight",
+            "fc.bias",
+        ] {
+            let p = a.state().get(name).unwrap().to_f32();
+            let next = out[&next_name(name)].to_f32();
+            let buf = out[&format!("optim.momentum_buffer.{name}.next")].to_f32();
+            let n = p.len();
+            for k in [0, n / 2, n - 1] {
+                let g = (p.as_slice().unwrap()[k] - next.as_slice().unwrap()[k]) as f64 / lr;
+                assert!((g - buf.as_slice().unwrap()[k] as f64).abs() < 1e-5);
+                // Central difference of the loss, parameter fed perturbed.
+                let eps = 3e-4f32;
+                let at = |d: f32| {
+                    let mut s = a.state().clone();
+                    let mut v = p.clone();
+                    v.as_slice_mut().unwrap()[k] += d;
+                    s.insert(name, Tensor::F32(v));
+                    scalar(&run(&a, &s)["loss"])
+                };
+                let fd = (at(eps) - at(-eps)) / (2.0 * eps as f64);
+                assert!(
+                    (g - fd).abs() <= 2e-3 + 1e-2 * fd.abs(),
+                    "{name}[{k}]: step gives gradient {g}, finite differences {fd}"
+                );
+            }
+        }
+        // Running statistics moved towards the batch's (momentum 0.1 from zeros/ones).
+        let rm = out["bn.running_mean.next"].to_f32();
+        assert!(rm.iter().any(|v| v.abs() > 1e-4));
+    }
+
+    #[test]
+    fn frozen_parameters_pass_through_and_only_listed_ones_get_slots() {
+        let mut config = TrainStepConfig::new(OptimizerConfig::adamw(1e-2, 0.1));
+        config.trainable = Trainable::Only(vec!["fc".into()]);
+        config.clip = Some(ClipConfig::default());
+        let a = artifact(&config);
+        let m = a.manifest();
+        assert!(m.input("optim.exp_avg.fc.weight").is_some());
+        assert!(m.input("optim.exp_avg.conv.weight").is_none());
+        assert!(m.input("clip.max_norm").is_some());
+        assert!(m
+            .outputs
+            .iter()
+            .any(|o| o.name == "grad_norm" && o.role == OutputRole::Metric));
+        let out = run(&a, a.state());
+        assert_eq!(
+            out["conv.weight.next"],
+            *a.state().get("conv.weight").unwrap()
+        );
+        assert_ne!(out["fc.weight.next"], *a.state().get("fc.weight").unwrap());
+        // BN still updates its running statistics in a frozen part (PyTorch's model.train()).
+        assert_ne!(
+            out["bn.running_mean.next"],
+            *a.state().get("bn.running_mean").unwrap()
+        );
+    }
+
+    #[test]
+    fn bad_requests_are_named() {
+        let (b, loss, _) = small_cnn(true);
+        let mut config = TrainStepConfig::default();
+        config.trainable = Trainable::Only(vec!["head".into()]);
+        let e = build_train_step(ForwardGraph::new(b, loss.unwrap()), &config)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`head`") && e.contains("fc.weight"), "{e}");
+        let (mut b, _, _) = small_cnn(true);
+        let x = b.input("not_a_loss", DType::F32, vec![3.into()]).unwrap();
+        let e = build_train_step(ForwardGraph::new(b, x), &TrainStepConfig::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not_a_loss") && e.contains("scalar"), "{e}");
+    }
+
+    #[test]
+    fn trained_state_replaces_the_eval_graphs_initializers() {
+        let a = artifact(&TrainStepConfig::default());
+        let mut state = a.state().clone();
+        state.insert("fc.bias", Tensor::F32(ArrayD::from_elem(IxDyn(&[3]), 7.0)));
+        let eval = eval_with_state(a.eval_graph().unwrap(), &state).unwrap();
+        let t = eval
+            .graph
+            .unwrap()
+            .initializer
+            .into_iter()
+            .find(|t| t.name == "fc.bias")
+            .unwrap();
+        assert_eq!(
+            Tensor::from_proto(&t).unwrap().to_f32().iter().sum::<f32>(),
+            21.0
+        );
+    }
+}
