@@ -10,7 +10,7 @@
 //! - **Augmentation**: stretch to `--image-size` (image bilinear, mask nearest), horizontal flip
 //!   with probability 0.5, from the per-sample generator of the trainer (deterministic per seed,
 //!   epoch and index, so a resumed run sees the same batches).
-//! - **Optimisation**: AdamW (lr 1e-3 by default, weight decay 1e-4) with linear warm-up and
+//! - **Optimisation**: AdamW (lr 3e-3 by default, weight decay 1e-4) with linear warm-up and
 //!   cosine decay, composed by `densa_models::train_step`; the backbone is frozen with
 //!   `--freeze-backbone`.
 //! - **Validation** every `--val-every` epochs on `--val-data` (mIoU at the original image size,
@@ -52,7 +52,7 @@ use serde::{Deserialize, Serialize};
 use super::finetune::FinetuneArgs;
 
 /// Defaults of the segment task.
-const DEFAULT_LR: f64 = 1e-3;
+const DEFAULT_LR: f64 = 3e-3;
 const DEFAULT_IMAGE_SIZE: u32 = 128;
 const WEIGHT_DECAY: f64 = 1e-4;
 /// Salt of the subset permutation, so it differs from the data order of the same seed.
