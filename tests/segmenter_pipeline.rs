@@ -29,7 +29,10 @@ fn ok(args: &[&str]) -> String {
 fn trained() -> &'static Trained {
     static T: OnceLock<Trained> = OnceLock::new();
     T.get_or_init(|| {
-        let root = tempfile::tempdir().unwrap().keep();
+        // Under cargo's per-target temporary directory, replaced by each run of this file.
+        let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("segmenter_pipeline");
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).unwrap();
         let p = |s: &str| root.join(s).display().to_string();
         ok(&[
             "synth",
@@ -331,4 +334,86 @@ fn a_model_without_segmenter_metadata_is_refused_clearly() {
     ]);
     let err = assert_clean_failure(&o);
     assert!(err.contains("segmenter.json"), "{err}");
+}
+
+/// The training subset of `args` (after `--out`), as `OUT/subset.json` lists it; no training
+/// (`--epochs 0`).
+fn subset(data: &std::path::Path, out: &std::path::Path, args: &[&str]) -> Vec<String> {
+    let mut all = vec![
+        "finetune",
+        "--task",
+        "segment",
+        "--epochs",
+        "0",
+        "--batch-size",
+        "1",
+        "--image-size",
+        "64",
+    ];
+    let (d, o) = (data.display().to_string(), out.display().to_string());
+    all.extend(["--data", &d, "--out", &o]);
+    all.extend_from_slice(args);
+    ok(&all);
+    serde_json::from_str(&std::fs::read_to_string(out.join("subset.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn low_label_subsets_are_deterministic_per_seed() {
+    let t = trained();
+    let data = t.root.join("train/annotations.json");
+    let dir = tempfile::tempdir().unwrap();
+    let o = |n: &str| dir.path().join(n);
+    let a = subset(&data, &o("a"), &["--label-fraction", "0.25", "--seed", "3"]);
+    let b = subset(&data, &o("b"), &["--label-fraction", "0.25", "--seed", "3"]);
+    let c = subset(&data, &o("c"), &["--label-fraction", "0.25", "--seed", "4"]);
+    assert_eq!(a.len(), 12);
+    assert_eq!(a, b);
+    assert_ne!(a, c);
+    // k-shot: every category is in at least K chosen images, and the choice is reproducible.
+    let k = 2;
+    let s1 = subset(&data, &o("s1"), &["--shots", "2", "--seed", "3"]);
+    let s2 = subset(&data, &o("s2"), &["--shots", "2", "--seed", "3"]);
+    assert_eq!(s1, s2);
+    assert!(s1.len() < 48, "{}", s1.len());
+    let coco: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&data).unwrap()).unwrap();
+    let id_of = |name: &str| {
+        coco["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|im| im["file_name"] == name)
+            .unwrap()["id"]
+            .as_u64()
+            .unwrap()
+    };
+    let chosen: Vec<u64> = s1.iter().map(|n| id_of(n)).collect();
+    for cat in coco["categories"].as_array().unwrap() {
+        let cid = cat["id"].as_u64().unwrap();
+        let mut images: Vec<u64> = coco["annotations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|a| a["category_id"].as_u64() == Some(cid))
+            .map(|a| a["image_id"].as_u64().unwrap())
+            .filter(|i| chosen.contains(i))
+            .collect();
+        images.dedup();
+        images.sort();
+        images.dedup();
+        assert!(images.len() >= k, "category {cid}: {} images", images.len());
+    }
+    let bad = run_densa(&[
+        "finetune",
+        "--task",
+        "segment",
+        "--data",
+        &data.display().to_string(),
+        "--out",
+        &o("bad").display().to_string(),
+        "--label-fraction",
+        "1.5",
+    ]);
+    let err = assert_clean_failure(&bad);
+    assert!(err.contains("--label-fraction 1.5"), "{err}");
 }
