@@ -11,5 +11,6 @@ pub mod neck;
 pub mod nn;
 
 pub use backbone::Arch;
+pub mod segment;
 #[cfg(feature = "train")]
 pub mod train_step;

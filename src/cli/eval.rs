@@ -23,6 +23,8 @@ pub enum EvalCommand {
     Seg(SegArgs),
     /// Run a detector on a COCO image set and score it (COCO AP, per class, PR curves, images/s).
     Detect(super::eval_detect::EvalDetectArgs),
+    /// Serve a densa segmenter on a COCO dataset with masks: mIoU, per-class IoU, images/s.
+    Segment(super::eval_segment::EvalSegmentArgs),
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -75,6 +77,7 @@ pub fn run(cmd: EvalCommand) -> Result<()> {
         EvalCommand::Coco(args) => coco(args),
         EvalCommand::Seg(args) => segmentation(args),
         EvalCommand::Detect(args) => super::eval_detect::run(args),
+        EvalCommand::Segment(args) => super::eval_segment::run(args),
     }
 }
 

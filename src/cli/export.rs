@@ -14,6 +14,9 @@ pub enum ExportCommand {
     Backbone(BackboneArgs),
     /// A fine-tuned detector (`densa finetune --task detect` output) as a served model.
     Detector(super::export_detector::ExportDetectorArgs),
+    /// A fine-tuned segmenter (`densa finetune --task segment` directory): outputs logits and
+    /// class map at input resolution, self-describing metadata.
+    Segmenter(super::export_segmenter::SegmenterArgs),
 }
 
 #[derive(Debug, Args)]
@@ -41,6 +44,7 @@ pub fn run(cmd: ExportCommand) -> Result<()> {
     match cmd {
         ExportCommand::Backbone(args) => backbone(args),
         ExportCommand::Detector(args) => super::export_detector::run(args),
+        ExportCommand::Segmenter(args) => super::export_segmenter::run(args),
     }
 }
 

@@ -5,13 +5,16 @@ mod demo;
 mod detect;
 mod eval;
 mod eval_detect;
+mod eval_segment;
 mod export;
 mod export_detector;
+mod export_segmenter;
 mod finetune;
 mod finetune_detect;
 mod finetune_segment;
 mod inspect;
 mod run;
+mod segment;
 mod synth;
 
 use std::path::PathBuf;
@@ -54,6 +57,8 @@ pub enum Command {
     Synth(synth::SynthArgs),
     /// The whole pipeline on synthetic data: pretrain, fine-tune, export, serve, evaluate.
     Demo(DemoArgs),
+    /// Segment images with a segmenter exported by densa: label PNGs and colour overlays.
+    Segment(segment::SegmentArgs),
 }
 
 /// Backend selection, shared by the commands that run models.
@@ -110,6 +115,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Eval(cmd) => eval::run(cmd),
         Command::Synth(args) => synth::run(args),
         Command::Finetune(args) => finetune::run(args),
+        Command::Segment(args) => segment::run(args),
         Command::Demo(args) => demo::run(args),
     }
 }

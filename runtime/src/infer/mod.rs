@@ -12,3 +12,4 @@ pub mod spec;
 
 pub use decode::Detection;
 pub use spec::{ModelSpec, OutputLayout, ResizeMode};
+pub mod segment;
