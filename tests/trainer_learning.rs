@@ -50,10 +50,25 @@ fn check_learns(name: &str, records: &[StepRecord], state: &StateDict) {
     assert!(records.iter().all(|r| !r.skipped));
     let l = losses(records);
     let (first, last) = first_last(&l, 16);
-    eprintln!("{name}: mean loss of the first 16 steps {first:.5}, of the last 16 {last:.6}, ratio {:.1}", first / last);
-    assert!(first / last > 20.0, "{name}: loss fell only from {first} to {last}");
+    eprintln!(
+        "{name}: mean loss of the first 16 steps {first:.5}, of the last 16 {last:.6}, ratio {:.1}",
+        first / last
+    );
+    assert!(
+        first / last > 20.0,
+        "{name}: loss fell only from {first} to {last}"
+    );
     // The buffer role: `steps` counts the updates applied.
-    assert_eq!(state.get("steps").unwrap().to_f32().iter().copied().collect::<Vec<_>>(), [STEPS as f32]);
+    assert_eq!(
+        state
+            .get("steps")
+            .unwrap()
+            .to_f32()
+            .iter()
+            .copied()
+            .collect::<Vec<_>>(),
+        [STEPS as f32]
+    );
     // Hyperparameters come from the manifest defaults, and metrics are logged.
     assert_eq!(records[0].hyper["lr"], 0.05);
     assert!(records.iter().all(|r| r.metrics["mae"].is_some()));
@@ -82,16 +97,28 @@ fn a_seed_gives_the_same_curve_every_time() {
     let mut backends = vec![common::tract_backend()];
     backends.extend(common::ort_backend());
     for backend in &backends {
-        let (a, b, c) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (a, b, c) = (
+            tempfile::tempdir().unwrap(),
+            tempfile::tempdir().unwrap(),
+            tempfile::tempdir().unwrap(),
+        );
         let (ra, sa) = train(backend.as_ref(), a.path(), 11);
         let (rb, sb) = train(backend.as_ref(), b.path(), 11);
         let (rc, _) = train(backend.as_ref(), c.path(), 12);
         let name = backend.name();
         // Bit for bit: compare the f64 bit patterns.
         let bits = |r: &[StepRecord]| losses(r).iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-        assert_eq!(bits(&ra), bits(&rb), "{name}: same seed, different loss curve");
+        assert_eq!(
+            bits(&ra),
+            bits(&rb),
+            "{name}: same seed, different loss curve"
+        );
         assert_eq!(sa, sb, "{name}: same seed, different final state");
-        assert_ne!(bits(&ra), bits(&rc), "{name}: another seed gave the same data order");
+        assert_ne!(
+            bits(&ra),
+            bits(&rc),
+            "{name}: another seed gave the same data order"
+        );
     }
 }
 
@@ -110,7 +137,10 @@ fn ort_and_tract_curves_agree() {
         .map(|(t, o)| (t - o).abs() / t.abs().max(1e-12))
         .fold(0f64, f64::max);
     eprintln!("largest relative loss difference tract vs ort over {STEPS} steps: {worst:.2e}");
-    assert!(worst < 1e-3, "tract and ort curves differ by {worst:.2e} (relative)");
+    assert!(
+        worst < 1e-3,
+        "tract and ort curves differ by {worst:.2e} (relative)"
+    );
     let w_t = st.get("fc1.weight").unwrap().to_f32();
     let w_o = so.get("fc1.weight").unwrap().to_f32();
     let rel = common::max_rel_diff(&w_o, &w_t);
@@ -126,10 +156,16 @@ fn the_run_draws_a_loss_curve() {
     let mut o = options(dir.path(), 0);
     o.plot = true;
     o.length = Length::Epochs(10);
-    let summary = Trainer::new(artifact, common::tract_backend().as_ref(), data, Defaults, o)
-        .unwrap()
-        .run()
-        .unwrap();
+    let summary = Trainer::new(
+        artifact,
+        common::tract_backend().as_ref(),
+        data,
+        Defaults,
+        o,
+    )
+    .unwrap()
+    .run()
+    .unwrap();
     assert_eq!(summary.position.step, 40);
     let plot = summary.plot.expect("a plot");
     let bytes = std::fs::read(&plot).unwrap();

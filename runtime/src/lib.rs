@@ -7,8 +7,8 @@
 pub mod augment;
 pub mod backend;
 pub mod data;
-pub mod infer;
 pub mod eval;
+pub mod infer;
 pub mod mask;
 pub mod npy;
 #[cfg(feature = "train")]

@@ -12,6 +12,8 @@ use densa_models::Arch;
 pub enum ExportCommand {
     /// A backbone as an inference graph: input `images` [N,3,H,W], outputs c2..c5.
     Backbone(BackboneArgs),
+    /// A training artifact: train_step.onnx, eval.onnx, state.safetensors, manifest.json.
+    Train(super::export_train::ExportTrainArgs),
 }
 
 #[derive(Debug, Args)]
@@ -38,6 +40,7 @@ pub struct BackboneArgs {
 pub fn run(cmd: ExportCommand) -> Result<()> {
     match cmd {
         ExportCommand::Backbone(args) => backbone(args),
+        ExportCommand::Train(args) => super::export_train::run(args),
     }
 }
 

@@ -4,12 +4,14 @@
 mod detect;
 mod eval;
 mod export;
+mod export_train;
 mod finetune;
 mod finetune_detect;
 mod finetune_segment;
 mod inspect;
 mod run;
 mod synth;
+mod train;
 
 use std::path::PathBuf;
 
@@ -51,6 +53,8 @@ pub enum Command {
     Synth(synth::SynthArgs),
     /// The whole pipeline on synthetic data: pretrain, fine-tune, export, serve, evaluate.
     Demo(DemoArgs),
+    /// Train a classifier (image folder or synthetic data) with checkpoints and resume.
+    Train(train::TrainArgs),
 }
 
 /// Backend selection, shared by the commands that run models.
@@ -107,6 +111,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Eval(cmd) => eval::run(cmd),
         Command::Synth(args) => synth::run(args),
         Command::Finetune(args) => finetune::run(args),
+        Command::Train(args) => train::run(args),
         Command::Demo(args) => {
             let _ = args.out;
             anyhow::bail!(

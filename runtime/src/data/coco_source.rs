@@ -22,12 +22,8 @@ use super::{
 
 /// Parses a COCO instances file from bytes with basic validation; `path` names it in errors.
 pub fn parse_coco(bytes: &[u8], path: &Path) -> Result<Dataset, DataError> {
-    let dataset: Dataset = serde_json::from_slice(bytes).map_err(|e| {
-        DataError::syntax(
-            path,
-            format!("not a COCO instances file: {e}"),
-        )
-    })?;
+    let dataset: Dataset = serde_json::from_slice(bytes)
+        .map_err(|e| DataError::syntax(path, format!("not a COCO instances file: {e}")))?;
     let mut image_ids = HashSet::new();
     for (i, image) in dataset.images.iter().enumerate() {
         if !image_ids.insert(image.id) {
@@ -69,7 +65,10 @@ pub fn parse_coco(bytes: &[u8], path: &Path) -> Result<Dataset, DataError> {
             return Err(DataError::field(
                 path,
                 format!("annotations[{i}].bbox"),
-                format!("{:?} is not [x, y, width, height] with finite values and width, height >= 0", a.bbox),
+                format!(
+                    "{:?} is not [x, y, width, height] with finite values and width, height >= 0",
+                    a.bbox
+                ),
             ));
         }
     }
@@ -112,8 +111,11 @@ impl CocoSource {
     pub fn from_dataset(dataset: Dataset, spec: &CocoSpec) -> Result<Self, DataError> {
         let mut categories: Vec<_> = dataset.categories.iter().collect();
         categories.sort_by_key(|c| c.id);
-        let class_of: HashMap<u64, usize> =
-            categories.iter().enumerate().map(|(i, c)| (c.id, i)).collect();
+        let class_of: HashMap<u64, usize> = categories
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.id, i))
+            .collect();
         let classes: Vec<String> = categories.iter().map(|c| c.name.clone()).collect();
         let position: HashMap<u64, usize> = dataset
             .images
@@ -124,7 +126,8 @@ impl CocoSource {
         let mut boxes = vec![Vec::new(); dataset.images.len()];
         for a in &dataset.annotations {
             // parse_coco checked both references; a dataset built in code may not have been.
-            let (Some(&i), Some(&class)) = (position.get(&a.image_id), class_of.get(&a.category_id))
+            let (Some(&i), Some(&class)) =
+                (position.get(&a.image_id), class_of.get(&a.category_id))
             else {
                 return Err(DataError::field(
                     &spec.annotations,
@@ -314,19 +317,43 @@ mod tests {
         // An image whose size disagrees with the file is a bad image.
         write_png_rgb(&dir.path().join("img/a.png"), &RgbImage::new(9, 4)).unwrap();
         let e = source.load(0).unwrap_err();
-        assert!(e.is_bad_image() && e.to_string().contains("the annotation file says 8x4"), "{e}");
+        assert!(
+            e.is_bad_image() && e.to_string().contains("the annotation file says 8x4"),
+            "{e}"
+        );
     }
 
     #[test]
     fn malformed_files_are_clear_errors() {
         let cases = [
-            (&GOOD[..GOOD.len() / 2], "instances.json: not a COCO instances file: EOF while parsing"),
+            (
+                &GOOD[..GOOD.len() / 2],
+                "instances.json: not a COCO instances file: EOF while parsing",
+            ),
             ("[]", "instances.json: not a COCO instances file: invalid"),
-            (&GOOD.replace("\"id\": 3, \"file_name\"", "\"id\": 7, \"file_name\""), "images[1].id: 7 is used by an earlier image"),
-            (&GOOD.replace("\"image_id\": 3", "\"image_id\": 4"), "annotations[2].image_id: 4 is not the id of an image"),
-            (&GOOD.replace("\"category_id\": 2", "\"category_id\": 9"), "annotations[1].category_id: 9 is not the id of a category"),
-            (&GOOD.replace("[1, 0, 2, 3]", "[1, 0, -2, 3]"), "annotations[0].bbox: [1.0, 0.0, -2.0, 3.0] is not"),
-            (&GOOD.replace("{\"id\": 2, \"name\": \"dog\"}", "{\"id\": 5, \"name\": \"dog\"}"), "categories[1].id: 5 is used by an earlier category"),
+            (
+                &GOOD.replace("\"id\": 3, \"file_name\"", "\"id\": 7, \"file_name\""),
+                "images[1].id: 7 is used by an earlier image",
+            ),
+            (
+                &GOOD.replace("\"image_id\": 3", "\"image_id\": 4"),
+                "annotations[2].image_id: 4 is not the id of an image",
+            ),
+            (
+                &GOOD.replace("\"category_id\": 2", "\"category_id\": 9"),
+                "annotations[1].category_id: 9 is not the id of a category",
+            ),
+            (
+                &GOOD.replace("[1, 0, 2, 3]", "[1, 0, -2, 3]"),
+                "annotations[0].bbox: [1.0, 0.0, -2.0, 3.0] is not",
+            ),
+            (
+                &GOOD.replace(
+                    "{\"id\": 2, \"name\": \"dog\"}",
+                    "{\"id\": 5, \"name\": \"dog\"}",
+                ),
+                "categories[1].id: 5 is used by an earlier category",
+            ),
         ];
         for (text, expected) in cases {
             let msg = err(text);

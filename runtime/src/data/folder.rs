@@ -107,7 +107,9 @@ fn walk(root: &Path, relative: &Path, found: &mut Vec<PathBuf>) -> Result<(), Da
             continue;
         }
         let rel = relative.join(&name);
-        let kind = entry.file_type().map_err(|e| DataError::io(&entry.path(), e))?;
+        let kind = entry
+            .file_type()
+            .map_err(|e| DataError::io(&entry.path(), e))?;
         if kind.is_dir() {
             walk(root, &rel, found)?;
         } else if is_image_file(&rel) && (kind.is_file() || entry.path().is_file()) {
@@ -130,7 +132,13 @@ mod tests {
         std::fs::create_dir_all(root.join("a")).unwrap();
         std::fs::create_dir_all(root.join(".cache")).unwrap();
         let img = RgbImage::new(4, 4);
-        for p in ["z.png", "b/deep/x.PNG", "a/y.png", "b/a.png", ".cache/h.png"] {
+        for p in [
+            "z.png",
+            "b/deep/x.PNG",
+            "a/y.png",
+            "b/a.png",
+            ".cache/h.png",
+        ] {
             write_png_rgb(&root.join(p), &img).unwrap();
         }
         std::fs::write(root.join("a/notes.txt"), "x").unwrap();
@@ -150,9 +158,11 @@ mod tests {
     #[test]
     fn empty_or_missing_folder_is_a_clear_error() {
         let dir = tempfile::tempdir().unwrap();
-        let msg = ImageFolder::open(&FolderSpec { root: dir.path().into() })
-            .unwrap_err()
-            .to_string();
+        let msg = ImageFolder::open(&FolderSpec {
+            root: dir.path().into(),
+        })
+        .unwrap_err()
+        .to_string();
         assert!(msg.contains("no images found"), "{msg}");
         let missing = dir.path().join("nope");
         let msg = ImageFolder::open(&FolderSpec { root: missing })

@@ -72,12 +72,24 @@ pub fn read_dimensions(path: &Path) -> Result<(u32, u32), DataError> {
 
 /// Writes an 8-bit RGB image as PNG.
 pub fn write_png_rgb(path: &Path, image: &RgbImage) -> Result<(), DataError> {
-    write_png(path, image.as_raw(), image.width(), image.height(), ExtendedColorType::Rgb8)
+    write_png(
+        path,
+        image.as_raw(),
+        image.width(),
+        image.height(),
+        ExtendedColorType::Rgb8,
+    )
 }
 
 /// Writes an 8-bit single-channel image (a semantic mask) as a gray PNG.
 pub fn write_png_gray(path: &Path, image: &GrayImage) -> Result<(), DataError> {
-    write_png(path, image.as_raw(), image.width(), image.height(), ExtendedColorType::L8)
+    write_png(
+        path,
+        image.as_raw(),
+        image.width(),
+        image.height(),
+        ExtendedColorType::L8,
+    )
 }
 
 fn write_png(
@@ -116,14 +128,20 @@ mod tests {
         let err = read_rgb(&bad).unwrap_err();
         assert!(err.is_bad_image());
         let msg = err.to_string();
-        assert!(msg.contains("bad.jpg") && msg.contains("not a recognised image"), "{msg}");
+        assert!(
+            msg.contains("bad.jpg") && msg.contains("not a recognised image"),
+            "{msg}"
+        );
 
         // A truncated PNG: recognised, but the decoder fails.
         let bytes = std::fs::read(&path).unwrap();
         let cut = dir.path().join("cut.png");
         std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
         let msg = read_rgb(&cut).unwrap_err().to_string();
-        assert!(msg.starts_with(&format!("{}: bad image:", cut.display())), "{msg}");
+        assert!(
+            msg.starts_with(&format!("{}: bad image:", cut.display())),
+            "{msg}"
+        );
 
         let missing = dir.path().join("missing.png");
         let err = read_rgb(&missing).unwrap_err();

@@ -214,7 +214,10 @@ impl<T: Send + 'static> Loader<T> {
             .chunks(self.config.batch_size)
             .map(<[usize]>::to_vec)
             .collect();
-        if self.config.drop_last && batches.last().is_some_and(|b| b.len() < self.config.batch_size)
+        if self.config.drop_last
+            && batches
+                .last()
+                .is_some_and(|b| b.len() < self.config.batch_size)
         {
             batches.pop();
         }
@@ -393,8 +396,16 @@ mod tests {
         assert_eq!(sorted, (0..30).collect::<Vec<_>>(), "each sample once");
         assert_eq!(a.len(), 8);
         assert_eq!(a.last().unwrap().len(), 2);
-        assert_ne!(flat, visit(&loader(30, config(2, None)), 0).concat(), "other seed");
-        assert_ne!(flat, visit(&loader(30, config(1, None)), 1).concat(), "other epoch");
+        assert_ne!(
+            flat,
+            visit(&loader(30, config(2, None)), 0).concat(),
+            "other seed"
+        );
+        assert_ne!(
+            flat,
+            visit(&loader(30, config(1, None)), 1).concat(),
+            "other epoch"
+        );
         // The items match the indices the loader reports.
         let l = loader(30, config(1, None));
         assert_eq!(flat, l.epoch_indices(0));
@@ -417,7 +428,10 @@ mod tests {
                 loader(
                     n,
                     LoaderConfig {
-                        shard: Shard { rank, world_size: 3 },
+                        shard: Shard {
+                            rank,
+                            world_size: 3,
+                        },
                         seed: 5,
                         ..LoaderConfig::default()
                     },
@@ -433,7 +447,10 @@ mod tests {
         assert!(Loader::new(
             Arc::new(Counting { n, bad: vec![] }),
             LoaderConfig {
-                shard: Shard { rank: 3, world_size: 3 },
+                shard: Shard {
+                    rank: 3,
+                    world_size: 3
+                },
                 ..LoaderConfig::default()
             }
         )
@@ -485,7 +502,12 @@ mod tests {
             write_png_rgb(&dir.path().join(name), &RgbImage::new(2, 2)).unwrap();
         }
         std::fs::write(dir.path().join("b.png"), b"\x89PNG\r\n\x1a\n truncated").unwrap();
-        let folder = Arc::new(ImageFolder::open(&FolderSpec { root: dir.path().into() }).unwrap());
+        let folder = Arc::new(
+            ImageFolder::open(&FolderSpec {
+                root: dir.path().into(),
+            })
+            .unwrap(),
+        );
         let config = |on_bad_image| LoaderConfig {
             batch_size: 8,
             on_bad_image,

@@ -26,9 +26,7 @@ use serde::{Deserialize, Serialize};
 use super::folder::list_images;
 use super::image::{read_rgb, RgbImage};
 use super::voc::VOC_CLASSES;
-use super::{
-    out_of_range, read_file, DataError, Sample, SampleSource, SemanticMask, IGNORE_INDEX,
-};
+use super::{out_of_range, read_file, DataError, Sample, SampleSource, SemanticMask, IGNORE_INDEX};
 
 /// Cityscapes label id (index) -> train id, 255 = not evaluated. From cityscapesScripts'
 /// `labels.py`: road 7 -> 0, sidewalk 8 -> 1, building 11 -> 2, wall 12 -> 3, fence 13 -> 4,
@@ -252,7 +250,10 @@ impl MaskSource {
         if segment_classes.is_empty() || segment_classes.len() > 255 {
             return Err(DataError::config(
                 "mask classes",
-                format!("{} names; between 1 and 255 are allowed", segment_classes.len()),
+                format!(
+                    "{} names; between 1 and 255 are allowed",
+                    segment_classes.len()
+                ),
             ));
         }
         let image_suffix = spec
@@ -260,7 +261,12 @@ impl MaskSource {
             .clone()
             .or_else(|| cityscapes.then(|| "_leftImg8bit.png".to_string()));
         let mask_suffix = spec.mask_suffix.clone().unwrap_or_else(|| {
-            if cityscapes { "_gtFine_labelIds.png" } else { ".png" }.to_string()
+            if cityscapes {
+                "_gtFine_labelIds.png"
+            } else {
+                ".png"
+            }
+            .to_string()
         });
         let mut names = Vec::new();
         let mut images = Vec::new();
@@ -389,7 +395,11 @@ pub(crate) mod tests {
             encoder.set_color(color);
             encoder.set_depth(depth);
             if color == png::ColorType::Indexed {
-                encoder.set_palette((0..=255u8).flat_map(|i| [i, 255 - i, i / 2]).collect::<Vec<_>>());
+                encoder.set_palette(
+                    (0..=255u8)
+                        .flat_map(|i| [i, 255 - i, i / 2])
+                        .collect::<Vec<_>>(),
+                );
             }
             let mut writer = encoder.write_header().unwrap();
             writer.write_image_data(&data).unwrap();
@@ -416,7 +426,13 @@ pub(crate) mod tests {
             let png = encode_png(5, 3, &values, color, depth);
             assert_eq!(decode(&png).unwrap(), expected, "{color:?} {depth:?}");
         }
-        let big = encode_png(2, 1, &[255, 300], png::ColorType::Grayscale, png::BitDepth::Sixteen);
+        let big = encode_png(
+            2,
+            1,
+            &[255, 300],
+            png::ColorType::Grayscale,
+            png::BitDepth::Sixteen,
+        );
         let msg = decode(&big).unwrap_err().to_string();
         assert!(msg.contains("m.png: pixel (1, 0): value 300"), "{msg}");
     }
@@ -425,8 +441,17 @@ pub(crate) mod tests {
     fn rgb_and_corrupt_masks_are_refused_clearly() {
         let rgb = encode_png(1, 1, &[1, 2, 3], png::ColorType::Rgb, png::BitDepth::Eight);
         let msg = decode(&rgb).unwrap_err().to_string();
-        assert!(msg.contains("m.png: a mask must be a palette or grayscale PNG"), "{msg}");
-        let good = encode_png(4, 4, &[1; 16], png::ColorType::Grayscale, png::BitDepth::Eight);
+        assert!(
+            msg.contains("m.png: a mask must be a palette or grayscale PNG"),
+            "{msg}"
+        );
+        let good = encode_png(
+            4,
+            4,
+            &[1; 16],
+            png::ColorType::Grayscale,
+            png::BitDepth::Eight,
+        );
         let msg = decode(&good[..good.len() - 20]).unwrap_err().to_string();
         assert!(msg.starts_with("m.png: "), "{msg}");
         let msg = decode(b"hello").unwrap_err().to_string();
@@ -436,13 +461,25 @@ pub(crate) mod tests {
     #[test]
     fn cityscapes_label_ids_map_to_train_ids() {
         let dir = tempfile::tempdir().unwrap();
-        let (img_dir, gt_dir) = (dir.path().join("leftImg8bit/val"), dir.path().join("gtFine/val"));
+        let (img_dir, gt_dir) = (
+            dir.path().join("leftImg8bit/val"),
+            dir.path().join("gtFine/val"),
+        );
         std::fs::create_dir_all(img_dir.join("aachen")).unwrap();
         std::fs::create_dir_all(gt_dir.join("aachen")).unwrap();
-        write_png_rgb(&img_dir.join("aachen/a_000001_leftImg8bit.png"), &RgbImage::new(4, 1))
-            .unwrap();
+        write_png_rgb(
+            &img_dir.join("aachen/a_000001_leftImg8bit.png"),
+            &RgbImage::new(4, 1),
+        )
+        .unwrap();
         // road, unlabeled, bicycle, sky
-        let ids = encode_png(4, 1, &[7, 0, 33, 23], png::ColorType::Grayscale, png::BitDepth::Eight);
+        let ids = encode_png(
+            4,
+            1,
+            &[7, 0, 33, 23],
+            png::ColorType::Grayscale,
+            png::BitDepth::Eight,
+        );
         std::fs::write(gt_dir.join("aachen/a_000001_gtFine_labelIds.png"), ids).unwrap();
         let spec = MaskSpec {
             images: img_dir.clone(),
@@ -458,10 +495,19 @@ pub(crate) mod tests {
         assert_eq!(sample.name, "aachen/a_000001");
         assert_eq!(sample.mask.unwrap().into_raw(), vec![0, 255, 18, 10]);
         // A value that is no label id.
-        let bad = encode_png(4, 1, &[7, 40, 0, 0], png::ColorType::Grayscale, png::BitDepth::Eight);
+        let bad = encode_png(
+            4,
+            1,
+            &[7, 40, 0, 0],
+            png::ColorType::Grayscale,
+            png::BitDepth::Eight,
+        );
         std::fs::write(gt_dir.join("aachen/a_000001_gtFine_labelIds.png"), bad).unwrap();
         let msg = source.load(0).unwrap_err().to_string();
-        assert!(msg.contains("pixel (1, 0): 40 is not a Cityscapes label id"), "{msg}");
+        assert!(
+            msg.contains("pixel (1, 0): 40 is not a Cityscapes label id"),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -471,7 +517,13 @@ pub(crate) mod tests {
         std::fs::create_dir_all(&img_dir).unwrap();
         std::fs::create_dir_all(&mask_dir).unwrap();
         write_png_rgb(&img_dir.join("a.png"), &RgbImage::new(3, 1)).unwrap();
-        let m = encode_png(3, 1, &[0, 2, 255], png::ColorType::Indexed, png::BitDepth::Eight);
+        let m = encode_png(
+            3,
+            1,
+            &[0, 2, 255],
+            png::ColorType::Indexed,
+            png::BitDepth::Eight,
+        );
         std::fs::write(mask_dir.join("a.png"), m).unwrap();
         let mut spec = MaskSpec {
             images: img_dir.clone(),
@@ -482,19 +534,36 @@ pub(crate) mod tests {
             mask_suffix: None,
         };
         let source = MaskSource::open(&spec).unwrap();
-        assert_eq!(source.load(0).unwrap().mask.unwrap().into_raw(), vec![0, 2, 255]);
+        assert_eq!(
+            source.load(0).unwrap().mask.unwrap().into_raw(),
+            vec![0, 2, 255]
+        );
 
         spec.classes = Some(vec!["bg".into(), "a".into()]);
-        let msg = MaskSource::open(&spec).unwrap().load(0).unwrap_err().to_string();
-        assert!(msg.contains("ann/a.png: pixel (1, 0): class 2, but the dataset has 2 classes"), "{msg}");
+        let msg = MaskSource::open(&spec)
+            .unwrap()
+            .load(0)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("ann/a.png: pixel (1, 0): class 2, but the dataset has 2 classes"),
+            "{msg}"
+        );
 
         write_png_rgb(&img_dir.join("a.png"), &RgbImage::new(4, 1)).unwrap();
-        let msg = MaskSource::open(&spec).unwrap().load(0).unwrap_err().to_string();
+        let msg = MaskSource::open(&spec)
+            .unwrap()
+            .load(0)
+            .unwrap_err()
+            .to_string();
         assert!(msg.contains("a.png: size: 3x1 but its image"), "{msg}");
 
         write_png_rgb(&img_dir.join("b.png"), &RgbImage::new(4, 1)).unwrap();
         let msg = MaskSource::open(&spec).unwrap_err().to_string();
-        assert!(msg.contains("ann/b.png: missing: the mask of image"), "{msg}");
+        assert!(
+            msg.contains("ann/b.png: missing: the mask of image"),
+            "{msg}"
+        );
 
         spec.classes = None;
         let msg = MaskSource::open(&spec).unwrap_err().to_string();

@@ -38,9 +38,9 @@ use serde::{Deserialize, Serialize};
 
 use super::coco::{Annotation, Category, Dataset, Image, RleCounts, Segmentation};
 use super::image::{write_png_gray, write_png_rgb, GrayImage, RgbImage};
-use crate::mask::Rle;
 use super::rng::DetRng;
 use super::DataError;
+use crate::mask::Rle;
 
 /// The object classes, in category order: a shape each, with its texture family.
 pub const SHAPES: [&str; 6] = ["disk", "square", "triangle", "ring", "cross", "star"];
@@ -130,7 +130,12 @@ impl SynthConfig {
         if !(1..=SHAPES.len()).contains(&self.classes) {
             return Err(DataError::config(
                 "classes",
-                format!("{} given; 1 to {} are available ({})", self.classes, SHAPES.len(), SHAPES.join(", ")),
+                format!(
+                    "{} given; 1 to {} are available ({})",
+                    self.classes,
+                    SHAPES.len(),
+                    SHAPES.join(", ")
+                ),
             ));
         }
         for (name, v) in [("width", self.width), ("height", self.height)] {
@@ -148,7 +153,10 @@ impl SynthConfig {
             ));
         }
         if !(0.0..=1.0).contains(&self.min_visible) {
-            return Err(DataError::config("min_visible", format!("{} is outside [0, 1]", self.min_visible)));
+            return Err(DataError::config(
+                "min_visible",
+                format!("{} is outside [0, 1]", self.min_visible),
+            ));
         }
         Ok(())
     }
@@ -182,7 +190,13 @@ impl Scene {
         let values = self
             .instance_map
             .iter()
-            .map(|&k| if k == 0 { 0 } else { self.objects[k as usize - 1].class as u8 + 1 })
+            .map(|&k| {
+                if k == 0 {
+                    0
+                } else {
+                    self.objects[k as usize - 1].class as u8 + 1
+                }
+            })
             .collect();
         GrayImage::from_raw(self.image.width(), self.image.height(), values)
             .expect("the instance map has one value per pixel")
@@ -190,7 +204,10 @@ impl Scene {
 
     /// The binary mask (row-major) of `objects[i]`.
     pub fn instance_mask(&self, i: usize) -> Vec<bool> {
-        self.instance_map.iter().map(|&k| k as usize == i + 1).collect()
+        self.instance_map
+            .iter()
+            .map(|&k| k as usize == i + 1)
+            .collect()
     }
 }
 
@@ -213,7 +230,11 @@ fn hsv(h: f32, s: f32, v: f32) -> Rgb {
 }
 
 fn mix(a: Rgb, b: Rgb, t: f32) -> Rgb {
-    [a[0] + (b[0] - a[0]) * t, a[1] + (b[1] - a[1]) * t, a[2] + (b[2] - a[2]) * t]
+    [
+        a[0] + (b[0] - a[0]) * t,
+        a[1] + (b[1] - a[1]) * t,
+        a[2] + (b[2] - a[2]) * t,
+    ]
 }
 
 fn smoothstep(t: f32) -> f32 {
@@ -223,13 +244,32 @@ fn smoothstep(t: f32) -> f32 {
 /// A procedural background.
 enum Background {
     /// Smooth value noise on a `cell`-pixel lattice between two colours.
-    Noise { cell: f32, lattice: Vec<f32>, cols: usize, colors: [Rgb; 2] },
+    Noise {
+        cell: f32,
+        lattice: Vec<f32>,
+        cols: usize,
+        colors: [Rgb; 2],
+    },
     /// Soft sinusoidal stripes at an angle.
-    Stripes { dir: [f32; 2], period: f32, phase: f32, colors: [Rgb; 2] },
+    Stripes {
+        dir: [f32; 2],
+        period: f32,
+        phase: f32,
+        colors: [Rgb; 2],
+    },
     /// Rotated checkers.
-    Checkers { dir: [f32; 2], cell: f32, colors: [Rgb; 2] },
+    Checkers {
+        dir: [f32; 2],
+        cell: f32,
+        colors: [Rgb; 2],
+    },
     /// Linear gradient with grain (the grain comes from the pixel noise and a fine lattice).
-    Gradient { dir: [f32; 2], span: f32, colors: [Rgb; 2], grain: Box<Background> },
+    Gradient {
+        dir: [f32; 2],
+        span: f32,
+        colors: [Rgb; 2],
+        grain: Box<Background>,
+    },
     /// Two crossing stripe sets over three colours.
     Plaid { period: [f32; 2], colors: [Rgb; 3] },
     /// Voronoi cells, each with its own colour.
@@ -249,7 +289,12 @@ impl Background {
             let cols = (w as f32 / cell) as usize + 2;
             let rows = (h as f32 / cell) as usize + 2;
             let lattice = (0..cols * rows).map(|_| rng.unit()).collect();
-            Background::Noise { cell, lattice, cols, colors }
+            Background::Noise {
+                cell,
+                lattice,
+                cols,
+                colors,
+            }
         };
         match (style, rng.below(3)) {
             (SynthStyle::A, 0) => {
@@ -288,7 +333,12 @@ impl Background {
             (SynthStyle::B, _) => {
                 let n = rng.int(5, 14);
                 let seeds = (0..n)
-                    .map(|_| ([rng.float(0.0, w as f32), rng.float(0.0, h as f32)], color(rng)))
+                    .map(|_| {
+                        (
+                            [rng.float(0.0, w as f32), rng.float(0.0, h as f32)],
+                            color(rng),
+                        )
+                    })
                     .collect();
                 Background::Cells { seeds }
             }
@@ -297,7 +347,12 @@ impl Background {
 
     fn at(&self, x: f32, y: f32) -> Rgb {
         match self {
-            Background::Noise { cell, lattice, cols, colors } => {
+            Background::Noise {
+                cell,
+                lattice,
+                cols,
+                colors,
+            } => {
                 let (gx, gy) = (x / cell, y / cell);
                 let (ix, iy) = (gx as usize, gy as usize);
                 let (fx, fy) = (smoothstep(gx.fract()), smoothstep(gy.fract()));
@@ -306,7 +361,12 @@ impl Background {
                 let bottom = v(ix, iy + 1) + (v(ix + 1, iy + 1) - v(ix, iy + 1)) * fx;
                 mix(colors[0], colors[1], top + (bottom - top) * fy)
             }
-            Background::Stripes { dir, period, phase, colors } => {
+            Background::Stripes {
+                dir,
+                period,
+                phase,
+                colors,
+            } => {
                 let t = (x * dir[0] + y * dir[1]) / period * std::f32::consts::TAU + phase;
                 mix(colors[0], colors[1], 0.5 + 0.5 * t.sin())
             }
@@ -315,7 +375,12 @@ impl Background {
                 let v = (-x * dir[1] + y * dir[0]) / cell;
                 colors[((u.floor() + v.floor()) as i64).rem_euclid(2) as usize]
             }
-            Background::Gradient { dir, span, colors, grain } => {
+            Background::Gradient {
+                dir,
+                span,
+                colors,
+                grain,
+            } => {
                 let t = ((x * dir[0] + y * dir[1]) / span).rem_euclid(1.0);
                 let g = grain.at(x, y)[0];
                 let c = mix(colors[0], colors[1], t);
@@ -325,7 +390,11 @@ impl Background {
                 let a = ((x / period[0]) as i64).rem_euclid(2) as usize;
                 let b = ((y / period[1]) as i64).rem_euclid(2) as usize;
                 let base = mix(colors[0], colors[1], 0.5 * a as f32 + 0.25 * b as f32);
-                if b == 1 && a == 1 { colors[2] } else { base }
+                if b == 1 && a == 1 {
+                    colors[2]
+                } else {
+                    base
+                }
             }
             Background::Cells { seeds } => {
                 let nearest = seeds
@@ -364,7 +433,11 @@ impl Object {
         let angle = rng.float(0.0, std::f32::consts::TAU);
         let hue = rng.unit();
         let c1 = hsv(hue, rng.float(0.3, 1.0), rng.float(0.3, 1.0));
-        let c2 = hsv(hue + rng.float(0.25, 0.75), rng.float(0.3, 1.0), rng.float(0.3, 1.0));
+        let c2 = hsv(
+            hue + rng.float(0.25, 0.75),
+            rng.float(0.3, 1.0),
+            rng.float(0.3, 1.0),
+        );
         Object {
             class: rng.below(classes as u64) as usize,
             center: [rng.float(0.0, w as f32), rng.float(0.0, h as f32)],
@@ -378,8 +451,14 @@ impl Object {
 
     /// Pixel centre -> the object's unit frame (shape inscribed in the unit circle).
     fn local(&self, x: f32, y: f32) -> [f32; 2] {
-        let (dx, dy) = ((x - self.center[0]) / self.radius, (y - self.center[1]) / self.radius);
-        [dx * self.rot[0] + dy * self.rot[1], -dx * self.rot[1] + dy * self.rot[0]]
+        let (dx, dy) = (
+            (x - self.center[0]) / self.radius,
+            (y - self.center[1]) / self.radius,
+        );
+        [
+            dx * self.rot[0] + dy * self.rot[1],
+            -dx * self.rot[1] + dy * self.rot[0],
+        ]
     }
 
     fn contains(&self, [u, v]: [f32; 2]) -> bool {
@@ -416,7 +495,10 @@ impl Object {
             0 => pick((std::f32::consts::PI * f * u + self.phase).sin() > 0.0),
             1 => pick((((u + 1.0) * f).floor() + ((v + 1.0) * f).floor()) as i64 % 2 == 0),
             2 => {
-                let (a, b) = (((u + 1.0) * f * 1.5).fract() - 0.5, ((v + 1.0) * f * 1.5).fract() - 0.5);
+                let (a, b) = (
+                    ((u + 1.0) * f * 1.5).fract() - 0.5,
+                    ((v + 1.0) * f * 1.5).fract() - 0.5,
+                );
                 pick(a * a + b * b < 0.09)
             }
             3 => {
@@ -425,7 +507,11 @@ impl Object {
                 pick((t.floor() as i64).rem_euclid(2) == 0)
             }
             4 => pick(((u.abs().max(v.abs()) * f * 2.0) as i64) % 2 == 0),
-            _ => mix(self.colors[0], self.colors[1], (0.5 + 0.5 * v).clamp(0.0, 1.0)),
+            _ => mix(
+                self.colors[0],
+                self.colors[1],
+                (0.5 + 0.5 * v).clamp(0.0, 1.0),
+            ),
         }
     }
 
@@ -465,7 +551,9 @@ pub fn render_scene(config: &SynthConfig, index: u64) -> Scene {
     let mut rng = DetRng::new(config.seed, b"synthscn", index);
     let background = Background::draw(config.style, &mut rng, w, h);
     let n = rng.int(config.min_objects, config.max_objects.min(254));
-    let placed: Vec<Object> = (0..n).map(|_| Object::draw(&mut rng, config.classes, w, h)).collect();
+    let placed: Vec<Object> = (0..n)
+        .map(|_| Object::draw(&mut rng, config.classes, w, h))
+        .collect();
 
     let all: Vec<&Object> = placed.iter().collect();
     let (map, full) = rasterize(&all, w, h);
@@ -485,11 +573,19 @@ pub fn render_scene(config: &SynthConfig, index: u64) -> Scene {
         .collect();
     let dropped = placed.len() - keep.len();
     // Without the dropped shapes every kept one is at least as visible as before.
-    let map = if dropped > 0 { rasterize(&keep, w, h).0 } else { map };
+    let map = if dropped > 0 {
+        rasterize(&keep, w, h).0
+    } else {
+        map
+    };
 
     let mut objects: Vec<SceneObject> = keep
         .iter()
-        .map(|o| SceneObject { class: o.class, area: 0, bbox: [u32::MAX, u32::MAX, 0, 0] })
+        .map(|o| SceneObject {
+            class: o.class,
+            area: 0,
+            bbox: [u32::MAX, u32::MAX, 0, 0],
+        })
         .collect();
     let amplitude = config.noise as i64;
     let mut image = RgbImage::new(w, h);
@@ -502,18 +598,32 @@ pub fn render_scene(config: &SynthConfig, index: u64) -> Scene {
             } else {
                 let o = &mut objects[k - 1];
                 o.area += 1;
-                o.bbox = [o.bbox[0].min(x), o.bbox[1].min(y), o.bbox[2].max(x + 1), o.bbox[3].max(y + 1)];
+                o.bbox = [
+                    o.bbox[0].min(x),
+                    o.bbox[1].min(y),
+                    o.bbox[2].max(x + 1),
+                    o.bbox[3].max(y + 1),
+                ];
                 keep[k - 1].texture(keep[k - 1].local(px, py))
             };
             let mut pixel = [0u8; 3];
             for (c, p) in color.iter().zip(pixel.iter_mut()) {
-                let jitter = if amplitude > 0 { rng.below(2 * amplitude as u64 + 1) as i64 - amplitude } else { 0 };
+                let jitter = if amplitude > 0 {
+                    rng.below(2 * amplitude as u64 + 1) as i64 - amplitude
+                } else {
+                    0
+                };
                 *p = (c.round() as i64 + jitter).clamp(0, 255) as u8;
             }
             image.put_pixel(x, y, image::Rgb(pixel));
         }
     }
-    Scene { image, instance_map: map, objects, dropped }
+    Scene {
+        image,
+        instance_map: map,
+        objects,
+        dropped,
+    }
 }
 
 /// What [`generate`] wrote.
@@ -583,7 +693,12 @@ pub fn generate(
     let mut dropped = 0;
     for (i, (name, annotations, d)) in per_image.into_iter().enumerate() {
         let image_id = i as u64 + 1;
-        dataset.images.push(Image { id: image_id, file_name: name, width: config.width, height: config.height });
+        dataset.images.push(Image {
+            id: image_id,
+            file_name: name,
+            width: config.width,
+            height: config.height,
+        });
         dropped += d;
         for (class, bbox, area, counts) in annotations {
             dataset.annotations.push(Annotation {
@@ -601,8 +716,8 @@ pub fn generate(
         }
     }
     let path = out.join("annotations.json");
-    let json = serde_json::to_vec(&dataset)
-        .map_err(|e| DataError::io(&path, std::io::Error::other(e)))?;
+    let json =
+        serde_json::to_vec(&dataset).map_err(|e| DataError::io(&path, std::io::Error::other(e)))?;
     let tmp = out.join(".annotations.json.tmp");
     std::fs::write(&tmp, json).map_err(|e| DataError::io(&tmp, e))?;
     std::fs::rename(&tmp, &path).map_err(|e| DataError::io(&path, e))?;
@@ -634,9 +749,16 @@ mod tests {
             let n = 200;
             for i in 0..n {
                 for j in 0..n {
-                    let (u, v) = (-1.2 + 2.4 * i as f32 / n as f32, -1.2 + 2.4 * j as f32 / n as f32);
+                    let (u, v) = (
+                        -1.2 + 2.4 * i as f32 / n as f32,
+                        -1.2 + 2.4 * j as f32 / n as f32,
+                    );
                     if o.contains([u, v]) {
-                        assert!(u * u + v * v <= 1.0 + 1e-4, "{} at ({u}, {v})", SHAPES[class]);
+                        assert!(
+                            u * u + v * v <= 1.0 + 1e-4,
+                            "{} at ({u}, {v})",
+                            SHAPES[class]
+                        );
                         inside += 1;
                     }
                 }
@@ -649,12 +771,31 @@ mod tests {
     #[test]
     fn config_ranges_are_checked() {
         let bad = [
-            SynthConfig { classes: 7, ..SynthConfig::default() },
-            SynthConfig { classes: 0, ..SynthConfig::default() },
-            SynthConfig { width: 8, ..SynthConfig::default() },
-            SynthConfig { min_objects: 3, max_objects: 2, ..SynthConfig::default() },
-            SynthConfig { min_visible: 1.5, ..SynthConfig::default() },
-            SynthConfig { images: 0, ..SynthConfig::default() },
+            SynthConfig {
+                classes: 7,
+                ..SynthConfig::default()
+            },
+            SynthConfig {
+                classes: 0,
+                ..SynthConfig::default()
+            },
+            SynthConfig {
+                width: 8,
+                ..SynthConfig::default()
+            },
+            SynthConfig {
+                min_objects: 3,
+                max_objects: 2,
+                ..SynthConfig::default()
+            },
+            SynthConfig {
+                min_visible: 1.5,
+                ..SynthConfig::default()
+            },
+            SynthConfig {
+                images: 0,
+                ..SynthConfig::default()
+            },
         ];
         for config in bad {
             assert!(config.validate().is_err(), "{config:?}");
@@ -666,7 +807,11 @@ mod tests {
 
     #[test]
     fn scenes_are_consistent_and_deterministic() {
-        let config = SynthConfig { classes: 6, max_objects: 8, ..SynthConfig::default() };
+        let config = SynthConfig {
+            classes: 6,
+            max_objects: 8,
+            ..SynthConfig::default()
+        };
         let mut total = 0;
         let mut classes_seen = [false; 6];
         for index in 0..20 {
@@ -700,7 +845,13 @@ mod tests {
         }
         assert!(total > 40, "{total} objects in 20 scenes");
         assert!(classes_seen.iter().all(|&s| s), "{classes_seen:?}");
-        let other = render_scene(&SynthConfig { seed: 1, ..config.clone() }, 0);
+        let other = render_scene(
+            &SynthConfig {
+                seed: 1,
+                ..config.clone()
+            },
+            0,
+        );
         assert_ne!(other.image, render_scene(&config, 0).image);
     }
 
@@ -709,7 +860,12 @@ mod tests {
         // Style A is light and muted, style B dark and saturated: the mean background
         // brightness separates them over a few scenes.
         let mean = |style| {
-            let config = SynthConfig { style, max_objects: 1, min_objects: 0, ..SynthConfig::default() };
+            let config = SynthConfig {
+                style,
+                max_objects: 1,
+                min_objects: 0,
+                ..SynthConfig::default()
+            };
             let mut sum = 0f64;
             let mut n = 0f64;
             for i in 0..10 {

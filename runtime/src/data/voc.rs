@@ -80,7 +80,10 @@ pub fn parse_annotation(bytes: &[u8], path: &Path) -> Result<VocAnnotation, Data
     let text = std::str::from_utf8(bytes).map_err(|e| {
         DataError::syntax(
             path,
-            format!("not UTF-8 text (invalid byte at offset {})", e.valid_up_to()),
+            format!(
+                "not UTF-8 text (invalid byte at offset {})",
+                e.valid_up_to()
+            ),
         )
     })?;
     let options = ParsingOptions {
@@ -310,7 +313,10 @@ impl VocSource {
         if classes.is_empty() || classes.len() > 254 {
             return Err(DataError::config(
                 "VOC classes",
-                format!("{} names given; between 1 and 254 are allowed", classes.len()),
+                format!(
+                    "{} names given; between 1 and 254 are allowed",
+                    classes.len()
+                ),
             ));
         }
         let (list_dir, files_dir, ext) = match spec.task {
@@ -419,7 +425,10 @@ fn ids_in(dir: &Path, ext: &str) -> Result<Vec<String>, DataError> {
     let mut ids = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(|e| DataError::io(dir, e))? {
         let path = entry.map_err(|e| DataError::io(dir, e))?.path();
-        if path.extension().is_some_and(|e| e.eq_ignore_ascii_case(ext)) {
+        if path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case(ext))
+        {
             if let Some(stem) = path.file_stem() {
                 ids.push(stem.to_string_lossy().into_owned());
             }
@@ -544,12 +553,18 @@ mod tests {
     fn malformed_variants_are_clear_errors() {
         let cases: &[(&str, &str)] = &[
             (&GOOD[..GOOD.len() / 2], "malformed XML"),
-            ("<notvoc/>", "<notvoc>: the root element must be <annotation>"),
+            (
+                "<notvoc/>",
+                "<notvoc>: the root element must be <annotation>",
+            ),
             (
                 &GOOD.replace("<name>person</name>", ""),
                 "<object>[1]/<name>: missing",
             ),
-            (&GOOD.replace("<name>person</name>", "<name> </name>"), "<object>[1]/<name>: empty"),
+            (
+                &GOOD.replace("<name>person</name>", "<name> </name>"),
+                "<object>[1]/<name>: empty",
+            ),
             (
                 &GOOD.replace("<ymax>351</ymax>", ""),
                 "<object>[1]/<bndbox>/<ymax>: missing",
@@ -579,7 +594,10 @@ mod tests {
                 "<size>/<width>: expected a positive integer, found \"0\"",
             ),
             (
-                &GOOD.replace("<truncated>0</truncated>", "<truncated>0</truncated><truncated>1</truncated>"),
+                &GOOD.replace(
+                    "<truncated>0</truncated>",
+                    "<truncated>0</truncated><truncated>1</truncated>",
+                ),
                 "<object>[1]/<truncated>: appears more than once",
             ),
             (
@@ -606,7 +624,9 @@ mod tests {
         let classes = vec!["person".to_string(), "cat".to_string()];
         let msg = read_boxes(&path, &classes).unwrap_err().to_string();
         assert!(
-            msg.contains("<object>[2]/<name>: unknown class \"dog\" (the classes are: person, cat)"),
+            msg.contains(
+                "<object>[2]/<name>: unknown class \"dog\" (the classes are: person, cat)"
+            ),
             "{msg}"
         );
     }

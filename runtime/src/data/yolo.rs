@@ -58,7 +58,10 @@ pub fn parse_labels(
     let text = std::str::from_utf8(bytes).map_err(|e| {
         DataError::syntax(
             path,
-            format!("not UTF-8 text (invalid byte at offset {})", e.valid_up_to()),
+            format!(
+                "not UTF-8 text (invalid byte at offset {})",
+                e.valid_up_to()
+            ),
         )
     })?;
     let mut boxes = Vec::new();
@@ -125,7 +128,9 @@ pub fn parse_labels(
                 return Err(DataError::field(
                     path,
                     at(name),
-                    format!("{x} is outside {range} (coordinates are normalised by the image size)"),
+                    format!(
+                        "{x} is outside {range} (coordinates are normalised by the image size)"
+                    ),
                 ));
             }
             v[k] = x;
@@ -222,9 +227,7 @@ impl YoloSource {
 /// `.../images/...` -> `.../labels/...` (the last `images` component).
 fn default_labels_dir(images: &Path) -> Option<PathBuf> {
     let components: Vec<Component> = images.components().collect();
-    let last = components
-        .iter()
-        .rposition(|c| c.as_os_str() == "images")?;
+    let last = components.iter().rposition(|c| c.as_os_str() == "images")?;
     let mut out = PathBuf::new();
     for (i, c) in components.iter().enumerate() {
         if i == last {
@@ -313,23 +316,50 @@ mod tests {
         assert_eq!(boxes[0].xyxy(200, 100), [50.0, 37.5, 150.0, 62.5]);
         assert_eq!(boxes[1].class, 2);
         let b = boxes[1].xyxy(10, 10);
-        assert!((b[0] - 0.0).abs() < 1e-6 && (b[3] - 10.0).abs() < 1e-5, "{b:?}");
+        assert!(
+            (b[0] - 0.0).abs() < 1e-6 && (b[3] - 10.0).abs() < 1e-5,
+            "{b:?}"
+        );
         assert!(parse("").unwrap().is_empty());
     }
 
     #[test]
     fn malformed_lines_name_file_line_and_field() {
         let cases = [
-            ("0 0.5 0.5 0.5", "labels/a.txt: line 1: expected 5 fields (class cx cy w h), found 4"),
-            ("0 0.1 0.1 0.2 0.1 0.2 0.2", "found 7; polygon (segment) labels are not supported"),
-            ("\n3 0.5 0.5 0.1 0.1", "labels/a.txt: line 2, class: 3 is not below the number of classes (3)"),
-            ("x 0.5 0.5 0.1 0.1", "line 1, class: expected a class index, found \"x\""),
-            ("-1 0.5 0.5 0.1 0.1", "line 1, class: expected a class index, found \"-1\""),
-            ("0 0.5 abc 0.1 0.1", "line 1, cy: expected a number, found \"abc\""),
+            (
+                "0 0.5 0.5 0.5",
+                "labels/a.txt: line 1: expected 5 fields (class cx cy w h), found 4",
+            ),
+            (
+                "0 0.1 0.1 0.2 0.1 0.2 0.2",
+                "found 7; polygon (segment) labels are not supported",
+            ),
+            (
+                "\n3 0.5 0.5 0.1 0.1",
+                "labels/a.txt: line 2, class: 3 is not below the number of classes (3)",
+            ),
+            (
+                "x 0.5 0.5 0.1 0.1",
+                "line 1, class: expected a class index, found \"x\"",
+            ),
+            (
+                "-1 0.5 0.5 0.1 0.1",
+                "line 1, class: expected a class index, found \"-1\"",
+            ),
+            (
+                "0 0.5 abc 0.1 0.1",
+                "line 1, cy: expected a number, found \"abc\"",
+            ),
             ("0 1.5 0.5 0.1 0.1", "line 1, cx: 1.5 is outside [0, 1]"),
             ("0 0.5 0.5 0 0.1", "line 1, w: 0 is outside (0, 1]"),
-            ("0 0.5 0.5 0.1 nan", "line 1, h: expected a number, found \"nan\""),
-            ("0 0.05 0.5 0.2 0.1", "line 1: the box sticks out of the image: cx - w/2 = -0.05"),
+            (
+                "0 0.5 0.5 0.1 nan",
+                "line 1, h: expected a number, found \"nan\"",
+            ),
+            (
+                "0 0.05 0.5 0.2 0.1",
+                "line 1: the box sticks out of the image: cx - w/2 = -0.05",
+            ),
         ];
         for (text, expected) in cases {
             let msg = parse(text).unwrap_err().to_string();
@@ -359,10 +389,16 @@ mod tests {
         assert_eq!(source.classes(), ["cat", "dog"]);
         let a = source.load(0).unwrap();
         assert_eq!(a.boxes, vec![BoxAnnotation::new([5.0, 2.5, 15.0, 7.5], 1)]);
-        assert!(source.load(1).unwrap().boxes.is_empty(), "no label file: background");
+        assert!(
+            source.load(1).unwrap().boxes.is_empty(),
+            "no label file: background"
+        );
 
         std::fs::write(labels.join("b.txt"), "2 0.5 0.5 0.5 0.5\n").unwrap();
         let msg = YoloSource::open(&spec).unwrap_err().to_string();
-        assert!(msg.contains("b.txt: line 1, class: 2 is not below"), "{msg}");
+        assert!(
+            msg.contains("b.txt: line 1, class: 2 is not below"),
+            "{msg}"
+        );
     }
 }

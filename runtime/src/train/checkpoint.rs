@@ -223,7 +223,10 @@ pub fn list(out_dir: &Path) -> Result<Vec<(u64, PathBuf)>, CheckpointError> {
     for entry in fs::read_dir(&root).map_err(io(&root))? {
         let entry = entry.map_err(io(&root))?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(step) = name.strip_prefix("step-").and_then(|s| s.parse::<u64>().ok()) else {
+        let Some(step) = name
+            .strip_prefix("step-")
+            .and_then(|s| s.parse::<u64>().ok())
+        else {
             continue;
         };
         if entry.path().join(CHECKPOINT_FILE).is_file() {
@@ -284,7 +287,10 @@ pub fn read(dir: &Path) -> Result<(CheckpointManifest, StateDict), CheckpointErr
     if Path::new(&manifest.state).is_absolute() || manifest.state.contains("..") {
         return Err(CheckpointError::Parse {
             path,
-            message: format!("`state` must be a file inside the checkpoint, not {:?}", manifest.state),
+            message: format!(
+                "`state` must be a file inside the checkpoint, not {:?}",
+                manifest.state
+            ),
         });
     }
     let state = load_safetensors(&state_path)?;

@@ -94,6 +94,18 @@ pub trait Samples {
     }
 }
 
+impl<S: Samples + ?Sized> Samples for Box<S> {
+    fn len(&self) -> usize {
+        (**self).len()
+    }
+    fn sample(&mut self, index: usize, rng: &mut ChaCha8Rng) -> Result<Batch, DataError> {
+        (**self).sample(index, rng)
+    }
+    fn describe(&self) -> String {
+        (**self).describe()
+    }
+}
+
 /// Batches of `batch_size` samples in a fresh permutation each epoch (or in order when
 /// `shuffle` is false); the last partial batch is dropped.
 pub struct Shuffled<S> {
@@ -297,8 +309,14 @@ mod tests {
         fn sample(&mut self, index: usize, rng: &mut ChaCha8Rng) -> Result<Batch, DataError> {
             let noise: f32 = rng.random();
             Ok(vec![
-                ("i".into(), Tensor::I64(ArrayD::from_elem(vec![1], index as i64))),
-                ("noise".into(), Tensor::F32(ArrayD::from_elem(vec![2], noise))),
+                (
+                    "i".into(),
+                    Tensor::I64(ArrayD::from_elem(vec![1], index as i64)),
+                ),
+                (
+                    "noise".into(),
+                    Tensor::F32(ArrayD::from_elem(vec![2], noise)),
+                ),
             ])
         }
     }
@@ -339,12 +357,18 @@ mod tests {
         assert_eq!(b[1].1.shape(), &[3, 2]);
         let order = epoch_order(10, 1, 2, true);
         let Tensor::I64(ids) = &b[0].1 else { panic!() };
-        assert_eq!(ids.iter().map(|&v| v as usize).collect::<Vec<_>>(), order[3..6]);
+        assert_eq!(
+            ids.iter().map(|&v| v as usize).collect::<Vec<_>>(),
+            order[3..6]
+        );
     }
 
     #[test]
     fn too_few_samples_is_an_error() {
         let e = Shuffled::new(Counting(2), 3).err().unwrap();
-        assert!(e.to_string().contains("2 samples make no batch of 3"), "{e}");
+        assert!(
+            e.to_string().contains("2 samples make no batch of 3"),
+            "{e}"
+        );
     }
 }

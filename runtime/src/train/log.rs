@@ -117,7 +117,9 @@ impl JsonlLog {
     pub fn append(&mut self, record: &StepRecord) -> Result<(), LogError> {
         let mut line = serde_json::to_string(record).expect("a record serialises");
         line.push('\n');
-        self.file.write_all(line.as_bytes()).map_err(io(&self.path))?;
+        self.file
+            .write_all(line.as_bytes())
+            .map_err(io(&self.path))?;
         self.file.flush().map_err(io(&self.path))
     }
 
@@ -196,10 +198,16 @@ pub fn plot_loss(
         let err = |e: DrawingAreaErrorKind<_>| fail(e.to_string());
         root.fill(&WHITE).map_err(err)?;
         let x_max = points.last().map(|p| p.0).unwrap_or(1.0).max(1.0);
-        let (lo, hi) = points.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), p| {
-            (lo.min(p.1), hi.max(p.1))
-        });
-        let (lo, hi) = if points.is_empty() { (0.0, 1.0) } else { (lo, hi) };
+        let (lo, hi) = points
+            .iter()
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), p| {
+                (lo.min(p.1), hi.max(p.1))
+            });
+        let (lo, hi) = if points.is_empty() {
+            (0.0, 1.0)
+        } else {
+            (lo, hi)
+        };
         let mut builder = ChartBuilder::on(&root);
         builder
             .caption(title, (FONT, 22))
@@ -288,10 +296,8 @@ impl Progress {
             .get("lr")
             .map(|v| format!("  lr {v:.3e}"))
             .unwrap_or_default();
-        self.bar.set_message(format!(
-            "{loss}{lr}  {:.1} samples/s",
-            record.images_per_s
-        ));
+        self.bar
+            .set_message(format!("{loss}{lr}  {:.1} samples/s", record.images_per_s));
         self.bar.set_position(record.step);
     }
 
@@ -339,7 +345,10 @@ mod tests {
         let mut log = JsonlLog::resume(&path, 3).unwrap();
         log.append(&record(4, None)).unwrap();
         let records = read_records(&path).unwrap();
-        assert_eq!(records.iter().map(|r| r.step).collect::<Vec<_>>(), [1, 2, 3, 4]);
+        assert_eq!(
+            records.iter().map(|r| r.step).collect::<Vec<_>>(),
+            [1, 2, 3, 4]
+        );
         assert!(records[3].skipped && records[3].loss.is_none());
     }
 

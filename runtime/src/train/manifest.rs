@@ -72,7 +72,10 @@ pub enum InputRole {
 impl InputRole {
     /// Whether inputs of this role are state (carried from step to step through `next`).
     pub fn is_state(self) -> bool {
-        matches!(self, InputRole::Param | InputRole::Optimizer | InputRole::Buffer)
+        matches!(
+            self,
+            InputRole::Param | InputRole::Optimizer | InputRole::Buffer
+        )
     }
 
     /// The name written in the manifest.
@@ -238,11 +241,10 @@ impl Manifest {
 
     /// Parses `manifest.json` text; `path` names it in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Manifest, ManifestError> {
-        let manifest: Manifest =
-            serde_json::from_str(text).map_err(|e| ManifestError::Parse {
-                path: path.to_path_buf(),
-                message: e.to_string(),
-            })?;
+        let manifest: Manifest = serde_json::from_str(text).map_err(|e| ManifestError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
         if manifest.schema_version != SCHEMA_VERSION {
             return Err(ManifestError::SchemaVersion {
                 path: path.to_path_buf(),
@@ -327,7 +329,10 @@ impl Manifest {
             (
                 "input",
                 &graph.inputs,
-                self.inputs.iter().map(|e| e.name.as_str()).collect::<HashSet<_>>(),
+                self.inputs
+                    .iter()
+                    .map(|e| e.name.as_str())
+                    .collect::<HashSet<_>>(),
             ),
             (
                 "output",
@@ -393,7 +398,10 @@ impl Manifest {
             }
             match (e.role, e.default) {
                 (InputRole::Hyper, None) => {
-                    return Err(entry_err(&e.name, "a `hyper` input needs a `default`".into()))
+                    return Err(entry_err(
+                        &e.name,
+                        "a `hyper` input needs a `default`".into(),
+                    ))
                 }
                 (InputRole::Hyper, Some(v)) => {
                     if !v.is_finite() {
@@ -424,7 +432,10 @@ impl Manifest {
                         if !dt.is_float() {
                             return Err(entry_err(
                                 &e.name,
-                                format!("a `{}` output must be floating point, the graph declares {dt}", e.role.as_str()),
+                                format!(
+                                    "a `{}` output must be floating point, the graph declares {dt}",
+                                    e.role.as_str()
+                                ),
                             ));
                         }
                     }
@@ -533,7 +544,9 @@ pub enum ManifestError {
         name: String,
         available: String,
     },
-    #[error("{path}: graph {side} `{name}` is not listed in the manifest (every {side} needs a role)")]
+    #[error(
+        "{path}: graph {side} `{name}` is not listed in the manifest (every {side} needs a role)"
+    )]
     NotListed {
         path: PathBuf,
         side: &'static str,
@@ -665,7 +678,10 @@ impl Artifact {
         };
         for e in self.manifest.state_inputs() {
             let Some(t) = self.state.get(&e.name) else {
-                return Err(state_err(&e.name, "missing (every state input needs an initial value)".into()));
+                return Err(state_err(
+                    &e.name,
+                    "missing (every state input needs an initial value)".into(),
+                ));
             };
             let port = interface
                 .inputs
@@ -674,7 +690,10 @@ impl Artifact {
                 .expect("validated above");
             if let Some(dt) = port.dtype {
                 if dt != t.dtype() {
-                    return Err(state_err(&e.name, format!("is {}, the graph input is {dt}", t.dtype())));
+                    return Err(state_err(
+                        &e.name,
+                        format!("is {}, the graph input is {dt}", t.dtype()),
+                    ));
                 }
             }
             if let Some(shape) = &port.shape {
@@ -700,7 +719,10 @@ impl Artifact {
             .iter()
             .find(|(n, _)| self.manifest.input(n).is_none_or(|e| !e.role.is_state()))
         {
-            return Err(state_err(name, "is not a state input of the manifest".into()));
+            return Err(state_err(
+                name,
+                "is not a state input of the manifest".into(),
+            ));
         }
         Ok(())
     }
@@ -854,7 +876,13 @@ mod tests {
         artifact.save(dir.path()).unwrap();
         let loaded = Artifact::load(dir.path()).unwrap();
         assert_eq!(loaded.manifest(), artifact.manifest());
-        assert_eq!(loaded.state(), &artifact.state().clone().with_source(dir.path().join(STATE_FILE)));
+        assert_eq!(
+            loaded.state(),
+            &artifact
+                .state()
+                .clone()
+                .with_source(dir.path().join(STATE_FILE))
+        );
         assert_eq!(loaded.fingerprint(), artifact.fingerprint());
         let json: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(dir.path().join(MANIFEST_FILE)).unwrap())
@@ -878,7 +906,12 @@ mod tests {
             ..Default::default()
         })
         .unwrap();
-        assert_eq!(a.fingerprint(), toy::mlp_artifact(&toy::MlpConfig::default()).unwrap().fingerprint());
+        assert_eq!(
+            a.fingerprint(),
+            toy::mlp_artifact(&toy::MlpConfig::default())
+                .unwrap()
+                .fingerprint()
+        );
         assert_ne!(a.fingerprint(), b.fingerprint());
         assert_ne!(a.fingerprint(), c.fingerprint());
         assert!(a.fingerprint().starts_with("fnv1a64:"));
@@ -892,6 +925,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("fc1.bias") && e.contains("[3]"), "{e}");
-        a.set_state("fc1.bias", Tensor::zeros(DType::F32, &[16])).unwrap();
+        a.set_state("fc1.bias", Tensor::zeros(DType::F32, &[16]))
+            .unwrap();
     }
 }

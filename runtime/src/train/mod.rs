@@ -29,6 +29,7 @@
 //! ```
 
 pub mod checkpoint;
+pub mod classify;
 pub mod data;
 pub mod log;
 pub mod manifest;
@@ -41,7 +42,9 @@ use std::path::PathBuf;
 pub use checkpoint::{CheckpointError, CheckpointManifest, CheckpointReason};
 pub use data::{Batch, BatchAt, DataError, DataSource, FnSource, Samples, Shuffled};
 pub use log::{LogError, StepRecord};
-pub use manifest::{Artifact, InputEntry, InputRole, Manifest, ManifestError, OutputEntry, OutputRole};
+pub use manifest::{
+    Artifact, InputEntry, InputRole, Manifest, ManifestError, OutputEntry, OutputRole,
+};
 pub use schedule::{Defaults, Schedule, WarmupCosine};
 pub use trainer::{Length, Position, StopReason, TrainOptions, TrainSummary, Trainer};
 
@@ -75,7 +78,11 @@ pub enum TrainError {
         expected: String,
     },
     #[error("step {step}: {in_row} non-finite steps in a row (last: {last}); stopping. Lower the learning rate or check the data; the last checkpoint holds the last finite state")]
-    NonFinite { step: u64, in_row: u32, last: String },
+    NonFinite {
+        step: u64,
+        in_row: u32,
+        last: String,
+    },
     #[error("step {step}: the new value of `{name}` is {got}, the state is {expected}")]
     StateShape {
         step: u64,

@@ -88,7 +88,14 @@ pub fn mlp_train_step(config: &MlpConfig) -> Result<ModelProto, BuildError> {
 
     // Backward: dloss/dp = 2 (p - y) / N.
     let n = b.shape_of(&diff, 0, 1);
-    let n = b.node1("Cast", None, &[&n], vec![attr::int("to", 1)], DType::F32, vec![1.into()]);
+    let n = b.node1(
+        "Cast",
+        None,
+        &[&n],
+        vec![attr::int("to", 1)],
+        DType::F32,
+        vec![1.into()],
+    );
     let two = b.const_f32(2.0);
     let scale = b.binary("Div", &two, &n)?;
     let dp = b.binary("Mul", &diff, &scale)?;
@@ -103,8 +110,22 @@ pub fn mlp_train_step(config: &MlpConfig) -> Result<ModelProto, BuildError> {
         vec![x.dim(0).clone(), Dim::from(h)],
     );
     let zero = b.const_f32(0.0);
-    let positive = b.node1("Greater", None, &[&z, &zero], vec![], DType::Bool, z.shape().to_vec());
-    let mask = b.node1("Cast", None, &[&positive], vec![attr::int("to", 1)], DType::F32, z.shape().to_vec());
+    let positive = b.node1(
+        "Greater",
+        None,
+        &[&z, &zero],
+        vec![],
+        DType::Bool,
+        z.shape().to_vec(),
+    );
+    let mask = b.node1(
+        "Cast",
+        None,
+        &[&positive],
+        vec![attr::int("to", 1)],
+        DType::F32,
+        z.shape().to_vec(),
+    );
     let dz = b.binary("Mul", &dh, &mask)?;
     let g_w1 = matmul_t(&mut b, &dz, &x)?; // dzᵀ · x: [H, D]
     let g_b1 = sum_rows(&mut b, &dz);
@@ -128,7 +149,14 @@ pub fn mlp_train_step(config: &MlpConfig) -> Result<ModelProto, BuildError> {
 
 /// `ReduceMean` over every axis: a scalar.
 fn mean_all(b: &mut GraphBuilder, x: &Value) -> Value {
-    b.node1("ReduceMean", None, &[x], vec![attr::int("keepdims", 0)], x.dtype(), vec![])
+    b.node1(
+        "ReduceMean",
+        None,
+        &[x],
+        vec![attr::int("keepdims", 0)],
+        x.dtype(),
+        vec![],
+    )
 }
 
 /// `ReduceSum` over axis 0.
@@ -166,7 +194,10 @@ fn matmul_t(b: &mut GraphBuilder, a: &Value, c: &Value) -> Result<Value, BuildEr
 
 /// The manifest of [`mlp_train_step`].
 pub fn mlp_manifest(config: &MlpConfig) -> Manifest {
-    let mut m = Manifest::new().task("toy-mlp-regression").batch("x").batch("y");
+    let mut m = Manifest::new()
+        .task("toy-mlp-regression")
+        .batch("x")
+        .batch("y");
     for name in PARAMS {
         m = m.state(name, InputRole::Param, &format!("{name}.next"));
     }
@@ -202,7 +233,12 @@ pub fn mlp_initial_state(config: &MlpConfig) -> StateDict {
     sd.insert("fc2.bias", uniform(&[1], h));
     let zeros: Vec<(String, Tensor)> = sd
         .iter()
-        .map(|(n, t)| (format!("{n}.momentum"), Tensor::zeros(DType::F32, t.shape())))
+        .map(|(n, t)| {
+            (
+                format!("{n}.momentum"),
+                Tensor::zeros(DType::F32, t.shape()),
+            )
+        })
         .collect();
     for (n, t) in zeros {
         sd.insert(n, t);
@@ -238,7 +274,11 @@ impl RegressionSamples {
     pub fn new(n: usize, inputs: usize, seed: u64) -> RegressionSamples {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let x: Vec<Vec<f32>> = (0..n)
-            .map(|_| (0..inputs).map(|_| rng.random_range(-1.0f32..1.0)).collect())
+            .map(|_| {
+                (0..inputs)
+                    .map(|_| rng.random_range(-1.0f32..1.0))
+                    .collect()
+            })
             .collect();
         let y = x
             .iter()

@@ -309,13 +309,21 @@ impl<'a> Trainer<'a> {
         if ckpt.data_order.batches_per_epoch != data.batches_per_epoch() {
             return Err(mismatch(
                 "batches per epoch",
-                format!("{} ({})", ckpt.data_order.batches_per_epoch, ckpt.data_order.source),
+                format!(
+                    "{} ({})",
+                    ckpt.data_order.batches_per_epoch, ckpt.data_order.source
+                ),
                 format!("{} ({})", data.batches_per_epoch(), data.describe()),
             ));
         }
         let mut trainer = Trainer::new(artifact, backend, data, schedule, options)?;
         let state_path = dir.join(&ckpt.state);
-        for (name, slot) in trainer.plan.state_names.iter().zip(trainer.state.iter_mut()) {
+        for (name, slot) in trainer
+            .plan
+            .state_names
+            .iter()
+            .zip(trainer.state.iter_mut())
+        {
             let Some(t) = state.get(name) else {
                 return Err(TrainError::CheckpointState {
                     path: state_path,
@@ -520,12 +528,19 @@ impl<'a> Trainer<'a> {
         match &problem {
             None => {
                 for (k, &i) in self.plan.next_index.iter().enumerate() {
-                    let new = outputs[i].take().expect("each output is the next of one input");
-                    if new.dtype() != self.state[k].dtype() || new.shape() != self.state[k].shape() {
+                    let new = outputs[i]
+                        .take()
+                        .expect("each output is the next of one input");
+                    if new.dtype() != self.state[k].dtype() || new.shape() != self.state[k].shape()
+                    {
                         return Err(TrainError::StateShape {
                             step,
                             name: self.plan.state_names[k].clone(),
-                            expected: format!("{} {:?}", self.state[k].dtype(), self.state[k].shape()),
+                            expected: format!(
+                                "{} {:?}",
+                                self.state[k].dtype(),
+                                self.state[k].shape()
+                            ),
                             got: format!("{} {:?}", new.dtype(), new.shape()),
                         });
                     }
