@@ -121,6 +121,10 @@ pub enum TrainStepError {
     NothingToTrain,
     #[error("metric `{0}` uses a reserved name (`loss`, `grad_norm`, `*.next`, or a graph input)")]
     ReservedName(String),
+    #[error("splitting the train step: {0}")]
+    Split(String),
+    #[error("loading weights: {0}")]
+    Weights(String),
     #[error("initializer `{0}` has no value in the forward graph")]
     MissingValue(String),
 }
@@ -301,6 +305,9 @@ pub struct TrainStep {
     pub graph: ModelProto,
     pub manifest: Manifest,
     pub state: StateDict,
+    /// The values computed by the forward pass (before the backward and the update), for
+    /// [`split_train_step`].
+    pub forward_values: HashSet<String>,
 }
 
 /// Composes the train step of `forward` (see the module docs).
@@ -395,6 +402,11 @@ pub fn build_train_step(
         req.options.opset = o.version;
     }
     let mut graph = prepare_forward(&graph, &req)?;
+    let forward_values: HashSet<String> = graph
+        .node
+        .iter()
+        .flat_map(|n| n.output.iter().cloned())
+        .collect();
     let grads = gradients(&graph, &req)?;
     graph.node.extend(grads.nodes);
     graph.initializer.extend(grads.initializers);
@@ -537,6 +549,7 @@ pub fn build_train_step(
         graph: model,
         manifest,
         state,
+        forward_values,
     })
 }
 
@@ -686,6 +699,279 @@ pub fn accuracy(b: &mut GraphBuilder, logits: &Value, labels: &Value) -> Result<
     let hit = b.equal(&pred, labels)?;
     let hit = b.cast(&hit, DType::F32);
     b.reduce_mean(&hit, &[], false)
+}
+
+/// A train step cut in two, for methods that need the host between the forward pass and the
+/// loss (DETR's Hungarian matching): [`split_train_step`].
+#[derive(Clone, Debug)]
+pub struct SplitStep {
+    /// The forward pass: the batch inputs it needs, parameters, buffers -> `host_outputs`, the
+    /// `activations` and the forward's own state updates (running statistics `.next`).
+    pub forward: ModelProto,
+    /// The rest (loss, backward, update): `activations` + host-computed inputs + state +
+    /// hyperparameters -> loss, metrics, new state.
+    pub backward: ModelProto,
+    /// Values the forward outputs and the backward takes, by the same name: everything the
+    /// backward needs from the forward pass (nothing is computed twice).
+    pub activations: Vec<String>,
+}
+
+/// Cuts `step` after the forward pass. `host_inputs` are batch inputs the host computes from
+/// the forward's results (targets after matching); every forward node that depends on them
+/// moves to the backward graph. `host_outputs` are values the host needs from the forward pass
+/// (predictions); they must be computable without `host_inputs`.
+///
+/// The cut: a node stays in the forward graph when it belongs to the forward pass and does not
+/// depend on a host input; every value crossing the cut becomes an output of the forward graph
+/// and an input of the backward graph. Graph outputs go with the node that computes them.
+pub fn split_train_step(
+    step: &TrainStep,
+    host_inputs: &[&str],
+    host_outputs: &[&str],
+) -> Result<SplitStep, TrainStepError> {
+    use densa_exporter::autodiff::infer::ShapeInfo;
+    let graph = step.graph.graph.as_ref().ok_or(AutodiffError::NoGraph)?;
+    for h in host_inputs {
+        if !graph.input.iter().any(|i| i.name == *h) {
+            return Err(TrainStepError::Split(format!(
+                "host input `{h}` is not an input of the step"
+            )));
+        }
+    }
+    let mut tainted: HashSet<&str> = host_inputs.iter().copied().collect();
+    let mut in_forward = vec![false; graph.node.len()];
+    for (i, n) in graph.node.iter().enumerate() {
+        let depends = n.input.iter().any(|v| tainted.contains(v.as_str()));
+        if depends || !n.output.iter().all(|o| step.forward_values.contains(o)) {
+            tainted.extend(n.output.iter().map(String::as_str));
+        } else {
+            in_forward[i] = true;
+        }
+    }
+    let produced_fwd: HashSet<&str> = graph
+        .node
+        .iter()
+        .zip(&in_forward)
+        .filter(|(_, &f)| f)
+        .flat_map(|(n, _)| n.output.iter().map(String::as_str))
+        .collect();
+    for h in host_outputs {
+        if !produced_fwd.contains(h) {
+            return Err(TrainStepError::Split(format!(
+                "host output `{h}` is not computed by the forward pass without the host inputs"
+            )));
+        }
+    }
+    let info = ShapeInfo::infer(graph);
+    let vi = |name: &str| -> ValueInfoProto {
+        graph
+            .output
+            .iter()
+            .chain(&graph.input)
+            .chain(&graph.value_info)
+            .find(|v| v.name == name)
+            .cloned()
+            .unwrap_or_else(|| ValueInfoProto {
+                name: name.to_string(),
+                r#type: Some(match info.shape(name) {
+                    Some(shape) => tensor_type(info.dtype(name).unwrap_or(DType::F32), &shape),
+                    None => densa_exporter::onnx::TypeProto {
+                        value: Some(densa_exporter::onnx::type_proto::Value::TensorType(
+                            densa_exporter::onnx::type_proto::Tensor {
+                                elem_type: info.dtype(name).unwrap_or(DType::F32).onnx() as i32,
+                                shape: None,
+                            },
+                        )),
+                        ..Default::default()
+                    },
+                }),
+                ..Default::default()
+            })
+    };
+    let mut activations: Vec<String> = Vec::new();
+    let mut seen = HashSet::new();
+    for (n, _) in graph.node.iter().zip(&in_forward).filter(|(_, &f)| !f) {
+        for v in &n.input {
+            if produced_fwd.contains(v.as_str()) && seen.insert(v.clone()) {
+                activations.push(v.clone());
+            }
+        }
+    }
+    let part = |forward: bool| -> densa_exporter::onnx::GraphProto {
+        let nodes: Vec<NodeProto> = graph
+            .node
+            .iter()
+            .zip(&in_forward)
+            .filter(|(_, &f)| f == forward)
+            .map(|(n, _)| n.clone())
+            .collect();
+        let used: HashSet<&str> = nodes
+            .iter()
+            .flat_map(|n| n.input.iter().map(String::as_str))
+            .collect();
+        let mut input: Vec<ValueInfoProto> = graph
+            .input
+            .iter()
+            .filter(|i| {
+                used.contains(i.name.as_str())
+                    || (!forward && host_inputs.contains(&i.name.as_str()))
+            })
+            .cloned()
+            .collect();
+        let mut output: Vec<ValueInfoProto> = Vec::new();
+        if forward {
+            output.extend(host_outputs.iter().map(|h| vi(h)));
+            output.extend(
+                activations
+                    .iter()
+                    .filter(|a| !host_outputs.contains(&a.as_str()))
+                    .map(|a| vi(a)),
+            );
+        } else {
+            input.extend(activations.iter().map(|a| vi(a)));
+        }
+        let produced: HashSet<&str> = nodes
+            .iter()
+            .flat_map(|n| n.output.iter().map(String::as_str))
+            .collect();
+        for o in &graph.output {
+            let here = produced.contains(o.name.as_str())
+                || (!forward
+                    && !produced_fwd.contains(o.name.as_str())
+                    && !produced.contains(o.name.as_str()));
+            if here && !output.iter().any(|x| x.name == o.name) {
+                output.push(o.clone());
+            }
+        }
+        densa_exporter::onnx::GraphProto {
+            name: format!(
+                "{}-{}",
+                graph.name,
+                if forward { "forward" } else { "backward" }
+            ),
+            initializer: graph
+                .initializer
+                .iter()
+                .filter(|t| used.contains(t.name.as_str()))
+                .cloned()
+                .collect(),
+            node: nodes,
+            input,
+            output,
+            ..Default::default()
+        }
+    };
+    let model = |g| ModelProto {
+        graph: Some(g),
+        ..step.graph.clone()
+    };
+    Ok(SplitStep {
+        forward: model(part(true)),
+        backward: model(part(false)),
+        activations,
+    })
+}
+
+/// A torchvision-style classifier: backbone, global average pool, `fc` (PyTorch's `Linear`
+/// init), in training or inference mode.
+#[derive(Clone, Debug)]
+pub struct ClassifierConfig {
+    pub arch: crate::Arch,
+    /// Number of classes (`fc` outputs).
+    pub classes: usize,
+    /// Height and width of the training images (the batch size stays dynamic). Default 224.
+    pub image_size: usize,
+    /// Seed of the random initialisation. Default 0.
+    pub seed: u64,
+}
+
+impl ClassifierConfig {
+    pub fn new(arch: crate::Arch, classes: usize) -> ClassifierConfig {
+        ClassifierConfig {
+            arch,
+            classes,
+            image_size: 224,
+            seed: 0,
+        }
+    }
+}
+
+/// Builds the classifier; with `train`, batch inputs `images` float32 `[N, 3, S, S]` and
+/// `labels` int64 `[N]`, the mean cross-entropy as loss and `accuracy` as metric; without,
+/// input `images` and output `logits` `[N, classes]`. Backbone weights (not `fc`: its class
+/// count differs from the checkpoint's) are loaded from `weights`.
+pub fn classifier_graph(
+    config: &ClassifierConfig,
+    weights: &crate::export::WeightOptions,
+    train: bool,
+) -> Result<(ForwardGraph, crate::export::ExportReport), TrainStepError> {
+    use crate::nn::NormMode;
+    let s = config.image_size;
+    let mut b = GraphBuilder::new(
+        &format!("densa-{}-classify", config.arch.name()),
+        config.seed,
+    );
+    let images = b.input(
+        "images",
+        DType::F32,
+        vec![Dim::from("N"), 3.into(), s.into(), s.into()],
+    )?;
+    let net = config.arch.config().init(&mut b)?;
+    let report = crate::export::load_weights(&mut b, weights).map_err(|e| match e {
+        crate::export::ExportError::Build(e) => TrainStepError::Build(e),
+        other => TrainStepError::Weights(other.to_string()),
+    })?;
+    let c5 = *config.arch.config().out_channels().last().unwrap_or(&0);
+    let fan = (c5.max(1) as f32).sqrt();
+    let w = b.param(
+        "fc.weight",
+        &[config.classes, c5],
+        densa_exporter::Init::KaimingUniformFanIn,
+        ParamKind::Param,
+    )?;
+    let bias = b.param(
+        "fc.bias",
+        &[config.classes],
+        densa_exporter::Init::Uniform(1.0 / fan),
+        ParamKind::Param,
+    )?;
+    let mut mode = if train {
+        NormMode::train()
+    } else {
+        NormMode::Inference
+    };
+    let stages = net.forward_mode(&mut b, &images, &mut mode)?;
+    let pooled = b.global_avg_pool(&stages.c5)?;
+    let flat = b.flatten(&pooled, 1);
+    let logits = b.linear(Some("fc"), &flat, &w, Some(&bias))?;
+    if train {
+        let labels = b.input("labels", DType::I64, vec![Dim::from("N")])?;
+        let loss = cross_entropy(&mut b, &logits, &labels)?;
+        let acc = accuracy(&mut b, &logits, &labels)?;
+        let fwd = ForwardGraph::new(b, loss)
+            .metric("accuracy", acc)
+            .norm_state(mode.into_state());
+        Ok((fwd, report))
+    } else {
+        b.output(&logits, "logits")?;
+        Ok((ForwardGraph::new(b, logits), report))
+    }
+}
+
+/// The classification training artifact of `config` (task `classify`): train step from
+/// [`classifier_graph`] in training mode, eval graph in inference mode (input `images`, output
+/// `logits`).
+pub fn classifier_artifact(
+    config: &ClassifierConfig,
+    weights: &crate::export::WeightOptions,
+    step: &TrainStepConfig,
+) -> Result<(Artifact, crate::export::ExportReport), TrainStepError> {
+    let (train, report) = classifier_graph(config, weights, true)?;
+    let (eval, _) = classifier_graph(config, weights, false)?;
+    let mut step = step.clone();
+    step.task.get_or_insert_with(|| "classify".into());
+    let artifact = train_step_artifact(train, Some(eval.builder.finish()), &step)?;
+    Ok((artifact, report))
 }
 
 #[cfg(test)]
@@ -866,6 +1152,88 @@ mod tests {
             out["bn.running_mean.next"],
             *a.state().get("bn.running_mean").unwrap()
         );
+    }
+
+    #[test]
+    fn a_split_step_computes_what_the_whole_step_computes() {
+        let (b, loss, norm) = small_cnn(true);
+        let fwd = ForwardGraph::new(b, loss.unwrap()).norm_state(norm);
+        let whole = build_train_step(fwd, &TrainStepConfig::default()).unwrap();
+        let a = Artifact::new(
+            whole.manifest.clone(),
+            whole.graph.clone(),
+            whole.state.clone(),
+        )
+        .unwrap();
+        let reference = run(&a, a.state());
+        let logits = whole
+            .graph
+            .graph
+            .as_ref()
+            .unwrap()
+            .node
+            .iter()
+            .find(|n| n.input.iter().any(|i| i == "fc.weight"))
+            .map(|n| n.output[0].clone())
+            .unwrap();
+        let split = split_train_step(&whole, &["labels"], &[logits.as_str()])
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(!split.activations.is_empty());
+        let fg = split.forward.graph.as_ref().unwrap();
+        assert!(!fg.input.iter().any(|i| i.name == "labels"));
+        // Forward: batch (no labels) + state.
+        let feed = |g: &densa_exporter::onnx::GraphProto, extra: &HashMap<String, Tensor>| {
+            g.input
+                .iter()
+                .map(|i| {
+                    let t = extra
+                        .get(&i.name)
+                        .cloned()
+                        .or_else(|| {
+                            batch()
+                                .into_iter()
+                                .find(|(n, _)| *n == i.name)
+                                .map(|(_, t)| t)
+                        })
+                        .or_else(|| a.state().get(&i.name).cloned())
+                        .or_else(|| {
+                            a.manifest()
+                                .input(&i.name)
+                                .and_then(|e| e.default)
+                                .map(|d| Tensor::F64(ArrayD::from_elem(IxDyn(&[]), d)))
+                        })
+                        .unwrap_or_else(|| panic!("nothing to feed `{}`", i.name));
+                    (i.name.clone(), t)
+                })
+                .collect::<Vec<_>>()
+        };
+        let mut f = TractBackend::new()
+            .load_model(&split.forward, "forward")
+            .unwrap();
+        let f_out: HashMap<String, Tensor> = f
+            .run(feed(fg, &HashMap::new()))
+            .unwrap()
+            .into_iter()
+            .collect();
+        assert!(f_out.contains_key(&logits));
+        let bg = split.backward.graph.as_ref().unwrap();
+        let mut bk = TractBackend::new()
+            .load_model(&split.backward, "backward")
+            .unwrap();
+        let b_out: HashMap<String, Tensor> =
+            bk.run(feed(bg, &f_out)).unwrap().into_iter().collect();
+        for (name, t) in &reference {
+            let got = b_out
+                .get(name)
+                .or_else(|| f_out.get(name))
+                .unwrap_or_else(|| panic!("`{name}` missing"));
+            let (x, y) = (got.to_f32(), t.to_f32());
+            let d = x
+                .iter()
+                .zip(y.iter())
+                .fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+            assert!(d <= 1e-6, "`{name}` differs by {d}");
+        }
     }
 
     #[test]

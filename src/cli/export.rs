@@ -17,6 +17,8 @@ pub enum ExportCommand {
     /// A fine-tuned segmenter (`densa finetune --task segment` directory): outputs logits and
     /// class map at input resolution, self-describing metadata.
     Segmenter(super::export_segmenter::SegmenterArgs),
+    /// A training artifact: train_step.onnx, eval.onnx, state.safetensors, manifest.json.
+    Train(super::export_train::ExportTrainArgs),
 }
 
 #[derive(Debug, Args)]
@@ -45,6 +47,7 @@ pub fn run(cmd: ExportCommand) -> Result<()> {
         ExportCommand::Backbone(args) => backbone(args),
         ExportCommand::Detector(args) => super::export_detector::run(args),
         ExportCommand::Segmenter(args) => super::export_segmenter::run(args),
+        ExportCommand::Train(args) => super::export_train::run(args),
     }
 }
 

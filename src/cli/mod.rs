@@ -9,6 +9,7 @@ mod eval_segment;
 mod export;
 mod export_detector;
 mod export_segmenter;
+mod export_train;
 mod finetune;
 mod finetune_detect;
 mod finetune_segment;
@@ -16,6 +17,7 @@ mod inspect;
 mod run;
 mod segment;
 mod synth;
+mod train;
 
 use std::path::PathBuf;
 
@@ -59,6 +61,8 @@ pub enum Command {
     Demo(DemoArgs),
     /// Segment images with a segmenter exported by densa: label PNGs and colour overlays.
     Segment(segment::SegmentArgs),
+    /// Train a classifier (image folder or synthetic data) with checkpoints and resume.
+    Train(train::TrainArgs),
 }
 
 /// Backend selection, shared by the commands that run models.
@@ -116,6 +120,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Synth(args) => synth::run(args),
         Command::Finetune(args) => finetune::run(args),
         Command::Segment(args) => segment::run(args),
+        Command::Train(args) => train::run(args),
         Command::Demo(args) => demo::run(args),
     }
 }

@@ -94,6 +94,18 @@ pub trait Samples {
     }
 }
 
+impl<S: Samples + ?Sized> Samples for Box<S> {
+    fn len(&self) -> usize {
+        (**self).len()
+    }
+    fn sample(&mut self, index: usize, rng: &mut ChaCha8Rng) -> Result<Batch, DataError> {
+        (**self).sample(index, rng)
+    }
+    fn describe(&self) -> String {
+        (**self).describe()
+    }
+}
+
 /// Batches of `batch_size` samples in a fresh permutation each epoch (or in order when
 /// `shuffle` is false); the last partial batch is dropped.
 pub struct Shuffled<S> {

@@ -29,6 +29,7 @@
 //! ```
 
 pub mod checkpoint;
+pub mod classify;
 pub mod data;
 pub mod log;
 pub mod manifest;
