@@ -56,7 +56,7 @@ const DEFAULT_LR: f64 = 3e-3;
 const DEFAULT_IMAGE_SIZE: u32 = 128;
 const WEIGHT_DECAY: f64 = 1e-4;
 /// Salt of the subset permutation, so it differs from the data order of the same seed.
-const SUBSET_SALT: u64 = 0x5EB5_E7;
+const SUBSET_SALT: u64 = 0x005E_B5E7;
 
 /// The best validation so far (`OUT/best.json`).
 #[derive(Debug, Serialize, Deserialize)]
@@ -250,7 +250,7 @@ pub fn run(args: &FinetuneArgs) -> Result<()> {
     let source = Arc::new(open_source(&args.data, &args.images, &args.masks)?);
     let classes = source.segment_classes().to_vec();
     let size = args.image_size.unwrap_or(DEFAULT_IMAGE_SIZE);
-    if size < 32 || size % 32 != 0 {
+    if size < 32 || !size.is_multiple_of(32) {
         bail!("--image-size {size}: must be a multiple of 32 (the backbone's stride), at least 32");
     }
     let val = match &args.val_data {

@@ -201,8 +201,8 @@ pub fn overlay(image: &RgbImage, labels: &GrayImage) -> RgbImage {
             continue;
         }
         let c = class_colour(class).0;
-        for k in 0..3 {
-            p.0[k] = ((p.0[k] as u16 + c[k] as u16) / 2) as u8;
+        for (v, c) in p.0.iter_mut().zip(c) {
+            *v = ((*v as u16 + c as u16) / 2) as u8;
         }
     }
     out
