@@ -17,7 +17,7 @@ fn config() -> DetectorConfig {
     c.channels = 16;
     c.gn_groups = 4;
     c.head_convs = 1;
-    c.scale_bounds = [8.0, 16.0];
+    c.scale_bounds = [16.0, 32.0];
     c
 }
 
