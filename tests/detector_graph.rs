@@ -106,7 +106,11 @@ fn loss_gradients_match_finite_differences() {
             .map(|t| Tensor::from_proto(t).unwrap().to_f32())
             .unwrap();
         for k in 0..value.len() {
-            let eps = 1e-2f32;
+            // The GIoU loss has corners (min/max of predicted and target distances); a step of
+            // 1e-2 in log-distance crosses one for head.bbox_pred.bias[1] (finite difference
+            // -0.1876 vs -0.1745), 3e-3 stays on one side (-0.17448 vs autodiff -0.17448) and is
+            // still far above float32 noise.
+            let eps = 3e-3f32;
             let run_with = |delta: f32| {
                 let mut m = model.clone();
                 let g = m.graph.as_mut().unwrap();
