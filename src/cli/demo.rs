@@ -39,7 +39,7 @@ impl Default for DemoPlan {
             train_images: 3000,
             val_images: 100,
             label_fraction: 0.1,
-            epochs: 30,
+            epochs: 24,
             batch_size: 8,
         }
     }
