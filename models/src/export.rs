@@ -186,3 +186,46 @@ mod tests {
         assert_eq!(count(Arch::ResNet50).0, 23_508_032);
     }
 }
+
+/// Why a checkpoint cannot fill a model: a tensor that is missing, has the wrong shape or holds
+/// non-finite values (the caller names the file), or the builder refused the value.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("`{name}` {problem}")]
+    Tensor { name: String, problem: String },
+    #[error(transparent)]
+    Build(#[from] BuildError),
+}
+
+/// Sets every parameter and buffer of `b` (constants aside) from `state`: the names must all be
+/// there with the model's shapes and finite values. Entries the model does not have (optimizer
+/// slots of a training state) are ignored.
+pub fn set_state(b: &mut GraphBuilder, state: &StateDict) -> Result<(), StateError> {
+    let wanted: Vec<(String, Vec<usize>)> = b
+        .params()
+        .iter()
+        .filter(|p| p.kind != ParamKind::Constant)
+        .map(|p| (p.name.clone(), p.shape.clone()))
+        .collect();
+    for (name, shape) in wanted {
+        let problem = |problem: String| StateError::Tensor {
+            name: name.clone(),
+            problem,
+        };
+        let t = state
+            .get(&name)
+            .ok_or_else(|| problem("is missing from the checkpoint".into()))?;
+        if t.shape() != shape.as_slice() {
+            return Err(problem(format!(
+                "has shape {:?}, the model expects {shape:?}",
+                t.shape()
+            )));
+        }
+        let values = t.to_f32();
+        if values.iter().any(|v| !v.is_finite()) {
+            return Err(problem("holds NaN or infinite values".into()));
+        }
+        b.set_initializer(&name, Tensor::F32(values))?;
+    }
+    Ok(())
+}

@@ -380,6 +380,26 @@ impl GraphBuilder {
     pub fn resize_nearest_like(&mut self, x: &Value, like: &Value) -> Result<Value, BuildError> {
         self.expect_rank("Resize", x, 4)?;
         self.expect_rank("Resize", like, 4)?;
+        self.resize_like(x, like, "nearest", "asymmetric", Some("floor"))
+    }
+
+    /// Bilinear `Resize` of `x` [N, C, H, W] to the spatial size of `like`, with PyTorch's
+    /// `F.interpolate(mode="bilinear", align_corners=False)` semantics (half-pixel centres).
+    pub fn resize_bilinear_like(&mut self, x: &Value, like: &Value) -> Result<Value, BuildError> {
+        self.expect_rank("Resize", x, 4)?;
+        self.expect_rank("Resize", like, 4)?;
+        self.resize_like(x, like, "linear", "half_pixel", None)
+    }
+
+    /// `Resize` of rank-4 `x` to the spatial size of rank-4 `like` (sizes read at run time).
+    fn resize_like(
+        &mut self,
+        x: &Value,
+        like: &Value,
+        mode: &str,
+        coordinates: &str,
+        nearest_mode: Option<&str>,
+    ) -> Result<Value, BuildError> {
         let nc = self.shape_of(x, 0, 2);
         let hw = self.shape_of(like, 2, 4);
         let sizes = self.concat(&[&nc, &hw], 0)?;
@@ -389,11 +409,11 @@ impl GraphBuilder {
             like.dim(2).clone(),
             like.dim(3).clone(),
         ];
-        let attrs = vec![
-            attr::string("mode", "nearest"),
-            attr::string("coordinate_transformation_mode", "asymmetric"),
-            attr::string("nearest_mode", "floor"),
+        let mut attrs = vec![
+            attr::string("mode", mode),
+            attr::string("coordinate_transformation_mode", coordinates),
         ];
+        attrs.extend(nearest_mode.map(|m| attr::string("nearest_mode", m)));
         Ok(self
             .node(
                 "Resize",

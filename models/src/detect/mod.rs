@@ -573,25 +573,12 @@ impl DetectorConfig {
         )?;
         let net = self.init(&mut b)?;
         if let Some(state) = state {
-            let wanted: Vec<(String, Vec<usize>)> = b
-                .params()
-                .iter()
-                .filter(|p| p.kind != ParamKind::Constant)
-                .map(|p| (p.name.clone(), p.shape.clone()))
-                .collect();
-            for (name, shape) in wanted {
-                let t = state.get(&name).ok_or_else(|| DetectError::State {
-                    name: name.clone(),
-                    problem: "is missing from the checkpoint".into(),
-                })?;
-                if t.shape() != shape.as_slice() {
-                    return Err(DetectError::State {
-                        name,
-                        problem: format!("has shape {:?}, the model expects {shape:?}", t.shape()),
-                    });
+            crate::export::set_state(&mut b, state).map_err(|e| match e {
+                crate::export::StateError::Tensor { name, problem } => {
+                    DetectError::State { name, problem }
                 }
-                b.set_initializer(&name, Tensor::F32(t.to_f32()))?;
-            }
+                crate::export::StateError::Build(e) => DetectError::Build(e),
+            })?;
         }
         let raw = net.forward_raw(&mut b, &images, &mut NormMode::Inference)?;
         let points = self.assigner().location_points();

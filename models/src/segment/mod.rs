@@ -20,8 +20,6 @@
 //! - Backbone names are torchvision's at the root (`conv1.weight`, `layer1.0...`), so imported and
 //!   self-supervised backbones load as they are; the neck is under `fpn.`, the head under `head.`.
 
-use std::collections::HashSet;
-
 use densa_exporter::builder::attr;
 use densa_exporter::onnx::ModelProto;
 use densa_exporter::passes::{fold_batch_norm, PassError};
@@ -173,7 +171,7 @@ impl Segmenter {
             h = b.scoped(format!("head.levels.{i}"), |b| b.relu(&h));
             if i > 0 {
                 h = b.scoped(format!("head.levels.{i}"), |b| {
-                    resize_bilinear_like(b, &h, &pyramid[0])
+                    b.resize_bilinear_like(&h, &pyramid[0])
                 })?;
             }
             sum = Some(match sum {
@@ -183,49 +181,13 @@ impl Segmenter {
         }
         let features = sum.expect("four levels");
         let logits = self.classifier.forward(b, &features)?;
-        Ok(b.scoped("head", |b| resize_bilinear_like(b, &logits, images))?)
+        Ok(b.scoped("head", |b| b.resize_bilinear_like(&logits, images))?)
     }
 
     /// Names of the backbone's parameters (what `--freeze-backbone` keeps fixed).
     pub fn is_backbone(name: &str) -> bool {
         !(name.starts_with("fpn.") || name.starts_with("head."))
     }
-}
-
-/// Bilinear `Resize` of `x` to the spatial size of `like` with half-pixel centres (PyTorch's
-/// `F.interpolate(mode="bilinear", align_corners=False)`).
-///
-/// # Shapes
-/// `x [N, C, h, w], like [*, *, H, W] -> [N, C, H, W]`.
-pub fn resize_bilinear_like(
-    b: &mut GraphBuilder,
-    x: &Value,
-    like: &Value,
-) -> Result<Value, BuildError> {
-    if x.rank() != 4 || like.rank() != 4 {
-        return Err(b.op_error("Resize", "bilinear resize needs rank-4 tensors"));
-    }
-    let nc = b.shape_of(x, 0, 2);
-    let hw = b.shape_of(like, 2, 4);
-    let sizes = b.concat(&[&nc, &hw], 0)?;
-    let shape = vec![
-        x.dim(0).clone(),
-        x.dim(1).clone(),
-        like.dim(2).clone(),
-        like.dim(3).clone(),
-    ];
-    let attrs = vec![
-        attr::string("mode", "linear"),
-        attr::string("coordinate_transformation_mode", "half_pixel"),
-    ];
-    Ok(b.node(
-        "Resize",
-        Some("resize"),
-        &[Some(x), None, None, Some(&sizes)],
-        attrs,
-        vec![(x.dtype(), shape)],
-    )
-    .remove(0))
 }
 
 /// Mean per-pixel cross-entropy over the pixels whose label is in `0..num_classes`; other labels
@@ -427,37 +389,14 @@ pub fn inference_graph(
     Ok(model)
 }
 
-/// Sets every parameter and buffer of the builder from `state` (exact names and shapes).
+/// Sets every parameter and buffer of the builder from `state` ([`crate::export::set_state`]).
 fn load_state(b: &mut GraphBuilder, state: &StateDict) -> Result<(), SegmentError> {
-    let wanted: Vec<(String, Vec<usize>)> = b
-        .params()
-        .iter()
-        .filter(|p| p.kind != ParamKind::Constant)
-        .map(|p| (p.name.clone(), p.shape.clone()))
-        .collect();
-    let mut seen = HashSet::new();
-    for (name, shape) in wanted {
-        let t = state.get(&name).ok_or_else(|| SegmentError::State {
-            name: name.clone(),
-            problem: "missing from the checkpoint".into(),
-        })?;
-        if t.shape() != shape.as_slice() {
-            return Err(SegmentError::State {
-                name,
-                problem: format!("has shape {:?}, the model expects {shape:?}", t.shape()),
-            });
+    crate::export::set_state(b, state).map_err(|e| match e {
+        crate::export::StateError::Tensor { name, problem } => {
+            SegmentError::State { name, problem }
         }
-        let values = t.to_f32();
-        if values.iter().any(|v| !v.is_finite()) {
-            return Err(SegmentError::State {
-                name,
-                problem: "holds NaN or infinite values".into(),
-            });
-        }
-        b.set_initializer(&name, Tensor::F32(values))?;
-        seen.insert(name);
-    }
-    Ok(())
+        crate::export::StateError::Build(e) => e.into(),
+    })
 }
 
 /// The file in a fine-tuning directory that describes the run to `densa export segmenter`.
