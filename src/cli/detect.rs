@@ -16,8 +16,6 @@ use ndarray::{Axis, IxDyn};
 
 use super::BackendArgs;
 
-const IMAGE_EXTENSIONS: [&str; 6] = ["jpg", "jpeg", "png", "bmp", "webp", "JPG"];
-
 #[derive(Debug, Args)]
 pub struct DetectArgs {
     /// The detector (.onnx). densa exports describe themselves; others need --spec.
@@ -55,11 +53,7 @@ pub fn collect_images(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
         for p in entries {
             if p.is_dir() {
                 walk(&p, out)?;
-            } else if p
-                .extension()
-                .and_then(|e| e.to_str())
-                .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e))
-            {
+            } else if densa_runtime::data::image::is_image_file(&p) {
                 out.push(p);
             }
         }

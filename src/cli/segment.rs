@@ -9,7 +9,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use densa_runtime::backend::Session;
-use densa_runtime::data::image::{is_image_file, write_png_gray, write_png_rgb};
+use densa_runtime::data::image::{write_png_gray, write_png_rgb};
 use densa_runtime::infer::segment::{overlay, segment_batch, SegmenterSpec};
 use densa_runtime::open_backend;
 use image::{GrayImage, RgbImage};
@@ -31,36 +31,6 @@ pub struct SegmentArgs {
     pub batch: usize,
     #[command(flatten)]
     pub backend: BackendArgs,
-}
-
-/// The image files named by `inputs` (directories recursively, sorted).
-pub fn image_files(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
-    fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
-        let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
-            .with_context(|| format!("reading directory {}", dir.display()))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .collect();
-        entries.sort();
-        for p in entries {
-            if p.is_dir() {
-                walk(&p, out)?;
-            } else if is_image_file(&p) {
-                out.push(p);
-            }
-        }
-        Ok(())
-    }
-    let mut out = Vec::new();
-    for p in inputs {
-        if p.is_dir() {
-            walk(p, &mut out)?;
-        } else if p.exists() {
-            out.push(p.clone());
-        } else {
-            bail!("{}: no such file or directory", p.display());
-        }
-    }
-    Ok(out)
 }
 
 /// What a serving loop did.
@@ -125,7 +95,7 @@ pub fn run(args: SegmentArgs) -> Result<()> {
     let spec = SegmenterSpec::from_model(&model, &model_label)?;
     let backend = open_backend(args.backend.backend, &args.backend.options())?;
     let mut session = backend.load_model(&model, &model_label)?;
-    let files = image_files(&args.inputs)?;
+    let files = super::detect::collect_images(&args.inputs)?;
     if files.is_empty() {
         bail!("no images found in {:?}", args.inputs);
     }

@@ -14,14 +14,11 @@ use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::data::{Batch, DataError, Samples};
-use crate::data::image::read_rgb;
+use crate::data::image::{is_image_file, read_rgb};
 
 /// ImageNet mean and standard deviation (RGB), torchvision's normalisation.
 pub const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 pub const STD: [f32; 3] = [0.229, 0.224, 0.225];
-
-/// Extensions [`ImageFolder`] reads.
-pub const IMAGE_EXTENSIONS: [&str; 5] = ["jpg", "jpeg", "png", "bmp", "webp"];
 
 /// An image as the network input: `[3, S, S]`, `(x / 255 - mean) / std`.
 pub fn to_input(img: &image::RgbImage, size: u32) -> Array3<f32> {
@@ -101,11 +98,7 @@ impl ImageFolder {
             let mut names: Vec<PathBuf> = std::fs::read_dir(&dir)
                 .map_err(|e| err(format!("cannot list {}: {e}", dir.display())))?
                 .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| {
-                    p.extension().and_then(|x| x.to_str()).is_some_and(|x| {
-                        IMAGE_EXTENSIONS.contains(&x.to_ascii_lowercase().as_str())
-                    })
-                })
+                .filter(|p| is_image_file(p))
                 .collect();
             names.sort();
             if names.is_empty() {
