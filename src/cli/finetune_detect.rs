@@ -280,8 +280,8 @@ pub fn finetune(args: &FinetuneArgs, say: &dyn Fn(String)) -> Result<FinetuneOut
     .with_context(|| format!("reading {}", args.data.display()))?;
     let mut config = DetectorConfig::new(args.arch, source.classes().to_vec());
     config.image_size = args.image_size.unwrap_or(DEFAULT_SIZE);
-    let gt =
-        load_dataset(&args.data).with_context(|| format!("reading {}", args.data.display()))?;
+    // The file CocoSource parsed; not read a second time.
+    let gt = source.dataset().clone();
     let classes_of: Vec<Vec<usize>> = {
         let mut cats: Vec<u64> = gt.categories.iter().map(|c| c.id).collect();
         cats.sort_unstable();
