@@ -11,6 +11,8 @@ pub mod neck;
 pub mod nn;
 
 pub use backbone::Arch;
+#[cfg(feature = "train")]
+pub mod pretext;
 pub mod segment;
 #[cfg(feature = "train")]
 pub mod train_step;

@@ -123,6 +123,8 @@ pub enum TrainStepError {
     ReservedName(String),
     #[error("splitting the train step: {0}")]
     Split(String),
+    #[error("buffer-update input `{0}` is state; declare it as a buffer initializer instead")]
+    BufferState(String),
     #[error("loading weights: {0}")]
     Weights(String),
     #[error("initializer `{0}` has no value in the forward graph")]
@@ -270,8 +272,13 @@ pub struct ForwardGraph {
     /// Values logged every step, by output name.
     pub metrics: Vec<(String, Value)>,
     /// Buffer updates recorded while building (batch-norm running statistics:
-    /// [`NormMode::into_state`](crate::nn::NormMode::into_state)).
+    /// [`NormMode::into_state`](crate::nn::NormMode::into_state), momentum-encoder averages,
+    /// queues). Hyperparameter inputs the fragments created (`ema.momentum`) become `hyper`
+    /// inputs of the step.
     pub norm: Fragment,
+    /// Values no gradient flows through (PyTorch's `detach`: SimSiam's stop-gradient branch,
+    /// Sinkhorn codes).
+    pub stop_gradient: HashSet<String>,
 }
 
 impl ForwardGraph {
@@ -282,7 +289,14 @@ impl ForwardGraph {
             loss,
             metrics: Vec::new(),
             norm: Fragment::default(),
+            stop_gradient: HashSet::new(),
         }
+    }
+
+    /// Stops the gradient at `value` (PyTorch: `value.detach()`).
+    pub fn stop_gradient(mut self, value: &Value) -> ForwardGraph {
+        self.stop_gradient.insert(value.name().to_string());
+        self
     }
 
     /// Adds a metric output.
@@ -320,6 +334,7 @@ pub fn build_train_step(
         loss,
         metrics,
         norm,
+        stop_gradient,
     } = forward;
     if loss.dtype() != DType::F32 || !loss.shape().iter().all(|d| d.fixed() == Some(1)) {
         return Err(TrainStepError::Loss {
@@ -366,10 +381,22 @@ pub fn build_train_step(
         metric_names.push(name.clone());
     }
     norm.declare_outputs(&mut b)?;
+    let norm_fragment = Fragment {
+        inputs: norm.inputs.clone(),
+        updates: Vec::new(),
+    };
+    if let Some(i) = norm.inputs.iter().find(|i| i.role == FragmentRole::State) {
+        return Err(TrainStepError::BufferState(i.name.clone()));
+    }
     let updated_buffers: HashSet<String> = norm.updates.iter().map(|u| u.name.clone()).collect();
     let model = b.finish();
     let graph = model.graph.as_ref().ok_or(AutodiffError::NoGraph)?;
-    let batch_inputs: Vec<String> = graph.input.iter().map(|i| i.name.clone()).collect();
+    let batch_inputs: Vec<String> = graph
+        .input
+        .iter()
+        .map(|i| i.name.clone())
+        .filter(|n| !norm_fragment.inputs.iter().any(|f| &f.name == n))
+        .collect();
     if metric_names.iter().any(|m| batch_inputs.contains(m)) {
         let m = metric_names.iter().find(|m| batch_inputs.contains(m));
         return Err(TrainStepError::ReservedName(m.cloned().unwrap_or_default()));
@@ -391,6 +418,7 @@ pub fn build_train_step(
     let mut req = GradRequest {
         loss: "loss".into(),
         wrt: wrt.clone(),
+        stop_gradient,
         ..GradRequest::default()
     };
     req.options.conv_weight_grad = config.conv_weight_grad;
@@ -533,6 +561,9 @@ pub fn build_train_step(
             }
             FragmentRole::Hyperparameter => {}
         }
+    }
+    for (name, default) in norm_fragment.hyperparameters() {
+        manifest = manifest.hyper(name, default);
     }
     for (name, default) in fragment.hyperparameters() {
         manifest = manifest.hyper(name, default);

@@ -392,6 +392,34 @@ impl GraphBuilder {
         Ok(())
     }
 
+    /// Changes the role of every parameter or buffer under `prefix` (whole name components:
+    /// `teacher` matches `teacher.conv1.weight`) to `kind`; returns how many changed. A
+    /// momentum encoder is built like its student, then becomes buffers: no gradient, state
+    /// updated by its own rule.
+    pub fn set_param_kind(&mut self, prefix: &str, kind: ParamKind) -> usize {
+        let mut n = 0;
+        for p in &mut self.params {
+            let under = p.name == prefix
+                || (p.name.starts_with(prefix) && p.name[prefix.len()..].starts_with('.'));
+            if under && p.kind != ParamKind::Constant && p.kind != kind {
+                p.kind = kind;
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// A handle on the initializer `name` (full name), to use it in new nodes.
+    pub fn initializer_handle(&self, name: &str) -> Option<Value> {
+        let &i = self.initializer_index.get(name)?;
+        let t = &self.initializers[i].1;
+        Some(Value {
+            name: name.to_string(),
+            dtype: t.dtype(),
+            shape: t.shape().iter().map(|&d| Dim::from(d)).collect(),
+        })
+    }
+
     /// The named initializers created so far (parameters, buffers and constants).
     pub fn params(&self) -> &[ParamInfo] {
         &self.params

@@ -240,7 +240,7 @@ pub(crate) fn expect_same_shape(
 
 impl Fragment {
     /// Creates a float64 scalar hyperparameter input `name` with `default`.
-    pub(crate) fn hyperparameter(
+    pub fn hyperparameter(
         &mut self,
         b: &mut GraphBuilder,
         name: &str,
@@ -273,7 +273,7 @@ impl Fragment {
     }
 
     /// Records that state `name` becomes `next`.
-    pub(crate) fn update(&mut self, name: &str, next: Value) {
+    pub fn update(&mut self, name: &str, next: Value) {
         self.updates.push(StateUpdate {
             name: name.to_string(),
             next,

@@ -1,0 +1,161 @@
+//! Unlabelled images as pretraining samples: each sample is the method's views of one image
+//! (`view0`, `view1`, ...) plus its per-sample host inputs.
+//!
+//! Images are decoded once at start, in parallel; files that don't decode are reported and
+//! skipped (the run goes on with the others). Decoded images are kept in memory when they fit in
+//! [`CACHE_BYTES`], else decoded again per sample.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use densa_exporter::Tensor;
+use densa_runtime::augment::{SampleSeed, ViewConfig};
+use densa_runtime::data::image::{is_image_file, read_rgb};
+use densa_runtime::train::{Batch, DataError, Samples};
+use image::RgbImage;
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+
+use super::{Pretext, PretextContext};
+
+/// Decoded images are cached up to this many bytes (RGB8).
+pub const CACHE_BYTES: usize = 1 << 30;
+
+/// An image file that could not be used, and why.
+#[derive(Clone, Debug)]
+pub struct Skipped {
+    pub path: PathBuf,
+    pub problem: String,
+}
+
+/// The image files under `dir` (recursively, sorted), e.g. a `densa synth` output's `images/`.
+pub fn image_files(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let entries = std::fs::read_dir(&d).map_err(|e| DataError::Source {
+            source_name: d.display().to_string(),
+            message: format!("cannot list the folder: {e}"),
+        })?;
+        for e in entries {
+            let path = e
+                .map_err(|e| DataError::Source {
+                    source_name: d.display().to_string(),
+                    message: e.to_string(),
+                })?
+                .path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if is_image_file(&path) {
+                out.push(path);
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Pretraining samples of one method over a list of image files.
+pub struct PretextSamples {
+    files: Vec<PathBuf>,
+    cache: Option<Vec<RgbImage>>,
+    views: Vec<ViewConfig>,
+    method: Arc<dyn Pretext>,
+    ctx: PretextContext,
+}
+
+impl PretextSamples {
+    /// Decodes every file (in parallel); returns the samples over the ones that decode and the
+    /// ones skipped.
+    pub fn new(
+        files: Vec<PathBuf>,
+        method: Arc<dyn Pretext>,
+        ctx: PretextContext,
+    ) -> (PretextSamples, Vec<Skipped>) {
+        let decoded: Vec<Result<RgbImage, String>> = files
+            .par_iter()
+            .map(|p| read_rgb(p).map_err(|e| e.to_string()))
+            .collect();
+        let mut kept = Vec::new();
+        let mut images = Vec::new();
+        let mut skipped = Vec::new();
+        for (path, r) in files.into_iter().zip(decoded) {
+            match r {
+                Ok(img) => {
+                    kept.push(path);
+                    images.push(img);
+                }
+                Err(problem) => skipped.push(Skipped { path, problem }),
+            }
+        }
+        let bytes: usize = images.iter().map(|i| i.as_raw().len()).sum();
+        let cache = (bytes <= CACHE_BYTES).then_some(images);
+        let views = method.views(ctx.image_size);
+        (
+            PretextSamples {
+                files: kept,
+                cache,
+                views,
+                method,
+                ctx,
+            },
+            skipped,
+        )
+    }
+
+    /// The files used.
+    pub fn files(&self) -> &[PathBuf] {
+        &self.files
+    }
+}
+
+impl Samples for PretextSamples {
+    fn len(&self) -> usize {
+        self.files.len()
+    }
+
+    fn sample(&mut self, index: usize, rng: &mut ChaCha8Rng) -> Result<Batch, DataError> {
+        let path = &self.files[index];
+        let decoded;
+        let img = match &self.cache {
+            Some(c) => &c[index],
+            None => {
+                decoded = read_rgb(path).map_err(|e| DataError::Source {
+                    source_name: path.display().to_string(),
+                    message: e.to_string(),
+                })?;
+                &decoded
+            }
+        };
+        let seed = SampleSeed::new(rng.next_u64(), 0, index as u64, 0);
+        let views: Vec<_> = self
+            .views
+            .iter()
+            .enumerate()
+            .map(|(k, v)| v.apply(img, seed.with_view(k as u64)))
+            .collect();
+        let mut out: Batch = views
+            .iter()
+            .enumerate()
+            .map(|(k, v)| (format!("view{k}"), Tensor::F32(v.pixels.clone().into_dyn())))
+            .collect();
+        let host = self
+            .method
+            .host_inputs(&self.ctx, &views)
+            .map_err(|e| DataError::Source {
+                source_name: path.display().to_string(),
+                message: e.to_string(),
+            })?;
+        out.extend(host);
+        Ok(out)
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "{} images for {}",
+            self.files.len(),
+            self.method.info().name
+        )
+    }
+}
