@@ -15,7 +15,7 @@ use densa_exporter::builder::{attr, Dim};
 use densa_exporter::{DType, GraphBuilder, Value};
 use densa_runtime::augment::ViewConfig;
 
-use super::mocov2::{contrastive_defaults, moco_views, two_view_inputs};
+use super::mocov2::{contrastive_defaults, moco_views, two_view_inputs, TINY};
 use super::ops::{self, ConvHead, MlpHead};
 use super::settings::{common, Hyper, Settings};
 use super::twin::momentum_twin;
@@ -31,6 +31,7 @@ pub static INFO: MethodInfo = MethodInfo {
     summary: "global + dense InfoNCE; positive key cell by backbone-feature argmax",
     hyper,
     create,
+    tiny: TINY,
 };
 
 fn hyper() -> Vec<Hyper> {

@@ -27,7 +27,11 @@ pub static INFO: MethodInfo = MethodInfo {
     summary: "global InfoNCE between a query and its momentum-encoder key, queue of negatives",
     hyper,
     create,
+    tiny: TINY,
 };
+
+/// Small heads and queue for smoke tests (see [`MethodInfo::tiny`]).
+pub const TINY: &[(&str, &str)] = &[("queue_size", "8"), ("hidden_dim", "16"), ("dim", "8")];
 
 fn hyper() -> Vec<Hyper> {
     let mut h = common("sgd", 0.03, 256, 1e-4);

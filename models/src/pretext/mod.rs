@@ -88,6 +88,9 @@ pub struct MethodInfo {
     pub hyper: fn() -> Vec<Hyper>,
     /// Builds the method from resolved settings.
     pub create: fn(Settings) -> Result<Box<dyn Pretext>, PretextError>,
+    /// Overrides that make the method small enough for smoke tests on 2 CPU cores (batch 4,
+    /// 32-pixel views, the edge backbone): narrow heads, short queues, few prototypes.
+    pub tiny: &'static [(&'static str, &'static str)],
 }
 
 impl fmt::Debug for MethodInfo {

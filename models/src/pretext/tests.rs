@@ -11,19 +11,16 @@ use rand_chacha::ChaCha8Rng;
 use super::*;
 use crate::train_step::{train_step_artifact, TrainStepConfig};
 
-/// Small settings every MoCo-style method accepts.
-fn tiny(extra: &[(&str, &str)]) -> Vec<(String, String)> {
-    let mut v: Vec<(String, String)> = [
-        ("queue_size", "8"),
-        ("hidden_dim", "16"),
-        ("dim", "8"),
-        ("momentum", "0.9"),
-    ]
-    .iter()
-    .chain(extra)
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect();
-    v.dedup_by(|a, b| a.0 == b.0);
+/// The method's smoke-test settings, EMA momentum 0.9, and `extra`.
+fn tiny(method: &str, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+    let info = method_info(method).unwrap();
+    let mut v: Vec<(String, String)> = info
+        .tiny
+        .iter()
+        .chain(&[("momentum", "0.9")])
+        .chain(extra)
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     v
 }
 
@@ -42,7 +39,7 @@ fn random(shape: &[usize], seed: u64) -> ArrayD<f32> {
 }
 
 fn artifact(method: &str, lr: &str) -> Artifact {
-    let m = create(method, &tiny(&[("lr", lr)])).unwrap();
+    let m = create(method, &tiny(method, &[("lr", lr)])).unwrap();
     let forward = m.build(&ctx()).unwrap();
     let config = TrainStepConfig::new(m.optimizer(ctx().batch).unwrap());
     train_step_artifact(forward, None, &config).unwrap()
