@@ -14,6 +14,8 @@ mod finetune;
 mod finetune_detect;
 mod finetune_segment;
 mod inspect;
+mod methods;
+mod pretrain;
 mod run;
 mod segment;
 mod synth;
@@ -63,6 +65,10 @@ pub enum Command {
     Segment(segment::SegmentArgs),
     /// Train a classifier (image folder or synthetic data) with checkpoints and resume.
     Train(train::TrainArgs),
+    /// Self-supervised pretraining of a backbone with a pretext method (`densa methods`).
+    Pretrain(pretrain::PretrainArgs),
+    /// List the pretext methods with their papers and default hyperparameters.
+    Methods(methods::MethodsArgs),
 }
 
 /// Backend selection, shared by the commands that run models.
@@ -122,5 +128,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Segment(args) => segment::run(args),
         Command::Train(args) => train::run(args),
         Command::Demo(args) => demo::run(args),
+        Command::Pretrain(args) => pretrain::run(args),
+        Command::Methods(args) => methods::run(args),
     }
 }

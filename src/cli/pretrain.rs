@@ -1,0 +1,283 @@
+//! `densa pretrain`: self-supervised pretraining of a backbone with one of the pretext methods
+//! of `densa methods`, on a folder of unlabelled images (or a `densa synth` output).
+//!
+//! The output directory holds `pretrain.json` (method, settings, backbone, batch, view size),
+//! `artifact/` (the train step, so a resume never depends on rebuilding it), `checkpoints/`,
+//! `train_log.jsonl`, `loss.png` and `backbone.safetensors` (the student backbone in
+//! torchvision names: `densa finetune --init DIR` and `densa export backbone --weights` take it).
+//! Running the same command again resumes from the newest checkpoint; a different method or
+//! settings on an existing run is refused.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use densa_exporter::weights::save_safetensors;
+use densa_models::pretext::data::{image_files, PretextSamples};
+use densa_models::pretext::{self, backbone_state, Pretext, PretextContext, Settings};
+use densa_models::train_step::{train_step_artifact, TrainStepConfig};
+use densa_models::Arch;
+use densa_runtime::open_backend;
+use densa_runtime::train::{
+    checkpoint, Artifact, DataSource, Length, Samples, Shuffled, StopReason, TrainOptions, Trainer,
+    WarmupCosine,
+};
+use serde::{Deserialize, Serialize};
+
+use super::BackendArgs;
+
+#[derive(Debug, Args)]
+pub struct PretrainArgs {
+    /// Pretext method (`densa methods` lists them): mocov2, densecl, ...
+    #[arg(long)]
+    pub method: String,
+    /// Backbone architecture: resnet18, resnet34, resnet50 or resnet-edge.
+    #[arg(long, default_value = "resnet-edge")]
+    pub arch: Arch,
+    /// Folder of unlabelled images (searched recursively), or a `densa synth` output (its
+    /// `images/` folder is used).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Training epochs (passes over the images); or --steps.
+    #[arg(long, conflicts_with = "steps")]
+    pub epochs: Option<u64>,
+    /// Training steps.
+    #[arg(long)]
+    pub steps: Option<u64>,
+    /// Images per step.
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    /// Side of the (large) views in pixels (the papers use 224).
+    #[arg(long, default_value_t = 64)]
+    pub image_size: u32,
+    /// Override a hyperparameter of the method (repeatable): `--set temperature=0.1`.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// A TOML file of hyperparameter overrides (flat `key = value`); --set wins over it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Checkpoint every this many steps (also on Ctrl-C and at the end).
+    #[arg(long, default_value_t = 200)]
+    pub checkpoint_every: u64,
+    /// Seed of the initial weights, the views and the data order.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Output directory (an existing run there is resumed).
+    #[arg(long)]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub backend: BackendArgs,
+}
+
+/// What a run was started with: a resume must match it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunSpec {
+    pub method: String,
+    pub arch: String,
+    pub batch: usize,
+    pub image_size: u32,
+    pub seed: u64,
+    /// Every hyperparameter, resolved.
+    pub settings: std::collections::BTreeMap<String, String>,
+}
+
+pub const SPEC_FILE: &str = "pretrain.json";
+pub const BACKBONE_FILE: &str = "backbone.safetensors";
+
+fn overrides(args: &PretrainArgs) -> Result<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    if let Some(path) = &args.config {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        out.extend(
+            Settings::parse_toml(&text)
+                .map_err(anyhow::Error::msg)
+                .with_context(|| format!("parsing {}", path.display()))?,
+        );
+    }
+    out.extend(Settings::parse_assignments(&args.set).map_err(anyhow::Error::msg)?);
+    Ok(out)
+}
+
+/// The images of `data`: its `images/` folder when it is a `densa synth` output.
+fn data_dir(data: &Path) -> Result<PathBuf> {
+    if !data.is_dir() {
+        bail!("--data {}: not a folder of images", data.display());
+    }
+    let images = data.join("images");
+    Ok(if images.is_dir() {
+        images
+    } else {
+        data.to_path_buf()
+    })
+}
+
+pub fn run(args: PretrainArgs) -> Result<()> {
+    let method: Arc<dyn Pretext> = Arc::from(pretext::create(&args.method, &overrides(&args)?)?);
+    let spec = RunSpec {
+        method: args.method.clone(),
+        arch: args.arch.name().to_string(),
+        batch: args.batch,
+        image_size: args.image_size,
+        seed: args.seed,
+        settings: method
+            .settings()
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    };
+    if args.batch < 2 {
+        bail!(
+            "--batch {}: contrastive methods need at least 2 images per step",
+            args.batch
+        );
+    }
+    let ctx = PretextContext {
+        arch: args.arch.config(),
+        batch: args.batch,
+        image_size: args.image_size,
+        seed: args.seed,
+    };
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let has_checkpoint = checkpoint::latest(&args.out)
+        .with_context(|| format!("looking for checkpoints in {}", args.out.display()))?
+        .is_some();
+    let spec_path = args.out.join(SPEC_FILE);
+    let artifact_dir = args.out.join("artifact");
+    let artifact = if has_checkpoint {
+        let text = std::fs::read_to_string(&spec_path)
+            .with_context(|| format!("reading {} to resume", spec_path.display()))?;
+        let old: RunSpec = serde_json::from_str(&text)
+            .with_context(|| format!("parsing {}", spec_path.display()))?;
+        if old != spec {
+            bail!(
+                "{} holds a run of `{}` with other settings ({}); use another --out, or the same \
+                 arguments to resume it",
+                args.out.display(),
+                old.method,
+                spec_path.display()
+            );
+        }
+        eprintln!(
+            "densa: resuming {} from {}",
+            spec.method,
+            args.out.display()
+        );
+        Artifact::load(&artifact_dir)
+            .with_context(|| format!("loading {}", artifact_dir.display()))?
+    } else {
+        eprintln!(
+            "densa: building the {} train step ({} at {}px, batch {})",
+            spec.method, spec.arch, spec.image_size, spec.batch
+        );
+        let forward = method
+            .build(&ctx)
+            .context("building the pretraining graph")?;
+        let mut config = TrainStepConfig::new(method.optimizer(args.batch)?);
+        config.task = Some("pretrain".into());
+        let artifact = train_step_artifact(forward, None, &config)
+            .context("composing the pretraining train step")?;
+        artifact
+            .save(&artifact_dir)
+            .with_context(|| format!("writing {}", artifact_dir.display()))?;
+        std::fs::write(&spec_path, serde_json::to_string_pretty(&spec)?)
+            .with_context(|| format!("writing {}", spec_path.display()))?;
+        artifact
+    };
+
+    let dir = data_dir(&args.data)?;
+    let files = image_files(&dir)?;
+    if files.is_empty() {
+        bail!("--data {}: no images (png, jpg, bmp, webp)", dir.display());
+    }
+    let (samples, skipped) = PretextSamples::new(files, method.clone(), ctx);
+    for s in &skipped {
+        eprintln!("densa: skipping {}: {}", s.path.display(), s.problem);
+    }
+    let n = samples.len();
+    for (key, value) in method.settings().iter() {
+        if key.starts_with("queue") {
+            if let pretext::HyperValue::Int(k) = value {
+                if *k as usize > n {
+                    eprintln!(
+                        "densa: warning: {key} = {k} exceeds the {n} images: the queue holds \
+                         several keys of the same image (--set {key}=... to shrink it)"
+                    );
+                }
+            }
+        }
+    }
+    let data = Shuffled::new(samples, args.batch).context("batching the images")?;
+    let per_epoch = data.batches_per_epoch();
+    let length = match (args.steps, args.epochs) {
+        (Some(s), _) => Length::Steps(s),
+        (None, Some(e)) => Length::Epochs(e),
+        (None, None) => Length::Epochs(100),
+    };
+    let total = match length {
+        Length::Steps(s) => s,
+        Length::Epochs(e) => e * per_epoch,
+    };
+    let lr = artifact
+        .manifest()
+        .input("optim.lr")
+        .and_then(|e| e.default)
+        .context("the artifact has no `optim.lr` input")?;
+    let cosine = WarmupCosine {
+        input: "optim.lr".into(),
+        peak: lr,
+        floor: 0.0,
+        warmup: method.settings().i64("warmup_steps").max(0) as u64,
+        total,
+    };
+    let m = method.clone();
+    let schedule = move |step: u64| {
+        let mut v = vec![("optim.lr".to_string(), cosine.at(step))];
+        v.extend(m.schedule(step, total));
+        v
+    };
+    let mut options = TrainOptions::new(&args.out);
+    options.seed = args.seed;
+    options.length = length;
+    options.checkpoint_every = args.checkpoint_every;
+    eprintln!(
+        "densa: pretraining {} on {n} images ({per_epoch} steps per epoch, {total} steps)",
+        spec.method
+    );
+    let backend = open_backend(args.backend.backend, &args.backend.options())
+        .context("opening the backend")?;
+    let mut trainer = if has_checkpoint {
+        Trainer::resume(
+            &args.out,
+            artifact,
+            backend.as_ref(),
+            data,
+            schedule,
+            options,
+        )
+    } else {
+        Trainer::new(artifact, backend.as_ref(), data, schedule, options)
+    }
+    .context("starting the trainer")?;
+    let summary = trainer.run().context("pretraining")?;
+    let backbone = backbone_state(&args.arch.config(), &trainer.state())?;
+    let path = args.out.join(BACKBONE_FILE);
+    save_safetensors(&backbone, &path).with_context(|| format!("writing {}", path.display()))?;
+    println!(
+        "step {} (epoch {}), last loss {}, backbone {} ({} tensors), log {}",
+        summary.position.step,
+        summary.position.epoch,
+        summary
+            .last_loss
+            .map_or("-".to_string(), |l| format!("{l:.5}")),
+        path.display(),
+        backbone.len(),
+        summary.log.display(),
+    );
+    if summary.stop == StopReason::Interrupted {
+        println!("interrupted; run the same command again to resume");
+    }
+    Ok(())
+}
