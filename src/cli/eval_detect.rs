@@ -16,6 +16,7 @@ use densa_runtime::data::coco::{check_results, load_dataset, Dataset, Detection 
 use densa_runtime::eval::coco::{evaluate, CocoEvaluation, CocoParams, IouType};
 use densa_runtime::infer::decode::decode;
 use densa_runtime::infer::preprocess::prepare;
+use densa_runtime::infer::spec::InputLayout;
 use densa_runtime::infer::ModelSpec;
 use densa_runtime::{open_backend, Backend, Tensor};
 use ndarray::Axis;
@@ -112,7 +113,13 @@ pub fn detect_dataset(
         seconds: 0.0,
     };
     let started = Instant::now();
-    for chunk in gt.images.chunks(batch.max(1)) {
+    // CHW models (torchvision's, densa's with NMS in the graph) take one image per run.
+    let batch = if spec.input.layout == InputLayout::Chw {
+        1
+    } else {
+        batch.max(1)
+    };
+    for chunk in gt.images.chunks(batch) {
         let mut loaded = Vec::new();
         for im in chunk {
             let path = images.join(&im.file_name);
@@ -132,7 +139,10 @@ pub fn detect_dataset(
             .map(|(_, img)| prepare(img, &spec.input))
             .collect();
         let views: Vec<_> = prepared.iter().map(|(x, _)| x.view()).collect();
-        let input = ndarray::stack(Axis(0), &views)?.into_dyn();
+        let mut input = ndarray::stack(Axis(0), &views)?.into_dyn();
+        if spec.input.layout == InputLayout::Chw {
+            input = input.index_axis_move(Axis(0), 0);
+        }
         let outputs = session
             .run(vec![(input_name.clone(), Tensor::F32(input))])
             .with_context(|| format!("running {model_label}"))?;

@@ -1,4 +1,4 @@
-//! `densa export detector --ckpt DIR --out MODEL.onnx [--top-k K]`: a fine-tuned detector as a
+//! `densa export detector --ckpt DIR --out MODEL.onnx [--top-k K] [--nms-in-graph]`: a fine-tuned detector as a
 //! self-describing inference model: batch norm folded, decoding in the graph (boxes in input
 //! pixels, scores, labels; top-k over locations x classes), and the `densa.spec` metadata
 //! (input size, letterbox, normalisation, output layout, class names) that lets
@@ -35,11 +35,14 @@ pub struct ExportDetectorArgs {
     /// Candidates kept per image before NMS.
     #[arg(long, default_value_t = 100)]
     pub top_k: usize,
-    /// Suppress in the graph (ONNX NonMaxSuppression) instead of on the host. Not available
-    /// yet: densa's detectors ship with host NMS (class-aware, in the spec).
+    /// Suppress in the graph (class-aware, ONNX NonMaxSuppression; runs on ONNX Runtime and
+    /// tract) instead of on the host. The model then takes one image `images [3, S, S]` and
+    /// outputs the kept detections `boxes [M, 4]`, `scores [M]`, `labels [M]`; its spec says
+    /// CHW input and no host NMS, so `densa detect` serves it one image per run.
     #[arg(long)]
     pub nms_in_graph: bool,
-    /// IoU threshold of the (host) NMS written into the spec.
+    /// IoU threshold of the NMS (in the graph with --nms-in-graph, else written into the spec
+    /// for the host).
     #[arg(long, default_value_t = 0.6)]
     pub nms_iou: f32,
 }
@@ -72,6 +75,16 @@ pub fn detector_spec(config: &DetectorConfig, nms_iou: f32) -> ModelSpec {
     }
 }
 
+/// The serving spec of a detector with NMS in the graph: one CHW image per run, outputs
+/// already suppressed (the `boxes-scores-labels` layout without host NMS, as torchvision's
+/// exports).
+pub fn detector_spec_nms_in_graph(config: &DetectorConfig, nms_iou: f32) -> ModelSpec {
+    let mut spec = detector_spec(config, nms_iou);
+    spec.input.layout = InputLayout::Chw;
+    spec.output.host_nms = false;
+    spec
+}
+
 /// The inference model of `config` with `state`, carrying its spec.
 pub fn detector_model(
     config: &DetectorConfig,
@@ -83,6 +96,22 @@ pub fn detector_model(
     Ok(config.inference_graph(
         Some(state),
         top_k,
+        &[(densa_runtime::infer::spec::SPEC_KEY, spec.as_str())],
+    )?)
+}
+
+/// [`detector_model`] with class-aware NMS (IoU `nms_iou`) in the graph.
+pub fn detector_model_nms_in_graph(
+    config: &DetectorConfig,
+    state: &StateDict,
+    top_k: usize,
+    nms_iou: f32,
+) -> Result<ModelProto> {
+    let spec = detector_spec_nms_in_graph(config, nms_iou).to_toml();
+    Ok(config.inference_graph_with(
+        Some(state),
+        top_k,
+        Some(nms_iou),
         &[(densa_runtime::infer::spec::SPEC_KEY, spec.as_str())],
     )?)
 }
@@ -124,25 +153,31 @@ pub fn load_checkpoint(dir: &Path) -> Result<(DetectorConfig, StateDict, PathBuf
 }
 
 pub fn run(args: ExportDetectorArgs) -> Result<()> {
-    if args.nms_in_graph {
-        bail!(
-            "--nms-in-graph is not available yet; the exported detector's spec runs class-aware \
-             NMS on the host (densa detect, densa eval detect)"
-        );
+    if !(args.nms_iou > 0.0 && args.nms_iou <= 1.0) {
+        bail!("--nms-iou {}: must be in (0, 1]", args.nms_iou);
     }
     let (config, state, from) = load_checkpoint(&args.ckpt)?;
-    let model = detector_model(&config, &state, args.top_k, args.nms_iou)
-        .with_context(|| format!("exporting the detector of {}", from.display()))?;
+    let model = if args.nms_in_graph {
+        detector_model_nms_in_graph(&config, &state, args.top_k, args.nms_iou)
+    } else {
+        detector_model(&config, &state, args.top_k, args.nms_iou)
+    }
+    .with_context(|| format!("exporting the detector of {}", from.display()))?;
     densa_exporter::io::save(&model, &args.out)
         .with_context(|| format!("writing {}", args.out.display()))?;
     eprintln!(
-        "densa: wrote {} ({} on {}, {} classes, {}x{} input, from {})",
+        "densa: wrote {} ({} on {}, {} classes, {}x{} input, NMS {}, from {})",
         args.out.display(),
         "FCOS",
         config.arch,
         config.classes.len(),
         config.image_size,
         config.image_size,
+        if args.nms_in_graph {
+            "in the graph"
+        } else {
+            "on the host"
+        },
         from.display()
     );
     Ok(())

@@ -2,10 +2,12 @@
 //! backbone (random, imported or self-supervised) on a COCO-format dataset. The arguments are
 //! shared; each task lives in its own module.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use anyhow::Result;
+use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
+use densa_exporter::weights::{self, StateDict, WeightsError};
+use densa_exporter::{GraphBuilder, ParamKind, Tensor};
 use densa_models::Arch;
 
 use super::BackendArgs;
@@ -44,8 +46,10 @@ pub struct FinetuneArgs {
     /// Validation masks folder for `--task segment` (default: `masks/` beside --val-data).
     #[arg(long)]
     pub val_masks: Option<PathBuf>,
-    /// Backbone initialisation: `random`, or a weights file (safetensors, .pth) or a
-    /// pretraining checkpoint directory.
+    /// Backbone initialisation: `random`, a weights file (safetensors, .pth; torchvision
+    /// parameter names, a key prefix such as `module.` or `backbone.` is detected), or a
+    /// directory holding `backbone.safetensors` (what `densa pretrain` writes). Only the
+    /// backbone is loaded; the FPN and heads start random.
     #[arg(long, default_value = "random")]
     pub init: String,
     /// Train on this fraction of the labelled images (deterministic per --seed), e.g. 0.1.
@@ -88,4 +92,137 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
         Task::Detect => super::finetune_detect::run(&args),
         Task::Segment => super::finetune_segment::run(&args),
     }
+}
+
+/// The file a pretraining run directory keeps its backbone in (torchvision names, no prefix).
+pub const PRETRAINED_BACKBONE: &str = "backbone.safetensors";
+
+/// Key prefixes preferred, in this order, when several fit the backbone (a MoCo checkpoint
+/// holds both the query and the key encoder): the query/online encoder is the one to use.
+const PREFERRED_PREFIXES: [&str; 6] = [
+    "",
+    "backbone.",
+    "module.encoder_q.",
+    "encoder_q.",
+    "module.backbone.",
+    "module.",
+];
+
+/// Backbone weights read for `--init`, matched to the architecture's parameter names.
+pub struct BackboneInit {
+    /// The file they came from.
+    pub path: PathBuf,
+    /// Exactly the backbone's parameters and buffers, by the model's names.
+    pub tensors: StateDict,
+    /// The key prefix stripped from the file's keys (`""` for none).
+    pub prefix: String,
+    /// How many of the file's keys the backbone did not use (heads, other encoders...).
+    pub unused: usize,
+}
+
+impl BackboneInit {
+    /// One line for the log: what was loaded from where.
+    pub fn describe(&self) -> String {
+        let prefix = if self.prefix.is_empty() {
+            "no key prefix".to_string()
+        } else {
+            format!("key prefix `{}`", self.prefix)
+        };
+        format!(
+            "init: loaded {} backbone tensors from {} ({prefix}; {} other keys unused); FPN and \
+             heads start random",
+            self.tensors.len(),
+            self.path.display(),
+            self.unused
+        )
+    }
+}
+
+/// Reads `--init`: `None` for `random`; else the backbone of `arch` from a weights file or from
+/// `DIR/backbone.safetensors`. Errors name the file, and for a wrong architecture each missing
+/// or wrong-shaped tensor with both shapes.
+pub fn load_backbone_init(init: &str, arch: Arch) -> Result<Option<BackboneInit>> {
+    if init == "random" {
+        return Ok(None);
+    }
+    let given = Path::new(init);
+    if !given.exists() {
+        bail!("--init {init}: no such file or directory (expected `random`, a weights file or a pretraining directory)");
+    }
+    let path = if given.is_dir() {
+        let file = given.join(PRETRAINED_BACKBONE);
+        if !file.is_file() {
+            bail!(
+                "--init {init}: the directory has no {PRETRAINED_BACKBONE} (what `densa pretrain` \
+                 writes); pass the weights file itself otherwise"
+            );
+        }
+        file
+    } else {
+        given.to_path_buf()
+    };
+    let sd = weights::load(&path).with_context(|| format!("--init: reading {}", path.display()))?;
+    let mut b = GraphBuilder::new("backbone-names", 0);
+    arch.config()
+        .init(&mut b)
+        .context("building the backbone's parameter list")?;
+    let expected: Vec<(String, Vec<usize>)> = b
+        .params()
+        .iter()
+        .filter(|p| p.kind != ParamKind::Constant)
+        .map(|p| (p.name.clone(), p.shape.clone()))
+        .collect();
+    let matched = match weights::match_parameters(&sd, &expected, None) {
+        Err(WeightsError::AmbiguousPrefix { candidates, .. }) => {
+            let Some(prefix) = PREFERRED_PREFIXES
+                .iter()
+                .find(|p| candidates.iter().any(|c| c == *p))
+            else {
+                let e = weights::match_parameters(&sd, &expected, None).unwrap_err();
+                return Err(e).context(format!("--init: {} as a {arch} backbone", path.display()));
+            };
+            weights::match_parameters(&sd, &expected, Some(prefix))
+        }
+        other => other,
+    }
+    .with_context(|| format!("--init: {} as a {arch} backbone", path.display()))?;
+    for (name, t) in matched.tensors.iter() {
+        if t.dtype().is_float() && t.to_f32().iter().any(|v| !v.is_finite()) {
+            bail!(
+                "--init: {}: tensor `{}{name}` holds NaN or infinite values",
+                path.display(),
+                matched.prefix
+            );
+        }
+    }
+    let unused = matched
+        .unexpected
+        .iter()
+        .filter(|k| !k.ends_with("num_batches_tracked"))
+        .count();
+    Ok(Some(BackboneInit {
+        path,
+        tensors: matched.tensors,
+        prefix: matched.prefix,
+        unused,
+    }))
+}
+
+/// Overlays the backbone weights on a freshly initialised model's builder (the backbone's
+/// parameters carry torchvision names there too); everything else keeps its initialisation.
+pub fn apply_backbone_init(b: &mut GraphBuilder, init: &BackboneInit) -> Result<()> {
+    for (name, t) in init.tensors.iter() {
+        let value = if t.dtype().is_float() {
+            Tensor::F32(t.to_f32())
+        } else {
+            t.clone()
+        };
+        b.set_initializer(name, value).with_context(|| {
+            format!(
+                "--init {}: setting the model's `{name}`",
+                init.path.display()
+            )
+        })?;
+    }
+    Ok(())
 }

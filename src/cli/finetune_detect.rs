@@ -40,7 +40,7 @@ use serde::{Deserialize, Serialize};
 
 use super::eval_detect::{evaluate_model, images_dir};
 use super::export_detector::{detector_model, detector_spec, BEST_DIR, CONFIG_FILE, STATE_FILE};
-use super::finetune::FinetuneArgs;
+use super::finetune::{apply_backbone_init, load_backbone_init, BackboneInit, FinetuneArgs};
 
 /// Default learning rate (AdamW peak).
 const DEFAULT_LR: f64 = 2e-3;
@@ -168,14 +168,19 @@ impl Samples for DetectSamples {
     }
 }
 
-/// The train-step artifact of a detector: AdamW, clipping, `optim.lr` scheduled by the host.
+/// The train-step artifact of a detector: AdamW, clipping, `optim.lr` scheduled by the host;
+/// the backbone from `init` when given (the rest initialised from `seed`).
 pub fn detector_artifact(
     config: &DetectorConfig,
     seed: u64,
     lr: f64,
     freeze_backbone: bool,
+    init: Option<&BackboneInit>,
 ) -> Result<Artifact> {
-    let (b, losses) = config.training_forward(seed)?;
+    let (mut b, losses) = config.training_forward(seed)?;
+    if let Some(init) = init {
+        apply_backbone_init(&mut b, init)?;
+    }
     let forward = ForwardGraph::new(b, losses.loss)
         .norm_state(losses.norm_state)
         .metric(names::LOSS_CLS, losses.cls)
@@ -264,13 +269,6 @@ pub fn run(args: &FinetuneArgs) -> Result<()> {
 
 /// Runs the fine-tuning `args` describe; `say` gets the progress lines (validations).
 pub fn finetune(args: &FinetuneArgs, say: &dyn Fn(String)) -> Result<FinetuneOutcome> {
-    if args.init != "random" {
-        bail!(
-            "--init {}: only `random` is available for detectors yet (pretrained backbones land \
-             with the pretraining issue)",
-            args.init
-        );
-    }
     let images = images_dir(&args.data, args.images.as_deref());
     let source = CocoSource::open(&CocoSpec {
         annotations: args.data.clone(),
@@ -343,8 +341,12 @@ pub fn finetune(args: &FinetuneArgs, say: &dyn Fn(String)) -> Result<FinetuneOut
         config.image_size,
         val_gt.images.len()
     ));
+    let init = load_backbone_init(&args.init, args.arch)?;
+    if let Some(init) = &init {
+        say(init.describe());
+    }
     let lr = args.lr.unwrap_or(DEFAULT_LR);
-    let artifact = detector_artifact(&config, args.seed, lr, args.freeze_backbone)
+    let artifact = detector_artifact(&config, args.seed, lr, args.freeze_backbone, init.as_ref())
         .context("building the detector's train step")?;
     let backend = open_backend(args.backend.backend, &args.backend.options())?;
     let source = Arc::new(source);

@@ -49,7 +49,7 @@ use rand::RngExt;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use super::finetune::FinetuneArgs;
+use super::finetune::{apply_backbone_init, load_backbone_init, FinetuneArgs};
 
 /// Defaults of the segment task.
 const DEFAULT_LR: f64 = 3e-3;
@@ -240,13 +240,6 @@ fn model_state(state: &StateDict, run: &SegmenterRun) -> Result<StateDict> {
 }
 
 pub fn run(args: &FinetuneArgs) -> Result<()> {
-    if args.init != "random" {
-        bail!(
-            "--init {}: loading backbone weights into a segmenter is not available yet; use \
-             --init random",
-            args.init
-        );
-    }
     let source = Arc::new(open_source(&args.data, &args.images, &args.masks)?);
     let classes = source.segment_classes().to_vec();
     let size = args.image_size.unwrap_or(DEFAULT_IMAGE_SIZE);
@@ -299,7 +292,11 @@ pub fn run(args: &FinetuneArgs) -> Result<()> {
     .with_context(|| format!("writing {}", subset_path.display()))?;
 
     // The train step: forward + loss, AdamW, (frozen backbone).
-    let forward = segment::training_forward(&run.model, size as usize, args.seed)?;
+    let mut forward = segment::training_forward(&run.model, size as usize, args.seed)?;
+    if let Some(init) = load_backbone_init(&args.init, args.arch)? {
+        eprintln!("densa: {}", init.describe());
+        apply_backbone_init(&mut forward.builder, &init)?;
+    }
     let eval = segment::inference_graph(&run.model, None, &[], args.seed)?;
     let lr = args.lr.unwrap_or(DEFAULT_LR);
     let mut config = TrainStepConfig::new(OptimizerConfig::adamw(lr, WEIGHT_DECAY));

@@ -564,13 +564,47 @@ impl DetectorConfig {
         top_k: usize,
         metadata: &[(&str, &str)],
     ) -> Result<ModelProto, DetectError> {
+        self.inference_graph_with(state, top_k, None, metadata)
+    }
+
+    /// [`inference_graph`](Self::inference_graph), with class-aware NMS in the graph when
+    /// `nms_iou` is given: then the input is one image `images [3, S, S]` (CHW, as torchvision's
+    /// detection exports) and the outputs are the kept detections `boxes [M, 4]`, `scores [M]`,
+    /// `labels [M]` (int64), `M <= K` only known at run time.
+    ///
+    /// The NMS is the standard ONNX `NonMaxSuppression` (opset 10+, runs on ONNX Runtime and
+    /// tract) over the top-K candidates: each candidate scores its own class and `-1` in the
+    /// others (`[1, C, K]`), and a score threshold of `-0.5` drops those fillers, so candidates
+    /// of different classes never suppress each other; a box is suppressed when its IoU with a
+    /// kept box of its class exceeds `nms_iou` (the host NMS's rule). Kept indices are gathered
+    /// back into boxes, scores and labels; their order is NonMaxSuppression's (by class, then
+    /// score).
+    ///
+    /// # Shapes
+    /// `images [3, S, S]` -> `boxes [M, 4]`, `scores [M]`, `labels [M]`.
+    pub fn inference_graph_with(
+        &self,
+        state: Option<&StateDict>,
+        top_k: usize,
+        nms_iou: Option<f32>,
+        metadata: &[(&str, &str)],
+    ) -> Result<ModelProto, DetectError> {
         let mut b = GraphBuilder::new("densa-fcos", 0);
         let s = self.image_size as i64;
-        let images = b.input(
-            names::IMAGES,
-            DType::F32,
-            vec![Dim::from("N"), 3.into(), s.into(), s.into()],
-        )?;
+        let images = if nms_iou.is_some() {
+            let chw = b.input(
+                names::IMAGES,
+                DType::F32,
+                vec![3.into(), s.into(), s.into()],
+            )?;
+            b.reshape(&chw, &[1, 3, s, s])?
+        } else {
+            b.input(
+                names::IMAGES,
+                DType::F32,
+                vec![Dim::from("N"), 3.into(), s.into(), s.into()],
+            )?
+        };
         let net = self.init(&mut b)?;
         if let Some(state) = state {
             crate::export::set_state(&mut b, state).map_err(|e| match e {
@@ -648,6 +682,12 @@ impl DetectorConfig {
             Ok([picked, top_scores.clone(), labels])
         })?;
         let [boxes, scores, labels] = outs;
+        let [boxes, scores, labels] = match nms_iou {
+            None => [boxes, scores, labels],
+            Some(iou) => b.scoped("nms", |b| {
+                nms_in_graph(b, &boxes, &scores, &labels, c, k, iou)
+            })?,
+        };
         b.output(&boxes, "boxes")?;
         b.output(&scores, "scores")?;
         b.output(&labels, "labels")?;
@@ -675,6 +715,68 @@ impl DetectorConfig {
         }
         Ok(sd)
     }
+}
+
+/// Class-aware NMS over one image's top-K candidates with ONNX `NonMaxSuppression` (see
+/// [`DetectorConfig::inference_graph_with`]).
+///
+/// # Shapes
+/// `boxes [1, K, 4]`, `scores [1, K]`, `labels [1, K]` (int64) -> `[M, 4]`, `[M]`, `[M]`.
+fn nms_in_graph(
+    b: &mut GraphBuilder,
+    boxes: &Value,
+    scores: &Value,
+    labels: &Value,
+    classes: usize,
+    k: i64,
+    iou: f32,
+) -> Result<[Value; 3], BuildError> {
+    let c = classes as i64;
+    let class_ids = b.constant(Tensor::I64(
+        ArrayD::from_shape_vec(vec![1, classes, 1], (0..c).collect()).expect("[1, C, 1]"),
+    ));
+    let labels3 = b.reshape(labels, &[1, 1, k])?;
+    let mine = b.equal(&labels3, &class_ids)?;
+    let scores3 = b.reshape(scores, &[1, 1, k])?;
+    let filler = b.const_f32(-1.0);
+    let per_class = b.select(&mine, &scores3, &filler)?;
+    let max_out = b.const_i64(&[k]);
+    let iou = b.constant(Tensor::F32(ArrayD::from_elem(vec![1], iou)));
+    let floor = b.constant(Tensor::F32(ArrayD::from_elem(vec![1], -0.5)));
+    let selected = b.node1(
+        "NonMaxSuppression",
+        None,
+        &[boxes, &per_class, &max_out, &iou, &floor],
+        vec![attr::int("center_point_box", 0)],
+        DType::I64,
+        vec![Dim::from("M"), Dim::Fixed(3)],
+    );
+    let column = b.constant(Tensor::I64(ArrayD::from_elem(vec![], 2)));
+    let kept = b.node1(
+        "Gather",
+        None,
+        &[&selected, &column],
+        vec![attr::int("axis", 1)],
+        DType::I64,
+        vec![Dim::from("M")],
+    );
+    let boxes2 = b.reshape(boxes, &[k, 4])?;
+    let scores1 = b.reshape(scores, &[k])?;
+    let labels1 = b.reshape(labels, &[k])?;
+    let mut gather = |x: &Value, dtype: DType, shape: Vec<Dim>| {
+        b.node1(
+            "Gather",
+            None,
+            &[x, &kept],
+            vec![attr::int("axis", 0)],
+            dtype,
+            shape,
+        )
+    };
+    let out_boxes = gather(&boxes2, DType::F32, vec![Dim::from("M"), Dim::Fixed(4)]);
+    let out_scores = gather(&scores1, DType::F32, vec![Dim::from("M")]);
+    let out_labels = gather(&labels1, DType::I64, vec![Dim::from("M")]);
+    Ok([out_boxes, out_scores, out_labels])
 }
 
 #[cfg(test)]
