@@ -6,8 +6,8 @@
 #   benches/pretrain_overhead.sh [ARCH] [IMAGE_SIZE] [BATCH] [STEPS] [BACKEND]
 #   defaults:                     resnet-edge 64     32      12      ort
 #
-# Data: 256 `densa synth` scenes (the step time does not depend on the content). Every method
-# runs with its paper defaults except `queue_size`/`queue_length`, shrunk to 4096 so the queue
+# Data: 1024 `densa synth` scenes (the step time does not depend on the content). Every method
+# runs with its paper defaults except `queue_size`/`queue_length`, shrunk to 1024 so the queue
 # is not the thing measured (MoCo-v2 gets the same). The step time is the median difference of
 # consecutive `time_s` in the JSONL log, first two steps excluded, so graph building and
 # loading are not counted; view augmentation on the host is. DENSA_BIN picks the binary
@@ -25,7 +25,7 @@ if [[ -z "${DENSA_BIN:-}" ]]; then
 fi
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-"$DENSA_BIN" synth --out "$work/scenes" --images 256 --size "${size}x${size}" --seed 0 >/dev/null
+"$DENSA_BIN" synth --out "$work/scenes" --images 1024 --size "${size}x${size}" --seed 0 >/dev/null
 
 step_s() { python3 - "$1" <<'PY'
 import json, statistics, sys
@@ -41,7 +41,7 @@ for m in $methods; do
   extra=()
   for key in queue_size queue_length; do
     if "$DENSA_BIN" methods --json | python3 -c "import json,sys; ms={m['name']:m for m in json.load(sys.stdin)}; sys.exit(0 if '$key' in ms['$m']['hyperparameters'] and ms['$m']['hyperparameters']['$key'] > 0 else 1)"; then
-      extra+=(--set "$key=4096")
+      extra+=(--set "$key=1024")
     fi
   done
   if ! "$DENSA_BIN" pretrain --method "$m" --arch "$arch" --data "$work/scenes" --steps "$steps" \

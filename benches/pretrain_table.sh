@@ -16,10 +16,13 @@
 #   PT_BATCH     pretraining batch [32]     PT_SIZE  pretraining view size [64]
 #   FT_EPOCHS    fine-tuning epochs at 10% labels [24]; at 1% labels 10x as many (same steps)
 #   FRACTIONS    label fractions ["0.1 0.01"]
-#   BACKEND      ort or tract [ort]       OUT  work directory [a temporary one, kept]
+#   QUEUE        length of every method's queues [1024, a third of the 3000 scenes]
+#   BACKEND      ort or tract [ort]       OUT  work directory [a temporary one, kept; re-running
+#                with the same OUT skips what is done]
 #   DENSA_BIN    the binary [a release build]
 # Every method uses its paper defaults except the queues (`queue_size`/`queue_length`), shrunk
-# to 4096 keys for 3000 images. The fine-tuning recipe is the same for every initialisation:
+# to QUEUE keys (the papers' 65536 is half of COCO; a queue longer than the data set holds stale
+# keys of the query's own image as negatives). The fine-tuning recipe is the same for every initialisation:
 # the task's defaults (the detector's and the segmenter's lr and augmentation), model selection
 # on the held-out scenes every quarter of the epochs (the number reported is the best).
 set -euo pipefail
@@ -39,6 +42,7 @@ PT_SIZE=${PT_SIZE:-64}
 FT_EPOCHS=${FT_EPOCHS:-24}
 FRACTIONS=${FRACTIONS:-0.1 0.01}
 BACKEND=${BACKEND:-ort}
+QUEUE=${QUEUE:-1024}
 OUT=${OUT:-$(mktemp -d)}
 mkdir -p "$OUT"
 echo "work directory: $OUT"
@@ -49,7 +53,7 @@ queue_overrides() {
   "$DENSA_BIN" methods --json | python3 -c "
 import json, sys
 m = {m['name']: m for m in json.load(sys.stdin)}['$1']['hyperparameters']
-print(' '.join(f'--set {k}=4096' for k in ('queue_size', 'queue_length') if m.get(k, 0) > 0))"
+print(' '.join(f'--set {k}=$QUEUE' for k in ('queue_size', 'queue_length') if m.get(k, 0) > 0))"
 }
 
 results="$OUT/results.jsonl"
@@ -71,6 +75,9 @@ for seed in $SEEDS; do
       epochs=$(python3 -c "print(max(1, round($FT_EPOCHS * 0.1 / $frac)))")
       for task in detect segment; do
         ft="$OUT/finetune/$task-$init-f$frac-s$seed"
+        if [[ -f "$results" ]] && grep -q "\"task\": \"$task\", \"init\": \"$init\", \"fraction\": $(python3 -c "print(float($frac))"), \"seed\": $seed," "$results"; then
+          continue
+        fi
         echo "== fine-tuning $task from $init on $frac of the labels (seed $seed, $epochs epochs)"
         "$DENSA_BIN" finetune --task "$task" --data "$OUT/data/train/annotations.json" \
           --val-data "$OUT/data/val/annotations.json" --init "$init_arg" \
