@@ -29,6 +29,7 @@ pub mod data;
 pub mod densecl;
 pub mod mocov2;
 pub mod ops;
+pub mod pixpro;
 pub mod registry;
 pub mod settings;
 pub mod twin;
