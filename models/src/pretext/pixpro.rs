@@ -115,7 +115,7 @@ pub fn momentum_ramp(base: f64, step: u64, total: u64) -> f64 {
 pub enum PpmTransform {
     Identity,
     Conv(Conv2d),
-    Mlp(ConvHead),
+    Mlp(Box<ConvHead>),
 }
 
 impl PpmTransform {
@@ -129,7 +129,7 @@ impl PpmTransform {
         Ok(match layers {
             0 => PpmTransform::Identity,
             1 => PpmTransform::Conv(Conv2dConfig::new(dim, dim, 1).init(b, name)?),
-            2 => PpmTransform::Mlp(ConvHead::init(b, name, dim, dim, dim, true)?),
+            2 => PpmTransform::Mlp(Box::new(ConvHead::init(b, name, dim, dim, dim, true)?)),
             _ => {
                 return Err(PretextError::Invalid {
                     method: "pixpro".into(),

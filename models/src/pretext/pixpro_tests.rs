@@ -127,6 +127,38 @@ pub(crate) fn run_step(
     (inputs.into_iter().collect(), out.into_iter().collect())
 }
 
+/// The losses of `steps` train steps on tract over one fixed batch (random views, `host`),
+/// the state fed back from each step's outputs.
+pub(crate) fn losses_over_steps(
+    a: &Artifact,
+    host: &HashMap<String, Tensor>,
+    steps: usize,
+) -> Vec<f32> {
+    let (mut inputs, _) = run_step(a, host);
+    let names: Vec<(String, Option<String>)> = a
+        .manifest()
+        .inputs
+        .iter()
+        .map(|e| (e.name.clone(), e.next.clone()))
+        .collect();
+    let mut session = TractBackend::new().load_model(a.graph(), "step").unwrap();
+    let mut losses = Vec::new();
+    for _ in 0..steps {
+        let feed: Vec<(String, Tensor)> = names
+            .iter()
+            .map(|(n, _)| (n.clone(), inputs[n].clone()))
+            .collect();
+        let out: HashMap<String, Tensor> = session.run(feed).unwrap().into_iter().collect();
+        losses.push(out["loss"].to_f32().iter().next().copied().unwrap());
+        for (n, next) in &names {
+            if let Some(next) = next {
+                inputs.insert(n.clone(), out[next].clone());
+            }
+        }
+    }
+    losses
+}
+
 /// The momentum encoder is made of buffers (no gradient, no optimizer slot) and its update is
 /// exactly `m t + (1 - m) s` with `m` 0.9; returns how many tensors were checked.
 pub(crate) fn check_ema(
@@ -219,7 +251,8 @@ fn positive_mask_equals_brute_force_in_original_coordinates() {
     assert!(e.contains("2 views"), "{e}");
 }
 
-/// `y = PPM(x)` and the loss of one direction, written out in f64.
+/// `y = PPM(x)` written out in f64 (`[n][channel][cell]`).
+#[allow(clippy::needless_range_loop)] // index-by-index on purpose: a reference
 fn ppm_reference(
     x: &ArrayD<f32>,
     w: &ArrayD<f32>,
@@ -438,4 +471,17 @@ fn two_batch_norm_passes_update_the_running_statistics_in_sequence() {
         assert!((got_m - mean).abs() < 1e-6, "{got_m} vs {mean}");
         assert!((got_v - var).abs() < 1e-6, "{got_v} vs {var}");
     }
+}
+
+#[test]
+fn a_few_steps_on_one_batch_lower_the_loss() {
+    let a = artifact("pixpro", &[("lr", "4.0")]);
+    let mut host = HashMap::new();
+    host.insert(
+        POSITIVE_MASK.to_string(),
+        Tensor::F32(ArrayD::from_elem(vec![ctx().batch, 1, 1], 1.0)),
+    );
+    let losses = losses_over_steps(&a, &host, 8);
+    assert!(losses.iter().all(|l| l.is_finite()), "{losses:?}");
+    assert!(losses[7] < losses[0] - 0.05, "{losses:?}");
 }
