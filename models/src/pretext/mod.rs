@@ -27,6 +27,7 @@
 
 pub mod data;
 pub mod densecl;
+pub mod densesiam;
 pub mod mocov2;
 pub mod ops;
 pub mod pixpro;

@@ -84,13 +84,20 @@ pub(crate) fn run_graph(b: GraphBuilder, inputs: Vec<(&str, Tensor)>) -> HashMap
     .collect()
 }
 
-/// The train-step artifact of `method` with its tiny settings, EMA momentum 0.9 and `extra`.
+/// The train-step artifact of `method` with its tiny settings, EMA momentum 0.9 (if it has
+/// one) and `extra`.
 pub(crate) fn artifact(method: &str, extra: &[(&str, &str)]) -> Artifact {
     let info = method_info(method).unwrap();
+    let has_momentum = (info.hyper)().iter().any(|h| h.key == "momentum");
+    let momentum: &[(&str, &str)] = if has_momentum {
+        &[("momentum", "0.9")]
+    } else {
+        &[]
+    };
     let overrides: Vec<(String, String)> = info
         .tiny
         .iter()
-        .chain(&[("momentum", "0.9")])
+        .chain(momentum)
         .chain(extra)
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();

@@ -6,7 +6,12 @@ use super::{densecl, mocov2, MethodInfo, Pretext, PretextError};
 
 /// The methods, baseline first.
 pub fn methods() -> Vec<&'static MethodInfo> {
-    vec![&mocov2::INFO, &densecl::INFO, &super::pixpro::INFO]
+    vec![
+        &mocov2::INFO,
+        &densecl::INFO,
+        &super::pixpro::INFO,
+        &super::densesiam::INFO,
+    ]
 }
 
 /// The method called `name`.
