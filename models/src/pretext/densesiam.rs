@@ -308,7 +308,7 @@ impl Pretext for DenseSiam {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::collections::HashMap;
 
     use densa_exporter::{Init, ParamKind};
@@ -367,7 +367,7 @@ mod tests {
     }
 
     /// PyTorch's `grid_sample(bilinear, border, align_corners=False)` of one channel.
-    fn bilinear(x: &ArrayD<f32>, n: usize, c: usize, gx: f32, gy: f32) -> f64 {
+    pub(crate) fn bilinear(x: &ArrayD<f32>, n: usize, c: usize, gx: f32, gy: f32) -> f64 {
         let (h, w) = (x.shape()[2], x.shape()[3]);
         let unnorm = |g: f32, size: usize| {
             let p = ((g as f64 + 1.0) * size as f64 - 1.0) / 2.0;

@@ -28,6 +28,7 @@
 pub mod data;
 pub mod densecl;
 pub mod densesiam;
+pub mod lcloss;
 pub mod mocov2;
 pub mod ops;
 pub mod pixpro;

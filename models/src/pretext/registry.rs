@@ -11,6 +11,7 @@ pub fn methods() -> Vec<&'static MethodInfo> {
         &densecl::INFO,
         &super::pixpro::INFO,
         &super::densesiam::INFO,
+        &super::lcloss::INFO,
     ]
 }
 
