@@ -9,6 +9,8 @@
 //! of one view and cell `i` of the other show the same point of the original image; the loss is
 //! SimSiam's symmetric negative cosine `D(p0, sg(z1)) / 2 + D(p1, sg(z0)) / 2` per lattice cell
 //! (`sg`: stop-gradient, [`ForwardGraph::stop_gradient`]), averaged over cells and images.
+//! *Region consistency* adds `0.1 x` an InfoNCE between region embeddings pooled from the
+//! overlap of the two views (temperature 0.1, see below).
 //! SGD, lr 0.05 at batch 256, weight decay 1e-4 (SimSiam's values).
 //!
 //! Our choices:
@@ -21,10 +23,16 @@
 //!   overlap get `densesiam.valid = 0` and no pixel loss (the loss averages over valid images).
 //! - Host inputs per sample: `densesiam.grid0`, `densesiam.grid1` (`[S, S, 2]`, `(x, y)` in
 //!   `[-1, 1]`) and `densesiam.valid` (`[1]`).
-//! - Not implemented: DenseSiam's *region consistency* (InfoNCE between region embeddings of the
-//!   two views, T 0.1, weight 0.1) and an image-level SimSiam term; SimSiam's fixed predictor
-//!   learning rate (the predictor follows the same cosine schedule here); the projector has two
-//!   layers (SimSiam's has three, with a BN on its output).
+//! - *Region consistency* ([`region_consistency`], weight `region_weight` 0.1, temperature
+//!   `region_temperature` 0.1): a 1x1 conv `head.region` (`dim -> num_regions`, our default 4)
+//!   and a softmax give each lattice point of a view a soft assignment to regions; a region's
+//!   embedding is the assignment-weighted mean of that view's resampled projector features (each
+//!   view uses its own assignment, so the same head must find the same region in both); InfoNCE
+//!   pairs the two views' embeddings of the same (image, region) against every other region of
+//!   the batch, both directions. The region term is differentiable all the way (no stop-gradient).
+//! - Not implemented: an image-level SimSiam term; SimSiam's fixed predictor learning rate (the
+//!   predictor follows the same cosine schedule here); the projector has two layers (SimSiam's
+//!   has three, with a BN on its output).
 //! - Running statistics of the two views' passes are chained as two PyTorch calls would
 //!   ([`super::pixpro::chain_norm_state`]).
 
@@ -38,7 +46,7 @@ use super::ops::{self, ConvHead};
 use super::pixpro::{chain_norm_state, C5_STRIDE};
 use super::settings::{common, Hyper, Settings};
 use super::{MethodInfo, Pretext, PretextContext, PretextError};
-use crate::nn::NormMode;
+use crate::nn::{Conv2d, Conv2dConfig, NormMode};
 use crate::train_step::ForwardGraph;
 
 pub static INFO: MethodInfo = MethodInfo {
@@ -77,6 +85,17 @@ fn hyper() -> Vec<Hyper> {
             "grid_size",
             7,
             "side of the lattice of overlap points compared (7 = c5 of 224 px)",
+        ),
+        Hyper::int("num_regions", 4, "regions of the region-consistency term"),
+        Hyper::float(
+            "region_weight",
+            0.1,
+            "weight of the region-consistency InfoNCE (0 turns it off)",
+        ),
+        Hyper::float(
+            "region_temperature",
+            0.1,
+            "temperature of the region-consistency InfoNCE",
         ),
     ]);
     h
@@ -165,15 +184,14 @@ pub fn grid_sample(b: &mut GraphBuilder, x: &Value, grid: &Value) -> Result<Valu
 /// `-(cos(p0_i, z1_i) + cos(p1_i, z0_i)) / 2` averaged over the `S*S` points of each image and
 /// over the images with `valid = 1` (`[N, 1]`).
 ///
-/// Returns the loss (`[1]`) and the two resampled `z` maps, which the caller must stop the
-/// gradient at ([`ForwardGraph::stop_gradient`]).
+/// Returns the loss and the values the caller must stop the gradient at.
 pub fn pixel_consistency(
     b: &mut GraphBuilder,
     p: [&Value; 2],
     z: [&Value; 2],
     grids: [&Value; 2],
     valid: &Value,
-) -> Result<(Value, [Value; 2]), PretextError> {
+) -> Result<PixelConsistency, PretextError> {
     let mut ps = Vec::new();
     let mut zs = Vec::new();
     for k in 0..2 {
@@ -183,8 +201,11 @@ pub fn pixel_consistency(
         ps.push(ops::l2_normalize(b, &pk, 1)?);
         zs.push(zk);
     }
+    // The targets are copies of the resampled maps: the copies are what the gradient stops at,
+    // the maps themselves stay differentiable for the region term.
+    let stopped: Vec<Value> = zs.iter().map(|z| b.unary("Identity", z)).collect();
     let mut targets = Vec::new();
-    for zk in &zs {
+    for zk in &stopped {
         let f = ops::flatten_cells(b, zk)?;
         targets.push(ops::l2_normalize(b, &f, 1)?);
     }
@@ -204,8 +225,115 @@ pub fn pixel_consistency(
     let count = b.mul(&count, &two)?;
     let mean = b.div(&total, &count)?;
     let loss = b.neg(&mean);
+    let [s0, s1]: [Value; 2] = stopped.try_into().expect("two views");
     let [z0, z1]: [Value; 2] = zs.try_into().expect("two views");
-    Ok((loss, [z0, z1]))
+    Ok(PixelConsistency {
+        loss,
+        stop: [s0, s1],
+        sampled_z: [z0, z1],
+    })
+}
+
+/// What [`pixel_consistency`] builds.
+pub struct PixelConsistency {
+    /// `[1]`.
+    pub loss: Value,
+    /// The targets, which the caller must stop the gradient at
+    /// ([`ForwardGraph::stop_gradient`]).
+    pub stop: [Value; 2],
+    /// The projector maps resampled at the lattice, `[N, C, S, S]` (differentiable).
+    pub sampled_z: [Value; 2],
+}
+
+/// DenseSiam's region consistency: a 1x1 conv `assign` (`C -> K`) and a softmax over `K` give
+/// each lattice point of view `v` a soft assignment to `K` regions; region `k`'s embedding is the
+/// assignment-weighted mean of the point features `z_v` (`[N, C, S, S]`), L2-normalised. InfoNCE
+/// at temperature `t` between the two views' embeddings of the same (image, region), the other
+/// regions of the batch as negatives, symmetric (mean of both directions), over the rows of
+/// images with `valid = 1` (`[N, 1]`).
+///
+/// # Shapes
+/// returns `[1]`.
+pub fn region_consistency(
+    b: &mut GraphBuilder,
+    z: [&Value; 2],
+    assign: &Conv2d,
+    valid: &Value,
+    t: f64,
+) -> Result<Value, PretextError> {
+    let d = ops::dims(b, z[0])?;
+    let (n, c) = (d[0], d[1]);
+    let k = assign.config.out_channels;
+    let rows = n * k;
+    let mut emb = Vec::new();
+    for zv in z {
+        let logits = assign.forward(b, zv)?;
+        let a = b.node1(
+            "Softmax",
+            None,
+            &[&logits],
+            vec![attr::int("axis", 1)],
+            DType::F32,
+            logits.shape().to_vec(),
+        );
+        let a = ops::flatten_cells(b, &a)?; // [N, K, S2]
+        let f = ops::flatten_cells(b, zv)?;
+        let ft = ops::transpose(b, &f, &[0, 2, 1])?; // [N, S2, C]
+        let pooled = ops::matmul(b, &a, &ft)?; // [N, K, C]
+        let mass = b.reduce_sum(&a, &[2], true)?;
+        let mean = b.div(&pooled, &mass)?;
+        let e = b.reshape(&mean, &[rows as i64, c as i64])?;
+        emb.push(ops::l2_normalize(b, &e, 1)?);
+    }
+    let eye = ops::host_tensor(
+        &[rows, rows],
+        (0..rows * rows)
+            .map(|x| if x / rows == x % rows { 1.0 } else { 0.0 })
+            .collect(),
+    );
+    let eye = b.constant(eye);
+    let inv_t = b.const_f32((1.0 / t) as f32);
+    // valid per row: [N, 1] -> [N, K] -> [N*K].
+    let shape = b.const_i64(&[n as i64, k as i64]);
+    let row_valid = b.node1(
+        "Expand",
+        None,
+        &[valid, &shape],
+        vec![],
+        DType::F32,
+        vec![Dim::from(n), Dim::from(k)],
+    );
+    let row_valid = b.reshape(&row_valid, &[rows as i64])?;
+    let mut total = None;
+    for (x, y) in [(&emb[0], &emb[1]), (&emb[1], &emb[0])] {
+        let yt = ops::transpose(b, y, &[1, 0])?;
+        let logits = ops::matmul(b, x, &yt)?;
+        let logits = b.mul(&logits, &inv_t)?;
+        let logp = b.node1(
+            "LogSoftmax",
+            None,
+            &[&logits],
+            vec![attr::int("axis", 1)],
+            DType::F32,
+            logits.shape().to_vec(),
+        );
+        let diag = b.mul(&logp, &eye)?;
+        let diag = b.reduce_sum(&diag, &[1], false)?; // [rows]
+        total = Some(match total {
+            None => diag,
+            Some(t) => b.add(&t, &diag)?,
+        });
+    }
+    let total = total.expect("two directions");
+    let picked = b.mul(&total, &row_valid)?;
+    let sum = b.reduce_sum(&picked, &[0], true)?;
+    let count = b.reduce_sum(&row_valid, &[0], true)?;
+    let one = b.const_f32(1.0);
+    let count = b.max2(&count, &one)?;
+    let two = b.const_f32(2.0);
+    let count = b.mul(&count, &two)?;
+    let mean = b.div(&sum, &count)?;
+    Ok(b.neg(&mean))
 }
 
 impl Pretext for DenseSiam {
@@ -267,12 +395,15 @@ impl Pretext for DenseSiam {
 
     fn build(&self, ctx: &PretextContext) -> Result<ForwardGraph, PretextError> {
         let s = &self.settings;
-        let (hidden, dim, pred_hidden, size) = (
+        let (hidden, dim, pred_hidden, size, regions) = (
             s.positive("hidden_dim")?,
             s.positive("dim")?,
             s.positive("pred_hidden_dim")?,
             s.positive("grid_size")?,
+            s.positive("num_regions")?,
         );
+        let region_weight = s.checked("region_weight", |v| v >= 0.0, "must be >= 0")?;
+        let region_t = s.checked("region_temperature", |v| v > 0.0, "must be positive")?;
         let mut b = GraphBuilder::new("densesiam", ctx.seed);
         let [v0, v1] = two_view_inputs(&mut b, ctx)?;
         let grid_shape = || vec![ctx.batch.into(), size.into(), size.into(), 2.into()];
@@ -283,6 +414,7 @@ impl Pretext for DenseSiam {
         let net = ctx.arch.init(&mut b)?;
         let projector = ConvHead::init(&mut b, "head.projector", c5, hidden, dim, true)?;
         let predictor = ConvHead::init(&mut b, "head.predictor", dim, pred_hidden, dim, true)?;
+        let assign = Conv2dConfig::new(dim, regions, 1).init(&mut b, "head.region")?;
         let mut modes = [NormMode::train(), NormMode::train()];
         let mut maps = Vec::new();
         for (x, mode) in [&v0, &v1].into_iter().zip(modes.iter_mut()) {
@@ -291,19 +423,34 @@ impl Pretext for DenseSiam {
             let p = predictor.forward(&mut b, &z, mode)?;
             maps.push((p, z));
         }
-        let (loss, targets) = pixel_consistency(
+        let pixel = pixel_consistency(
             &mut b,
             [&maps[0].0, &maps[1].0],
             [&maps[0].1, &maps[1].1],
             [&g0, &g1],
             &valid,
         )?;
+        let mut graph_loss = pixel.loss.clone();
+        let mut region_metric = None;
+        if region_weight > 0.0 {
+            let [z0, z1] = &pixel.sampled_z;
+            let region = region_consistency(&mut b, [z0, z1], &assign, &valid, region_t)?;
+            let w = b.const_f32(region_weight as f32);
+            let weighted = b.mul(&region, &w)?;
+            graph_loss = b.add(&graph_loss, &weighted)?;
+            region_metric = Some(region);
+        }
         let [m0, m1] = modes;
         let state = chain_norm_state(&mut b, m0.into_state(), m1.into_state())?;
-        Ok(ForwardGraph::new(b, loss)
-            .stop_gradient(&targets[0])
-            .stop_gradient(&targets[1])
-            .norm_state(state))
+        let mut fg = ForwardGraph::new(b, graph_loss)
+            .metric("loss_pixel", pixel.loss)
+            .stop_gradient(&pixel.stop[0])
+            .stop_gradient(&pixel.stop[1])
+            .norm_state(state);
+        if let Some(r) = region_metric {
+            fg = fg.metric("loss_region", r);
+        }
+        Ok(fg)
     }
 }
 
@@ -398,7 +545,7 @@ pub(crate) mod tests {
         let valid = b
             .input("valid", DType::F32, vec![n.into(), 1.into()])
             .unwrap();
-        let (loss, _) = pixel_consistency(
+        let pixel = pixel_consistency(
             &mut b,
             [&maps[0], &maps[1]],
             [&maps[2], &maps[3]],
@@ -406,7 +553,7 @@ pub(crate) mod tests {
             &valid,
         )
         .unwrap();
-        b.output(&loss, "loss").unwrap();
+        b.output(&pixel.loss, "loss").unwrap();
         let values: Vec<ArrayD<f32>> = (0..4).map(|k| random(&[n, c, h, h], 40 + k)).collect();
         // Grids reach past [-1, 1] to exercise the border padding.
         let grids: Vec<ArrayD<f32>> = (0..2)
@@ -463,6 +610,100 @@ pub(crate) mod tests {
         assert!((got - want).abs() < 1e-5, "{got} vs {want}");
     }
 
+    #[test]
+    fn region_loss_equals_a_direct_computation() {
+        let (n, c, h, k, t) = (2usize, 3usize, 2usize, 2usize, 0.1f64);
+        let cells = h * h;
+        let map = || vec![n.into(), c.into(), h.into(), h.into()];
+        // The graph, and the assignment conv's initial weight and bias.
+        let build = || {
+            let mut b = GraphBuilder::new("t", 0);
+            let z0 = b.input("z0", DType::F32, map()).unwrap();
+            let z1 = b.input("z1", DType::F32, map()).unwrap();
+            let valid = b
+                .input("valid", DType::F32, vec![n.into(), 1.into()])
+                .unwrap();
+            let assign = Conv2dConfig::new(c, k, 1).init(&mut b, "region").unwrap();
+            let wv = b.initializer_value(assign.weight.name()).unwrap().to_f32();
+            let bv = b
+                .initializer_value(assign.bias.as_ref().unwrap().name())
+                .unwrap()
+                .to_f32();
+            let loss = region_consistency(&mut b, [&z0, &z1], &assign, &valid, t).unwrap();
+            b.output(&loss, "loss").unwrap();
+            (b, wv, bv)
+        };
+        let zs = [random(&[n, c, h, h], 80), random(&[n, c, h, h], 81)];
+        for valid_rows in [[1.0f32, 1.0], [0.0, 1.0]] {
+            let vv = ArrayD::from_shape_vec(vec![n, 1], valid_rows.to_vec()).unwrap();
+            let (b, wv, bv) = build();
+            let out = run_graph(
+                b,
+                vec![
+                    ("z0", Tensor::F32(zs[0].clone())),
+                    ("z1", Tensor::F32(zs[1].clone())),
+                    ("valid", Tensor::F32(vv.clone())),
+                ],
+            );
+            // Embeddings by hand: rows (image, region).
+            let embed = |z: &ArrayD<f32>| -> Vec<Vec<f64>> {
+                let mut rows = Vec::new();
+                for bi in 0..n {
+                    let feat = |ch: usize, p: usize| z[[bi, ch, p / h, p % h]] as f64;
+                    let logits: Vec<Vec<f64>> = (0..cells)
+                        .map(|p| {
+                            (0..k)
+                                .map(|r| {
+                                    bv[[r]] as f64
+                                        + (0..c)
+                                            .map(|ch| wv[[r, ch, 0, 0]] as f64 * feat(ch, p))
+                                            .sum::<f64>()
+                                })
+                                .collect()
+                        })
+                        .collect();
+                    for r in 0..k {
+                        let a: Vec<f64> = (0..cells)
+                            .map(|p| {
+                                let z: f64 = logits[p].iter().map(|l| l.exp()).sum();
+                                logits[p][r].exp() / z
+                            })
+                            .collect();
+                        let mass: f64 = a.iter().sum();
+                        let e: Vec<f64> = (0..c)
+                            .map(|ch| (0..cells).map(|p| a[p] * feat(ch, p)).sum::<f64>() / mass)
+                            .collect();
+                        let norm = e.iter().map(|x| x * x).sum::<f64>().sqrt();
+                        rows.push(e.iter().map(|x| x / norm).collect());
+                    }
+                }
+                rows
+            };
+            let (e0, e1) = (embed(&zs[0]), embed(&zs[1]));
+            let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
+            let (mut want, mut count) = (0.0, 0.0);
+            for (x, y) in [(&e0, &e1), (&e1, &e0)] {
+                for i in 0..n * k {
+                    if valid_rows[i / k] == 0.0 {
+                        continue;
+                    }
+                    let lse = (0..n * k)
+                        .map(|j| (dot(&x[i], &y[j]) / t).exp())
+                        .sum::<f64>()
+                        .ln();
+                    want += lse - dot(&x[i], &y[i]) / t;
+                    count += 1.0;
+                }
+            }
+            want /= count;
+            let got = out["loss"].to_f32().iter().next().copied().unwrap() as f64;
+            assert!(
+                (got - want).abs() < 1e-4 * want.abs().max(1.0),
+                "{got} vs {want}"
+            );
+        }
+    }
+
     /// A step whose `z` maps depend on a parameter `u` only, and `p` maps on `v` only: with the
     /// stop-gradient, `u` gets no gradient (it could only move through the stopped targets).
     fn stop_gradient_step(stop: bool) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
@@ -485,11 +726,12 @@ pub(crate) mod tests {
             .unwrap();
         let (z0, z1) = (b.mul(&f0, &u).unwrap(), b.mul(&f1, &u).unwrap());
         let (p0, p1) = (b.mul(&f0, &v).unwrap(), b.mul(&f1, &v).unwrap());
-        let (loss, targets) =
-            pixel_consistency(&mut b, [&p0, &p1], [&z0, &z1], [&g0, &g1], &valid).unwrap();
-        let mut fg = ForwardGraph::new(b, loss);
+        let pixel = pixel_consistency(&mut b, [&p0, &p1], [&z0, &z1], [&g0, &g1], &valid).unwrap();
+        let mut fg = ForwardGraph::new(b, pixel.loss);
         if stop {
-            fg = fg.stop_gradient(&targets[0]).stop_gradient(&targets[1]);
+            fg = fg
+                .stop_gradient(&pixel.stop[0])
+                .stop_gradient(&pixel.stop[1]);
         }
         let a = train_step_artifact(
             fg,
