@@ -280,6 +280,11 @@ mod tests {
     use rand::{RngExt, SeedableRng};
     use rand_chacha::ChaCha8Rng;
 
+    use densa_runtime::augment::ViewGeometry;
+    use densa_runtime::backend::tract::TractBackend;
+    use densa_runtime::backend::Backend;
+    use densa_runtime::train::InputRole;
+
     use super::*;
     use crate::pretext::densesiam::tests::bilinear;
     use crate::pretext::pixpro::tests::{
@@ -444,5 +449,70 @@ mod tests {
             "{loss} {global} {local}"
         );
         assert!(local.abs() < 1e-6, "{local}");
+    }
+
+    #[test]
+    fn the_local_head_trains_on_views_with_several_cells() {
+        // 64-pixel views: c5 is 2x2, so the local term has negatives and a gradient.
+        let c = PretextContext {
+            image_size: 64,
+            batch: 2,
+            ..ctx()
+        };
+        let overrides: Vec<(String, String)> = TINY
+            .iter()
+            .chain(&[("lr", "0.5")])
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let m = crate::pretext::create("lcloss", &overrides).unwrap();
+        let a = crate::train_step::train_step_artifact(
+            m.build(&c).unwrap(),
+            None,
+            &crate::train_step::TrainStepConfig::new(m.optimizer(c.batch).unwrap()),
+        )
+        .unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(23);
+        let mut host: HashMap<String, Vec<ArrayD<f32>>> = HashMap::new();
+        for _ in 0..c.batch {
+            // Two large crops of one image: they overlap.
+            let g0 = ViewGeometry {
+                crop: densa_runtime::augment::CropBox::new(0.0, 0.0, 90.0, 90.0),
+                flipped: false,
+                out_size: (64, 64),
+                image_size: (100, 100),
+            };
+            let g1 = random_geometry(&mut rng, (100, 100), 64);
+            for (k, t) in m.host_inputs(&c, &[view(g0), view(g1)]).unwrap() {
+                host.entry(k).or_default().push(t.to_f32());
+            }
+        }
+        let mut feed = Vec::new();
+        for (k, e) in a.manifest().inputs.iter().enumerate() {
+            let t = match e.role {
+                InputRole::Batch if e.name.starts_with("view") => {
+                    Tensor::F32(random(&[c.batch, 3, 64, 64], k as u64))
+                }
+                InputRole::Batch => {
+                    let views: Vec<_> = host[&e.name].iter().map(|t| t.view()).collect();
+                    Tensor::F32(ndarray::stack(ndarray::Axis(0), &views).unwrap())
+                }
+                InputRole::Hyper => Tensor::F64(ArrayD::from_elem(vec![], e.default.unwrap())),
+                _ => a.state().get(&e.name).unwrap().clone(),
+            };
+            feed.push((e.name.clone(), t));
+        }
+        let inputs: HashMap<String, Tensor> = feed.iter().cloned().collect();
+        let out: HashMap<String, Tensor> = TractBackend::new()
+            .load_model(a.graph(), "step")
+            .unwrap()
+            .run(feed)
+            .unwrap()
+            .into_iter()
+            .collect();
+        let local = out["loss_local"].to_f32().iter().next().copied().unwrap();
+        assert!(local.is_finite() && local > 0.0, "local loss {local}");
+        // Only the local term reaches the local head: it moved, so the term trains.
+        let name = "head.local.0.weight";
+        assert_ne!(inputs[name].to_f32(), out[&format!("{name}.next")].to_f32());
     }
 }
