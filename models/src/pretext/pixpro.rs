@@ -30,6 +30,12 @@
 //!   `MLP2d`: conv-BN-ReLU-conv); the instance branch (BYOL-style global loss, off in PixPro's
 //!   reference setting) is not implemented.
 //! - No warm-up by default (`warmup_steps`, PixPro uses 5 epochs: set it for long runs).
+//! - The student (and the teacher) runs once per view, as PixPro's code does; the running
+//!   statistics of the two passes are chained as two PyTorch calls would update them
+//!   ([`chain_norm_state`]).
+//! - The mask assumes the `c5` grid of `ceil(size / 32)` cells per side (checked at build time);
+//!   on 32-pixel smoke-test views that is one cell per view.
+//! - Metric `positive_pairs`: positive pairs per image in the batch.
 
 use densa_exporter::train::Fragment;
 use densa_exporter::{DType, GraphBuilder, Value};
