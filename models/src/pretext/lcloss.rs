@@ -1,4 +1,5 @@
-//! LC-loss (local contrastive loss; its code is unreleased): MoCo-v2 plus a pixel-level
+//! LC-loss (Islam et al. 2023, "Self-Supervised Learning with Local Contrastive Loss for
+//! Detection and Semantic Segmentation"; its code is unreleased): MoCo-v2 plus a pixel-level
 //! InfoNCE between corresponding locations of the two views.
 //!
 //! MoCo-v2 as in [`super::mocov2`] (query `view0` through the student, key `view1` through the
@@ -44,8 +45,8 @@ use crate::train_step::ForwardGraph;
 
 pub static INFO: MethodInfo = MethodInfo {
     name: "lcloss",
-    title: "Local contrastive loss (LC-loss)",
-    paper: "unreleased code; pixel-level InfoNCE added to MoCo-v2",
+    title: "Self-Supervised Learning with Local Contrastive Loss for Detection and Semantic Segmentation",
+    paper: "Islam, Lundell, Sawhney, Sinha, Morales, Radke; WACV 2023 (code unreleased)",
     summary: "MoCo-v2 + InfoNCE between corresponding locations of the two views",
     hyper,
     create,
@@ -343,6 +344,14 @@ mod tests {
             inside > 100 && outside > 20,
             "{inside} inside, {outside} outside"
         );
+        // Views of another size than the graph's are refused, with the sizes.
+        let small = ViewGeometry::identity((48, 48));
+        let e = m
+            .host_inputs(&c, &[view(small), view(small)])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("(48, 48)") && e.contains("96x96"), "{e}");
     }
 
     #[test]
