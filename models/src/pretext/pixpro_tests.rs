@@ -430,6 +430,12 @@ fn schedule_ramps_the_momentum_from_its_base_to_one() {
     assert_eq!(opt.name(), "lars");
     assert_eq!(m.settings().f64("lr"), 1.0);
     assert_eq!(m.settings().f64("weight_decay"), 1e-5);
+    // The host input: one mask per sample, c5 cells by c5 cells (one cell at 32 px).
+    let g = ViewGeometry::identity((32, 32));
+    let host = m.host_inputs(&ctx(), &[view(g), view(g.flip())]).unwrap();
+    assert_eq!(host.len(), 1);
+    assert_eq!(host[0].0, POSITIVE_MASK);
+    assert_eq!(host[0].1.to_f32(), ArrayD::from_elem(vec![1, 1], 1.0));
 }
 
 #[test]
