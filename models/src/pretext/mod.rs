@@ -27,8 +27,11 @@
 
 pub mod data;
 pub mod densecl;
+pub mod densesiam;
+pub mod lcloss;
 pub mod mocov2;
 pub mod ops;
+pub mod pixpro;
 pub mod registry;
 pub mod settings;
 pub mod twin;

@@ -6,7 +6,13 @@ use super::{densecl, mocov2, MethodInfo, Pretext, PretextError};
 
 /// The methods, baseline first.
 pub fn methods() -> Vec<&'static MethodInfo> {
-    vec![&mocov2::INFO, &densecl::INFO]
+    vec![
+        &mocov2::INFO,
+        &densecl::INFO,
+        &super::pixpro::INFO,
+        &super::densesiam::INFO,
+        &super::lcloss::INFO,
+    ]
 }
 
 /// The method called `name`.
