@@ -1,10 +1,10 @@
 //! Image -> model input, and the transform that maps model pixels back to the image.
 
-use image::imageops::FilterType;
 use image::RgbImage;
 use ndarray::Array3;
 
 use super::spec::{Channels, InputSpec, ResizeMode};
+use crate::augment::spatial::resize;
 
 /// How model-input pixels relate to original-image pixels: `model = image * scale + offset`.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -25,7 +25,8 @@ impl ImageTransform {
     }
 }
 
-/// Resizes (bilinear) or letterboxes `img` to the input size, then normalises into a `[3, H, W]`
+/// Resizes (Pillow's antialiased bilinear, bit-exact: what a PIL-based Python pipeline feeds
+/// the same model) or letterboxes `img` to the input size, then normalises into a `[3, H, W]`
 /// float array: `(pixel * scale - mean) / std`, channels in the spec's order.
 ///
 /// # Shapes
@@ -35,7 +36,7 @@ pub fn prepare(img: &RgbImage, spec: &InputSpec) -> (Array3<f32>, ImageTransform
     let (iw, ih) = img.dimensions();
     let (canvas, transform) = match spec.resize {
         ResizeMode::Stretch => {
-            let resized = image::imageops::resize(img, tw, th, FilterType::Triangle);
+            let resized = resize(img, (tw, th));
             let t = ImageTransform {
                 scale: [tw as f32 / iw as f32, th as f32 / ih as f32],
                 offset: [0.0, 0.0],
@@ -47,7 +48,7 @@ pub fn prepare(img: &RgbImage, spec: &InputSpec) -> (Array3<f32>, ImageTransform
             let r = (tw as f32 / iw as f32).min(th as f32 / ih as f32);
             let nw = ((iw as f32 * r).round() as u32).clamp(1, tw);
             let nh = ((ih as f32 * r).round() as u32).clamp(1, th);
-            let resized = image::imageops::resize(img, nw, nh, FilterType::Triangle);
+            let resized = resize(img, (nw, nh));
             let (ox, oy) = ((tw - nw) / 2, (th - nh) / 2);
             let mut canvas = RgbImage::from_pixel(tw, th, image::Rgb([spec.pad_value; 3]));
             image::imageops::replace(&mut canvas, &resized, ox as i64, oy as i64);
