@@ -31,6 +31,7 @@ pub mod mocov2;
 pub mod ops;
 pub mod registry;
 pub mod settings;
+pub mod swav;
 pub mod twin;
 
 use std::fmt;
