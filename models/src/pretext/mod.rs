@@ -30,6 +30,7 @@ pub mod densecl;
 pub mod mocov2;
 pub mod ops;
 pub mod registry;
+pub mod scfs;
 pub mod settings;
 pub mod swav;
 pub mod twin;

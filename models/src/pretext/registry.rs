@@ -2,11 +2,11 @@
 //! accepts.
 
 use super::settings::{Hyper, Settings};
-use super::{densecl, mocov2, swav, MethodInfo, Pretext, PretextError};
+use super::{densecl, mocov2, scfs, swav, MethodInfo, Pretext, PretextError};
 
 /// The methods, baseline first.
 pub fn methods() -> Vec<&'static MethodInfo> {
-    vec![&mocov2::INFO, &densecl::INFO, &swav::INFO]
+    vec![&mocov2::INFO, &densecl::INFO, &swav::INFO, &scfs::INFO]
 }
 
 /// The method called `name`.
