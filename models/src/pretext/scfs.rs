@@ -262,10 +262,10 @@ fn cross_entropy(b: &mut GraphBuilder, p: &Value, logq: &Value) -> Result<Value,
 }
 
 /// DINO's loss: teacher probabilities `softmax((teacher - center) / teacher_temp)` of the
-/// `n_teacher` crops in `teacher`, student `log_softmax(student / student_temp)` of every crop
-/// in `student` (crop-major, the teacher's crops first), cross-entropy over every pair of
-/// different crops, averaged over the pairs (`skip_same`: DINO skips the pair of a global crop
-/// with itself; with `swap_only` only the pairs (0, 1) and (1, 0), SCFS's stage-global loss).
+/// `T` crops in `teacher` (no centring without `center`), student `log_softmax(student /
+/// student_temp)` of the `V` crops in `student` (crop-major, the teacher's crops first), the
+/// cross-entropy of every pair of different crop indices, averaged over the pairs. With
+/// `V = T = 2` this is SCFS's swapped stage-global loss.
 ///
 /// # Shapes
 /// `student [V * B, K]`, `teacher [T * B, K]`, `center [1, K]`, temperatures `[]` -> `[]`.

@@ -32,6 +32,10 @@
 //!   batch-only codes.
 //! - Batch norm runs once per crop resolution (as SwAV's multi-resolution forward does); the
 //!   running statistics are updated twice per step, in that order ([`chain_norm_state`]).
+//! - Optimizer: LARS at SwAV's lr 4.8 for batch 4096, weight decay 1e-6 (`common` settings).
+//!   SwAV's Apex LARC adapts every parameter; densa's train step excludes biases and
+//!   normalisation parameters from LARS's decay and adaptation by default (see
+//!   [`crate::train_step`]). No final-lr floor (SwAV: 0.0048) and no warm-up by default.
 //! - One process: no `all_reduce` in Sinkhorn (the single-process `distributed_sinkhorn`).
 
 use densa_exporter::builder::attr;
