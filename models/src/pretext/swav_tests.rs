@@ -9,6 +9,7 @@ use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::*;
+use crate::nn::NormMode;
 use crate::pretext::{create, PretextContext};
 use crate::train_step::{train_step_artifact, OptimizerConfig, TrainStepConfig};
 
@@ -346,4 +347,84 @@ fn queue_is_a_fifo_of_large_crop_embeddings_and_waits_for_its_switch() {
     }
     let (inputs, out) = run_step(&a, &batch, &[(QUEUE_ON, 0.0)]);
     assert_eq!(out["queue.swav.0.next"], inputs["queue.swav.0"]);
+}
+
+#[test]
+fn two_batch_norm_passes_chain_their_running_statistics_like_pytorch() {
+    let (n, c, h, w) = (3usize, 2usize, 2usize, 2usize);
+    let mut b = GraphBuilder::new("t", 0);
+    let bn = crate::nn::BatchNorm2dConfig::new(c)
+        .init(&mut b, "bn")
+        .unwrap();
+    let x1 = b
+        .input(
+            "x1",
+            DType::F32,
+            vec![n.into(), c.into(), h.into(), w.into()],
+        )
+        .unwrap();
+    let x2 = b
+        .input(
+            "x2",
+            DType::F32,
+            vec![n.into(), c.into(), h.into(), w.into()],
+        )
+        .unwrap();
+    let mut m1 = NormMode::train();
+    bn.forward_mode(&mut b, &x1, &mut m1).unwrap();
+    let mut m2 = NormMode::train();
+    bn.forward_mode(&mut b, &x2, &mut m2).unwrap();
+    let state = chain_norm_state(&mut b, m1.into_state(), m2.into_state(), 0.1).unwrap();
+    let r = b.initializer_value("bn.running_mean").unwrap().to_f32();
+    let v = b.initializer_value("bn.running_var").unwrap().to_f32();
+    // Start from non-trivial running statistics.
+    let (r0, v0) = (
+        random(&[c], 30).mapv(|x| x * 0.5),
+        random(&[c], 31).mapv(|x| 1.0 + 0.5 * x),
+    );
+    assert_eq!((r.len(), v.len()), (c, c));
+    b.set_initializer("bn.running_mean", Tensor::F32(r0.clone()))
+        .unwrap();
+    b.set_initializer("bn.running_var", Tensor::F32(v0.clone()))
+        .unwrap();
+    b.output(state.next_of("bn.running_mean").unwrap(), "mean")
+        .unwrap();
+    b.output(state.next_of("bn.running_var").unwrap(), "var")
+        .unwrap();
+    let (a1, a2) = (random(&[n, c, h, w], 32), random(&[n, c, h, w], 33));
+    let got = run_graph(
+        b,
+        vec![
+            ("x1", Tensor::F32(a1.clone())),
+            ("x2", Tensor::F32(a2.clone())),
+        ],
+    );
+    let stats = |a: &ArrayD<f32>, ch: usize| {
+        let vals: Vec<f64> = a
+            .indexed_iter()
+            .filter(|(i, _)| i[1] == ch)
+            .map(|(_, &v)| v as f64)
+            .collect();
+        let m = vals.iter().sum::<f64>() / vals.len() as f64;
+        let var = vals.iter().map(|v| (v - m) * (v - m)).sum::<f64>() / (vals.len() - 1) as f64;
+        (m, var)
+    };
+    for ch in 0..c {
+        let (mut rm, mut rv) = (r0[ch] as f64, v0[ch] as f64);
+        for a in [&a1, &a2] {
+            let (m, var) = stats(a, ch);
+            rm = 0.9 * rm + 0.1 * m;
+            rv = 0.9 * rv + 0.1 * var;
+        }
+        assert!(
+            (got[0][ch] as f64 - rm).abs() < 1e-6,
+            "mean {ch}: {} vs {rm}",
+            got[0][ch]
+        );
+        assert!(
+            (got[1][ch] as f64 - rv).abs() < 1e-6,
+            "var {ch}: {} vs {rv}",
+            got[1][ch]
+        );
+    }
 }
