@@ -43,7 +43,7 @@ use ndarray::Array3;
 
 use super::mocov2::{moco_views, two_view_inputs};
 use super::ops::{self, ConvHead};
-use super::pixpro::{chain_norm_state, C5_STRIDE};
+use super::pixpro::C5_STRIDE;
 use super::settings::{common, Hyper, Settings};
 use super::{MethodInfo, Pretext, PretextContext, PretextError};
 use crate::nn::{Conv2d, Conv2dConfig, NormMode};
@@ -441,7 +441,7 @@ impl Pretext for DenseSiam {
             region_metric = Some(region);
         }
         let [m0, m1] = modes;
-        let state = chain_norm_state(&mut b, m0.into_state(), m1.into_state())?;
+        let state = ops::chain_norm_state(&mut b, m0.into_state(), m1.into_state(), 0.1)?;
         let mut fg = ForwardGraph::new(b, graph_loss)
             .metric("loss_pixel", pixel.loss)
             .stop_gradient(&pixel.stop[0])

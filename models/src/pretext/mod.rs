@@ -33,7 +33,9 @@ pub mod mocov2;
 pub mod ops;
 pub mod pixpro;
 pub mod registry;
+pub mod scfs;
 pub mod settings;
+pub mod swav;
 pub mod twin;
 
 use std::fmt;

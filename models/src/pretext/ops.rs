@@ -341,3 +341,45 @@ pub fn pool(b: &mut GraphBuilder, x: &Value) -> Result<Value, BuildError> {
 pub fn host_tensor(shape: &[usize], values: Vec<f32>) -> Tensor {
     Tensor::F32(ArrayD::from_shape_vec(shape.to_vec(), values).expect("sized by the caller"))
 }
+
+/// The running-statistic updates of two forward passes through the same batch norms, in order
+/// (PyTorch's state after both calls; `momentum` is the batch norms', 0.1 for
+/// [`NormMode::train`]): each buffer `r` updated to `u1` by the first pass and `u2`
+/// (computed from the same input `r`) by the second becomes `u2 + (1 - momentum) (u1 - r)`.
+/// Updates present in only one fragment are kept as they are.
+pub fn chain_norm_state(
+    b: &mut GraphBuilder,
+    first: Fragment,
+    second: Fragment,
+    momentum: f32,
+) -> Result<Fragment, PretextError> {
+    let mut out = Fragment {
+        inputs: first.inputs,
+        updates: Vec::new(),
+    };
+    out.inputs.extend(second.inputs.clone());
+    let keep = b.const_f32(1.0 - momentum);
+    for u in first.updates {
+        match second.next_of(&u.name) {
+            Some(u2) => {
+                let r = b
+                    .initializer_handle(&u.name)
+                    .ok_or_else(|| PretextError::Invalid {
+                        method: "batch norm".into(),
+                        problem: format!("running statistic `{}` is not a buffer", u.name),
+                    })?;
+                let d = b.sub(&u.next, &r)?;
+                let d = b.mul(&d, &keep)?;
+                let next = b.add(u2, &d)?;
+                out.update(&u.name, next);
+            }
+            None => out.update(&u.name, u.next),
+        }
+    }
+    for u in second.updates {
+        if out.next_of(&u.name).is_none() {
+            out.update(&u.name, u.next);
+        }
+    }
+    Ok(out)
+}

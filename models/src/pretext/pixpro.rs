@@ -37,7 +37,6 @@
 //!   on 32-pixel smoke-test views that is one cell per view.
 //! - Metric `positive_pairs`: positive pairs per image in the batch.
 
-use densa_exporter::train::Fragment;
 use densa_exporter::{DType, GraphBuilder, Value};
 use densa_runtime::augment::{
     pixpro_positive_mask, DistanceFrame, FeatureGrid, TwoViewConfig, View, ViewConfig,
@@ -290,47 +289,6 @@ pub fn positive_mask_tensor(
     ))
 }
 
-/// PyTorch's batch-norm momentum ([`NormMode::train`]).
-const BN_MOMENTUM: f64 = 0.1;
-
-/// The running-statistic updates of two forward passes through the same batch norms, as if
-/// the second ran after the first (PyTorch's two calls): a statistic `r` that `first` moves to
-/// `r1 = (1 - m) r + m s1` and `second`, from the same `r`, to `r2 = (1 - m) r + m s2` ends at
-/// `(1 - m) r1 + m s2 = r2 + (1 - m) (r1 - r)`. Updates in one fragment only are kept as they
-/// are. Both fragments come from `NormMode::train()` (momentum 0.1).
-pub fn chain_norm_state(
-    b: &mut GraphBuilder,
-    first: Fragment,
-    second: Fragment,
-) -> Result<Fragment, PretextError> {
-    let keep = b.const_f32((1.0 - BN_MOMENTUM) as f32);
-    let mut out = Fragment::default();
-    out.inputs.extend(first.inputs);
-    out.inputs.extend(second.inputs);
-    for u in &second.updates {
-        let Some(u1) = first.updates.iter().find(|f| f.name == u.name) else {
-            out.update(&u.name, u.next.clone());
-            continue;
-        };
-        let r = b
-            .initializer_handle(&u.name)
-            .ok_or_else(|| PretextError::Invalid {
-                method: "batch norm".into(),
-                problem: format!("running statistic `{}` is not a graph value", u.name),
-            })?;
-        let moved = b.sub(&u1.next, &r)?;
-        let moved = b.mul(&moved, &keep)?;
-        let next = b.add(&u.next, &moved)?;
-        out.update(&u.name, next);
-    }
-    for u in first.updates {
-        if !second.updates.iter().any(|s| s.name == u.name) {
-            out.update(&u.name, u.next);
-        }
-    }
-    Ok(out)
-}
-
 impl Pretext for PixPro {
     fn info(&self) -> &'static MethodInfo {
         &INFO
@@ -433,7 +391,7 @@ impl Pretext for PixPro {
         let n = b.const_f32(ctx.batch as f32);
         let pairs = b.div(&pairs, &n)?;
         let [mode0, mode1] = modes;
-        let mut state = chain_norm_state(&mut b, mode0.into_state(), mode1.into_state())?;
+        let mut state = ops::chain_norm_state(&mut b, mode0.into_state(), mode1.into_state(), 0.1)?;
         state.extend(twin.ema);
         Ok(ForwardGraph::new(b, loss)
             .metric("positive_pairs", pairs)

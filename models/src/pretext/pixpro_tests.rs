@@ -451,7 +451,9 @@ fn two_batch_norm_passes_update_the_running_statistics_in_sequence() {
     let (mut m0, mut m1) = (NormMode::train(), NormMode::train());
     bn.forward_mode(&mut b, &x0, &mut m0).unwrap();
     bn.forward_mode(&mut b, &x1, &mut m1).unwrap();
-    let state = chain_norm_state(&mut b, m0.into_state(), m1.into_state()).unwrap();
+    let state =
+        crate::pretext::ops::chain_norm_state(&mut b, m0.into_state(), m1.into_state(), 0.1)
+            .unwrap();
     assert_eq!(state.updates.len(), 2);
     for u in &state.updates {
         b.output(&u.next, &format!("{}.next", u.name)).unwrap();

@@ -2,16 +2,20 @@
 //! accepts.
 
 use super::settings::{Hyper, Settings};
-use super::{densecl, mocov2, MethodInfo, Pretext, PretextError};
+use super::{
+    densecl, densesiam, lcloss, mocov2, pixpro, scfs, swav, MethodInfo, Pretext, PretextError,
+};
 
 /// The methods, baseline first.
 pub fn methods() -> Vec<&'static MethodInfo> {
     vec![
         &mocov2::INFO,
         &densecl::INFO,
-        &super::pixpro::INFO,
-        &super::densesiam::INFO,
-        &super::lcloss::INFO,
+        &pixpro::INFO,
+        &densesiam::INFO,
+        &lcloss::INFO,
+        &swav::INFO,
+        &scfs::INFO,
     ]
 }
 

@@ -14,7 +14,7 @@ use crate::train_step::{train_step_artifact, TrainStepConfig};
 /// The method's smoke-test settings, EMA momentum 0.9, and `extra`.
 fn tiny(method: &str, extra: &[(&str, &str)]) -> Vec<(String, String)> {
     let info = method_info(method).unwrap();
-    let mut v: Vec<(String, String)> = info
+    let v: Vec<(String, String)> = info
         .tiny
         .iter()
         .chain(&[("momentum", "0.9")])
