@@ -27,8 +27,10 @@
 
 pub mod data;
 pub mod densecl;
+pub mod detco;
 pub mod mocov2;
 pub mod ops;
+pub mod regioncl;
 pub mod registry;
 pub mod settings;
 pub mod twin;

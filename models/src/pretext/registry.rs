@@ -6,7 +6,12 @@ use super::{densecl, mocov2, MethodInfo, Pretext, PretextError};
 
 /// The methods, baseline first.
 pub fn methods() -> Vec<&'static MethodInfo> {
-    vec![&mocov2::INFO, &densecl::INFO]
+    vec![
+        &mocov2::INFO,
+        &densecl::INFO,
+        &super::regioncl::INFO,
+        &super::detco::INFO,
+    ]
 }
 
 /// The method called `name`.
