@@ -44,9 +44,8 @@ fn detco_jigsaw_patches_equal_brute_force() {
         // The patches cover the view but for the `V - 3p` rows skipped when `3p < V`.
         let mut seen = vec![false; size];
         for j in 0..3 {
-            for y in patch_offset(j, size)..patch_offset(j, size) + p {
-                seen[y] = true;
-            }
+            let o = patch_offset(j, size);
+            seen[o..o + p].fill(true);
         }
         let missed = seen.iter().filter(|&&s| !s).count();
         assert_eq!(missed, size.saturating_sub(3 * p), "{size}");
