@@ -192,6 +192,21 @@ fn methods_lists_every_registered_method_as_json() {
     let names: Vec<&str> = list.iter().map(|m| m["name"].as_str().unwrap()).collect();
     let registered: Vec<&str> = methods().iter().map(|m| m.name).collect();
     assert_eq!(names, registered);
+    // The nine methods of wave 1 (issue 6), baseline first.
+    assert_eq!(
+        names,
+        [
+            "mocov2",
+            "densecl",
+            "pixpro",
+            "densesiam",
+            "lcloss",
+            "swav",
+            "detco",
+            "regioncl",
+            "scfs"
+        ]
+    );
     for m in &list {
         assert!(m["title"].as_str().is_some_and(|t| !t.is_empty()));
         assert!(m["hyperparameters"]["lr"].as_f64().is_some(), "{m}");

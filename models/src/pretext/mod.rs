@@ -28,10 +28,12 @@
 pub mod data;
 pub mod densecl;
 pub mod densesiam;
+pub mod detco;
 pub mod lcloss;
 pub mod mocov2;
 pub mod ops;
 pub mod pixpro;
+pub mod regioncl;
 pub mod registry;
 pub mod scfs;
 pub mod settings;

@@ -3,7 +3,8 @@
 
 use super::settings::{Hyper, Settings};
 use super::{
-    densecl, densesiam, lcloss, mocov2, pixpro, scfs, swav, MethodInfo, Pretext, PretextError,
+    densecl, densesiam, detco, lcloss, mocov2, pixpro, regioncl, scfs, swav, MethodInfo, Pretext,
+    PretextError,
 };
 
 /// The methods, baseline first.
@@ -15,6 +16,8 @@ pub fn methods() -> Vec<&'static MethodInfo> {
         &densesiam::INFO,
         &lcloss::INFO,
         &swav::INFO,
+        &detco::INFO,
+        &regioncl::INFO,
         &scfs::INFO,
     ]
 }
