@@ -15,7 +15,7 @@ use densa_exporter::builder::{attr, Dim};
 use densa_exporter::{DType, GraphBuilder, Value};
 use densa_runtime::augment::ViewConfig;
 
-use super::mocov2::{contrastive_defaults, moco_views, two_view_inputs, TINY};
+use super::mocov2::{contrastive_defaults, moco_views, two_view_inputs, Contrastive, TINY};
 use super::ops::{self, ConvHead, MlpHead};
 use super::settings::{common, Hyper, Settings};
 use super::twin::momentum_twin;
@@ -165,25 +165,14 @@ impl Pretext for DenseCl {
 
     fn build(&self, ctx: &PretextContext) -> Result<ForwardGraph, PretextError> {
         let s = &self.settings;
-        let t = s.checked("temperature", |v| v > 0.0, "must be positive")?;
-        let m = s.checked(
-            "momentum",
-            |v| (0.0..=1.0).contains(&v),
-            "must be in [0, 1]",
-        )?;
+        let c = Contrastive::read(s, ctx.batch)?;
+        let (t, m) = (c.temperature, c.momentum);
         let lambda = s.checked(
             "loss_lambda",
             |v| (0.0..=1.0).contains(&v),
             "must be in [0, 1]",
         )?;
-        let (k_size, hidden, dim) = (
-            s.positive("queue_size")?,
-            s.positive("hidden_dim")?,
-            s.positive("dim")?,
-        );
-        if k_size < ctx.batch {
-            return Err(s.bad("queue_size", "must hold at least one batch"));
-        }
+        let (k_size, hidden, dim) = (c.queue_size, c.hidden_dim, c.dim);
         let mut b = GraphBuilder::new("densecl", ctx.seed);
         let [v0, v1] = two_view_inputs(&mut b, ctx)?;
         let c5 = ctx.arch.out_channels()[3];

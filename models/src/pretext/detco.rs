@@ -36,7 +36,7 @@ use ndarray::{s, Array3, Array4};
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 
-use super::mocov2::{contrastive_defaults, moco_views, two_view_inputs};
+use super::mocov2::{contrastive_defaults, moco_views, two_view_inputs, Contrastive};
 use super::ops::{self, MlpHead};
 use super::regioncl::geometry_rng;
 use super::settings::{common, Hyper, Settings};
@@ -267,24 +267,13 @@ impl Pretext for DetCo {
 
     fn build(&self, ctx: &PretextContext) -> Result<ForwardGraph, PretextError> {
         let s = &self.settings;
-        let t = s.checked("temperature", |v| v > 0.0, "must be positive")?;
-        let m = s.checked(
-            "momentum",
-            |v| (0.0..=1.0).contains(&v),
-            "must be in [0, 1]",
-        )?;
+        let c = Contrastive::read(s, ctx.batch)?;
+        let (t, m) = (c.temperature, c.momentum);
         let mut weights = [0.0; 4];
         for (w, (_, key)) in weights.iter_mut().zip(LEVELS) {
             *w = s.checked(key, |v| v >= 0.0, "must be non-negative")?;
         }
-        let (k_size, hidden, dim) = (
-            s.positive("queue_size")?,
-            s.positive("hidden_dim")?,
-            s.positive("dim")?,
-        );
-        if k_size < ctx.batch {
-            return Err(s.bad("queue_size", "must hold at least one batch"));
-        }
+        let (k_size, hidden, dim) = (c.queue_size, c.hidden_dim, c.dim);
         let size = ctx.image_size as usize;
         if size < GRID {
             return Err(PretextError::Invalid {

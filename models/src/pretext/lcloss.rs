@@ -33,7 +33,7 @@ use densa_exporter::{DType, GraphBuilder, Tensor, Value};
 use densa_runtime::augment::{grid_sample_grid, FeatureGrid, View, ViewConfig};
 
 use super::densesiam::grid_sample;
-use super::mocov2::{contrastive_defaults, moco_views, two_view_inputs, TINY};
+use super::mocov2::{contrastive_defaults, moco_views, two_view_inputs, Contrastive, TINY};
 use super::ops::{self, ConvHead, MlpHead};
 use super::pixpro::C5_STRIDE;
 use super::settings::{common, Hyper, Settings};
@@ -193,22 +193,11 @@ impl Pretext for LcLoss {
 
     fn build(&self, ctx: &PretextContext) -> Result<ForwardGraph, PretextError> {
         let s = &self.settings;
-        let t = s.checked("temperature", |v| v > 0.0, "must be positive")?;
+        let c = Contrastive::read(s, ctx.batch)?;
+        let (t, m) = (c.temperature, c.momentum);
         let t_local = s.checked("local_temperature", |v| v > 0.0, "must be positive")?;
         let weight = s.checked("local_weight", |v| v >= 0.0, "must be >= 0")?;
-        let m = s.checked(
-            "momentum",
-            |v| (0.0..=1.0).contains(&v),
-            "must be in [0, 1]",
-        )?;
-        let (k_size, hidden, dim) = (
-            s.positive("queue_size")?,
-            s.positive("hidden_dim")?,
-            s.positive("dim")?,
-        );
-        if k_size < ctx.batch {
-            return Err(s.bad("queue_size", "must hold at least one batch"));
-        }
+        let (k_size, hidden, dim) = (c.queue_size, c.hidden_dim, c.dim);
         let mut b = GraphBuilder::new("lcloss", ctx.seed);
         let [v0, v1] = two_view_inputs(&mut b, ctx)?;
         let grid = FeatureGrid::of_view((ctx.image_size, ctx.image_size), C5_STRIDE);

@@ -54,6 +54,41 @@ pub fn contrastive_defaults() -> Vec<Hyper> {
     ]
 }
 
+/// The [`contrastive_defaults`] settings, checked against the batch they are built for.
+pub struct Contrastive {
+    /// InfoNCE temperature.
+    pub temperature: f64,
+    /// EMA momentum of the key encoder.
+    pub momentum: f64,
+    /// Keys in each queue (at least one batch).
+    pub queue_size: usize,
+    /// Hidden width of the MLP head.
+    pub hidden_dim: usize,
+    /// Embedding dimension.
+    pub dim: usize,
+}
+
+impl Contrastive {
+    /// Reads and checks the settings; errors name the setting.
+    pub fn read(s: &Settings, batch: usize) -> Result<Contrastive, PretextError> {
+        let c = Contrastive {
+            temperature: s.checked("temperature", |v| v > 0.0, "must be positive")?,
+            momentum: s.checked(
+                "momentum",
+                |v| (0.0..=1.0).contains(&v),
+                "must be in [0, 1]",
+            )?,
+            queue_size: s.positive("queue_size")?,
+            hidden_dim: s.positive("hidden_dim")?,
+            dim: s.positive("dim")?,
+        };
+        if c.queue_size < batch {
+            return Err(s.bad("queue_size", "must hold at least one batch"));
+        }
+        Ok(c)
+    }
+}
+
 fn create(settings: Settings) -> Result<Box<dyn Pretext>, PretextError> {
     Ok(Box::new(MocoV2 { settings }))
 }
@@ -104,20 +139,9 @@ impl Pretext for MocoV2 {
 
     fn build(&self, ctx: &PretextContext) -> Result<ForwardGraph, PretextError> {
         let s = &self.settings;
-        let t = s.checked("temperature", |v| v > 0.0, "must be positive")?;
-        let m = s.checked(
-            "momentum",
-            |v| (0.0..=1.0).contains(&v),
-            "must be in [0, 1]",
-        )?;
-        let (k_size, hidden, dim) = (
-            s.positive("queue_size")?,
-            s.positive("hidden_dim")?,
-            s.positive("dim")?,
-        );
-        if k_size < ctx.batch {
-            return Err(s.bad("queue_size", "must hold at least one batch"));
-        }
+        let c = Contrastive::read(s, ctx.batch)?;
+        let (t, m) = (c.temperature, c.momentum);
+        let (k_size, hidden, dim) = (c.queue_size, c.hidden_dim, c.dim);
         let mut b = GraphBuilder::new("mocov2", ctx.seed);
         let [v0, v1] = two_view_inputs(&mut b, ctx)?;
         let c5 = ctx.arch.out_channels()[3];

@@ -38,7 +38,7 @@ use densa_runtime::augment::{View, ViewConfig};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::mocov2::{contrastive_defaults, moco_views, two_view_inputs};
+use super::mocov2::{contrastive_defaults, moco_views, two_view_inputs, Contrastive};
 use super::ops::{self, MlpHead};
 use super::settings::{common, Hyper, Settings};
 use super::twin::momentum_twin;
@@ -358,21 +358,10 @@ impl Pretext for RegionCl {
 
     fn build(&self, ctx: &PretextContext) -> Result<ForwardGraph, PretextError> {
         let s = &self.settings;
-        let t = s.checked("temperature", |v| v > 0.0, "must be positive")?;
-        let m = s.checked(
-            "momentum",
-            |v| (0.0..=1.0).contains(&v),
-            "must be in [0, 1]",
-        )?;
+        let c = Contrastive::read(s, ctx.batch)?;
+        let (t, m) = (c.temperature, c.momentum);
         let weight = s.checked("region_weight", |v| v >= 0.0, "must be non-negative")?;
-        let (k_size, hidden, dim) = (
-            s.positive("queue_size")?,
-            s.positive("hidden_dim")?,
-            s.positive("dim")?,
-        );
-        if k_size < ctx.batch {
-            return Err(s.bad("queue_size", "must hold at least one batch"));
-        }
+        let (k_size, hidden, dim) = (c.queue_size, c.hidden_dim, c.dim);
         let size = ctx.image_size as usize;
         let grid = feature_side(size);
         let mut b = GraphBuilder::new("regioncl", ctx.seed);
