@@ -173,6 +173,7 @@ fn main() {
     let options = BackendOptions {
         threads: Some(threads),
         allow_download: false,
+        ..BackendOptions::default()
     };
     let mut backends: Vec<Box<dyn Backend>> = vec![];
     match open_backend(BackendKind::Ort, &options) {

@@ -14,5 +14,8 @@ pub mod npy;
 #[cfg(feature = "train")]
 pub mod train;
 
-pub use backend::{open_backend, Backend, BackendError, BackendKind, BackendOptions, Session};
+pub use backend::{
+    open_backend, Backend, BackendError, BackendKind, BackendOptions, Device, ResidentState,
+    Session,
+};
 pub use densa_exporter::{DType, Tensor};

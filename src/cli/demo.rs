@@ -16,7 +16,7 @@ use densa_runtime::infer::decode::decode;
 use densa_runtime::infer::draw::draw_detections;
 use densa_runtime::infer::preprocess::prepare;
 use densa_runtime::infer::ModelSpec;
-use densa_runtime::{Backend, BackendKind, Tensor};
+use densa_runtime::{Backend, BackendKind, Device, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::eval_detect::{coco_metrics, detect_dataset};
@@ -142,6 +142,7 @@ pub fn run_plan(out: &Path, plan: &DemoPlan) -> Result<()> {
                     backend: BackendKind::Auto,
                     threads: None,
                     no_download: false,
+                    device: Device::Cpu,
                 },
             })?;
             timings.push((
@@ -186,6 +187,7 @@ pub fn run_plan(out: &Path, plan: &DemoPlan) -> Result<()> {
             backend: BackendKind::Auto,
             threads: None,
             no_download: false,
+            device: Device::Cpu,
         },
     };
     let outcome = super::finetune_detect::finetune(&args, &|line| eprintln!("{line}"))?;

@@ -25,7 +25,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
-use densa_runtime::{BackendKind, BackendOptions};
+use densa_runtime::{BackendKind, BackendOptions, Device};
 
 /// densa: self-supervised pretraining, fine-tuning, export and edge serving of dense-prediction
 /// models, with ONNX as the only graph format.
@@ -83,6 +83,10 @@ pub struct BackendArgs {
     /// Never fetch the ONNX Runtime library with pip when it is missing.
     #[arg(long)]
     pub no_download: bool,
+    /// Where to run: cpu, or cuda[:N] (ONNX Runtime's CUDA provider; needs the onnxruntime-gpu
+    /// build and CUDA 13; without them densa says why and runs on the CPU).
+    #[arg(long, default_value = "cpu")]
+    pub device: Device,
 }
 
 impl BackendArgs {
@@ -90,6 +94,8 @@ impl BackendArgs {
         BackendOptions {
             threads: self.threads,
             allow_download: !self.no_download,
+            device: self.device,
+            resident_state: None,
         }
     }
 }

@@ -43,6 +43,7 @@ pub fn ort_backend() -> Option<Box<dyn Backend>> {
     let options = BackendOptions {
         threads: Some(2),
         allow_download: false,
+        ..BackendOptions::default()
     };
     match open_backend(BackendKind::Ort, &options) {
         Ok(b) => Some(b),

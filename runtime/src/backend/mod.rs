@@ -4,6 +4,8 @@
 //! Both backends take the same `.onnx` bytes and must agree (tests run both).
 
 #[cfg(feature = "ort")]
+pub mod cuda_libs;
+#[cfg(feature = "ort")]
 pub mod ort;
 #[cfg(feature = "ort")]
 pub mod ort_lib;
@@ -50,6 +52,52 @@ impl fmt::Display for BackendKind {
     }
 }
 
+/// Where a backend runs the graphs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Device {
+    /// The host's CPU cores.
+    #[default]
+    Cpu,
+    /// NVIDIA GPU number `n` (ONNX Runtime's CUDA execution provider).
+    Cuda(i32),
+}
+
+impl Device {
+    /// Whether this is a GPU.
+    pub fn is_gpu(self) -> bool {
+        matches!(self, Device::Cuda(_))
+    }
+}
+
+impl FromStr for Device {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("unknown device `{s}`; choose cpu, cuda or cuda:N (N a GPU number)");
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" | "gpu" => Ok(Device::Cuda(0)),
+            _ => match s.strip_prefix("cuda:") {
+                Some(n) => n
+                    .parse::<i32>()
+                    .ok()
+                    .filter(|n| *n >= 0)
+                    .map(Device::Cuda)
+                    .ok_or_else(bad),
+                None => Err(bad()),
+            },
+        }
+    }
+}
+
+impl fmt::Display for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Device::Cpu => f.write_str("cpu"),
+            Device::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
 /// Options shared by the backends.
 #[derive(Clone, Debug)]
 pub struct BackendOptions {
@@ -57,6 +105,12 @@ pub struct BackendOptions {
     pub threads: Option<usize>,
     /// Whether a missing ONNX Runtime library may be fetched with pip.
     pub allow_download: bool,
+    /// Where to run. A GPU that cannot be used (no CUDA provider in the ONNX Runtime library,
+    /// CUDA libraries missing) falls back to the CPU with a warning on stderr.
+    pub device: Device,
+    /// Whether sessions keep training state inside the backend between steps
+    /// ([`Session::resident_state`]). `None`: on a GPU only, where it saves the host round trip.
+    pub resident_state: Option<bool>,
 }
 
 impl Default for BackendOptions {
@@ -64,6 +118,8 @@ impl Default for BackendOptions {
         BackendOptions {
             threads: None,
             allow_download: true,
+            device: Device::Cpu,
+            resident_state: None,
         }
     }
 }
@@ -228,6 +284,33 @@ pub trait Session: Send {
     /// Runs the model on named inputs; returns every output, by name, in declaration order.
     fn run(&mut self, inputs: Vec<(String, Tensor)>)
         -> Result<Vec<(String, Tensor)>, BackendError>;
+    /// The session's way of keeping state between runs, where it has one and the options ask
+    /// for it (ONNX Runtime: on a GPU, or when [`BackendOptions::resident_state`] says so).
+    fn resident_state(&mut self) -> Option<&mut dyn ResidentState> {
+        None
+    }
+}
+
+/// State kept inside a session between runs: a train step's parameters, optimizer slots and
+/// buffers stay where the graph runs (ONNX Runtime IoBinding: GPU memory) instead of travelling
+/// to the host and back every step. Each state input is paired with the output that holds its
+/// next value; a run leaves the new values pending until [`ResidentState::commit`], so a step
+/// whose loss is not finite can be dropped with [`ResidentState::discard`].
+pub trait ResidentState {
+    /// Where the state lives, for messages (`cuda:0`, `cpu`).
+    fn location(&self) -> String;
+    /// Places the state: `(input, next output)` pairs and their current values, in that order.
+    fn set(&mut self, pairs: &[(String, String)], values: Vec<Tensor>) -> Result<(), BackendError>;
+    /// Runs with `inputs` (every input but the state's) and the current state. Returns the
+    /// outputs that are not state, on the host, in declaration order; the new state is pending.
+    fn run(&mut self, inputs: Vec<(String, Tensor)>)
+        -> Result<Vec<(String, Tensor)>, BackendError>;
+    /// Makes the pending state current.
+    fn commit(&mut self);
+    /// Drops the pending state; the current state stays.
+    fn discard(&mut self);
+    /// The current state, copied to the host, in the order of [`ResidentState::set`].
+    fn get(&self) -> Result<Vec<Tensor>, BackendError>;
 }
 
 /// An execution backend.
@@ -265,6 +348,13 @@ pub fn open_backend(
     kind: BackendKind,
     options: &BackendOptions,
 ) -> Result<Box<dyn Backend>, BackendError> {
+    if kind == BackendKind::Tract && options.device.is_gpu() {
+        eprintln!(
+            "densa: warning: --device {}: the tract backend runs on the CPU; use --backend ort \
+             (ONNX Runtime's CUDA provider) for the GPU",
+            options.device
+        );
+    }
     match kind {
         BackendKind::Tract => Ok(Box::new(tract::TractBackend::new())),
         BackendKind::Ort => open_ort(options),

@@ -10,9 +10,13 @@
 //! and the schedule a function of the step, so a run resumed from a checkpoint computes the
 //! same steps as one that never stopped (on the same backend).
 //!
-//! Our choices: the loop is in Rust on the host; state travels host -> backend -> host every
-//! step (see the note in [`Trainer::step`] on ONNX Runtime IoBinding); the clock (`time_s`)
-//! and throughput are the only fields of the log that differ between two identical runs.
+//! Our choices: the loop is in Rust on the host. The state travels host -> backend -> host every
+//! step, except on sessions that keep it themselves ([`Session::resident_state`]: ONNX Runtime
+//! on a GPU, through IoBinding), where only the batch and hyperparameters go in and the loss and
+//! metrics come out; there the host copy ([`Trainer::state`]) is refreshed at every checkpoint
+//! and at the end of [`Trainer::run`], and a step is judged finite by its loss alone. The clock
+//! (`time_s`) and throughput are the only fields of the log that differ between two identical
+//! runs.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -129,8 +133,9 @@ pub struct TrainSummary {
 struct StepPlan {
     batch_inputs: HashSet<String>,
     state_names: Vec<String>,
-    /// For each state input: the position of its `next` among the outputs.
+    /// For each state input: the position of its `next` among the outputs, and its name.
     next_index: Vec<usize>,
+    next_names: Vec<String>,
     loss_index: usize,
     metrics: Vec<(String, usize)>,
     hyper: Vec<(String, f64, Port)>,
@@ -151,6 +156,7 @@ impl StepPlan {
             batch_inputs: HashSet::new(),
             state_names: Vec::new(),
             next_index: Vec::new(),
+            next_names: Vec::new(),
             loss_index: 0,
             metrics: Vec::new(),
             hyper: Vec::new(),
@@ -171,9 +177,10 @@ impl StepPlan {
                         .push((e.name.clone(), e.default.expect("validated"), port));
                 }
                 _ => {
+                    let next = e.next.as_deref().expect("validated");
                     plan.state_names.push(e.name.clone());
-                    plan.next_index
-                        .push(out_pos(e.next.as_deref().expect("validated")));
+                    plan.next_index.push(out_pos(next));
+                    plan.next_names.push(next.to_string());
                 }
             }
         }
@@ -218,8 +225,11 @@ pub struct Trainer<'a> {
     schedule: Box<dyn Schedule + 'a>,
     options: TrainOptions,
     plan: StepPlan,
-    /// Current state, aligned with `plan.state_names`.
+    /// Current state, aligned with `plan.state_names`; on a resident session the host copy,
+    /// refreshed by [`Trainer::sync_state`].
     state: Vec<Tensor>,
+    /// Whether the session keeps the state ([`Session::resident_state`]).
+    resident: bool,
     position: Position,
     nonfinite_in_row: u32,
     last_hyper: BTreeMap<String, f64>,
@@ -241,7 +251,8 @@ impl<'a> Trainer<'a> {
         options: TrainOptions,
     ) -> Result<Trainer<'a>, TrainError> {
         let label = format!("{}/{}", artifact.label(), artifact.manifest().graph);
-        let session = backend.load_model(artifact.graph(), &label)?;
+        let mut session = backend.load_model(artifact.graph(), &label)?;
+        let resident = session.resident_state().is_some();
         let plan = StepPlan::new(&artifact, session.as_ref());
         let state = plan
             .state_names
@@ -253,7 +264,7 @@ impl<'a> Trainer<'a> {
                 source_name: data.describe(),
             });
         }
-        Ok(Trainer {
+        let mut trainer = Trainer {
             artifact,
             session,
             data: Box::new(data),
@@ -261,6 +272,7 @@ impl<'a> Trainer<'a> {
             options,
             plan,
             state,
+            resident,
             position: Position::default(),
             nonfinite_in_row: 0,
             last_hyper: BTreeMap::new(),
@@ -268,7 +280,36 @@ impl<'a> Trainer<'a> {
             started: Instant::now(),
             resumed: false,
             stop: Arc::new(AtomicBool::new(false)),
-        })
+        };
+        trainer.place_state()?;
+        Ok(trainer)
+    }
+
+    /// Hands the host state to a session that keeps it (a no-op otherwise).
+    fn place_state(&mut self) -> Result<(), TrainError> {
+        let Some(resident) = self.session.resident_state() else {
+            return Ok(());
+        };
+        let pairs: Vec<(String, String)> = self
+            .plan
+            .state_names
+            .iter()
+            .zip(&self.plan.next_names)
+            .map(|(i, o)| (i.clone(), o.clone()))
+            .collect();
+        resident.set(&pairs, self.state.clone())?;
+        tracing::info!("training state kept on {}", resident.location());
+        Ok(())
+    }
+
+    /// Refreshes the host copy of the state from a session that keeps it (a no-op otherwise).
+    /// [`Trainer::run`] and [`Trainer::checkpoint`] do this themselves; call it after driving
+    /// [`Trainer::step`] by hand and before reading [`Trainer::state`].
+    pub fn sync_state(&mut self) -> Result<(), TrainError> {
+        if let Some(resident) = self.session.resident_state() {
+            self.state = resident.get()?;
+        }
+        Ok(())
     }
 
     /// A trainer continuing from a checkpoint: `from` is a checkpoint directory or an output
@@ -346,6 +387,7 @@ impl<'a> Trainer<'a> {
             }
             *slot = t.clone();
         }
+        trainer.place_state()?;
         trainer.position = ckpt.position();
         trainer.nonfinite_in_row = ckpt.nonfinite_in_row;
         trainer.last_hyper = ckpt.schedule.last_values.clone();
@@ -481,18 +523,6 @@ impl<'a> Trainer<'a> {
         let mut inputs: Vec<(String, Tensor)> =
             Vec::with_capacity(batch.len() + self.state.len() + hyper.len());
         inputs.extend(batch);
-        // The state is copied in and the new state copied out every step. On ONNX Runtime with
-        // a GPU this is where IoBinding plugs in: bind each state input and its `next` output
-        // to device buffers (swapping the two each step) so the state stays on the device, and
-        // copy it to the host only for checkpoints. The copy also keeps the old state for a
-        // skipped (non-finite) step.
-        inputs.extend(
-            self.plan
-                .state_names
-                .iter()
-                .cloned()
-                .zip(self.state.iter().cloned()),
-        );
         for ((name, value), (_, _, port)) in hyper.iter().zip(&self.plan.hyper) {
             let t = hyper_tensor(port, *value).map_err(|problem| TrainError::Schedule {
                 step: pos.step,
@@ -501,6 +531,19 @@ impl<'a> Trainer<'a> {
             })?;
             inputs.push((name.clone(), t));
         }
+        if self.resident {
+            return self.resident_step(inputs, hyper, samples, t0);
+        }
+        // The state is copied in and the new state copied out every step (sessions that keep
+        // the state take `resident_step` above). The copy also keeps the old state for a
+        // skipped (non-finite) step.
+        inputs.extend(
+            self.plan
+                .state_names
+                .iter()
+                .cloned()
+                .zip(self.state.iter().cloned()),
+        );
 
         let outputs = self.session.run(inputs)?;
         let mut outputs: Vec<Option<Tensor>> = outputs.into_iter().map(|(_, t)| Some(t)).collect();
@@ -558,6 +601,69 @@ impl<'a> Trainer<'a> {
             }
         }
 
+        self.finish_step(pos, loss, metrics, problem, hyper, samples, t0)
+    }
+
+    /// A step on a session that keeps the state: `inputs` are the batch and hyperparameters.
+    fn resident_step(
+        &mut self,
+        inputs: Vec<(String, Tensor)>,
+        hyper: Vec<(String, f64)>,
+        samples: usize,
+        t0: Instant,
+    ) -> Result<StepRecord, TrainError> {
+        let pos = self.position;
+        let resident = self
+            .session
+            .resident_state()
+            .expect("the session kept its state at load");
+        let outputs: BTreeMap<String, Tensor> = resident.run(inputs)?.into_iter().collect();
+        let interface = self.session.interface();
+        let by_index = |i: usize| outputs.get(&interface.outputs[i].name).expect("present");
+        let loss = mean(by_index(self.plan.loss_index));
+        let metrics: BTreeMap<String, Option<f64>> = self
+            .plan
+            .metrics
+            .iter()
+            .map(|(n, i)| {
+                let v = mean(by_index(*i));
+                (n.clone(), v.is_finite().then_some(v))
+            })
+            .collect();
+        let problem = (!loss.is_finite()).then(|| format!("loss is {loss}"));
+        let resident = self.session.resident_state().expect("checked");
+        match &problem {
+            None => {
+                resident.commit();
+                self.nonfinite_in_row = 0;
+            }
+            Some(p) => {
+                resident.discard();
+                self.nonfinite_in_row += 1;
+                tracing::warn!(
+                    "step {}: {p}; update skipped, state kept ({} in a row, stopping at {})",
+                    pos.step + 1,
+                    self.nonfinite_in_row,
+                    self.options.max_nonfinite_in_row.max(1)
+                );
+            }
+        }
+        self.finish_step(pos, loss, metrics, problem, hyper, samples, t0)
+    }
+
+    /// Advances the position and makes the step's record.
+    #[allow(clippy::too_many_arguments)]
+    fn finish_step(
+        &mut self,
+        pos: Position,
+        loss: f64,
+        metrics: BTreeMap<String, Option<f64>>,
+        problem: Option<String>,
+        hyper: Vec<(String, f64)>,
+        samples: usize,
+        t0: Instant,
+    ) -> Result<StepRecord, TrainError> {
+        let step = pos.step + 1;
         self.position.step = step;
         self.position.index_in_epoch += 1;
         if self.position.index_in_epoch >= self.data.batches_per_epoch() {
@@ -591,6 +697,7 @@ impl<'a> Trainer<'a> {
 
     /// Writes a checkpoint of the current state and position now; returns its directory.
     pub fn checkpoint(&mut self, reason: CheckpointReason) -> Result<PathBuf, TrainError> {
+        self.sync_state()?;
         let manifest = CheckpointManifest {
             schema_version: CHECKPOINT_SCHEMA_VERSION,
             kind: CHECKPOINT_KIND.into(),
