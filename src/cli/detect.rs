@@ -200,7 +200,7 @@ pub fn run(args: DetectArgs) -> Result<()> {
     }
     eprintln!(
         "densa: {served} image(s) served on {} in {secs:.2} s ({:.1} images/s){}",
-        backend.name(),
+        backend.label(),
         served as f64 / secs.max(1e-9),
         if skipped > 0 {
             format!(", {skipped} skipped")

@@ -246,7 +246,7 @@ pub fn run(args: EvalDetectArgs) -> Result<()> {
         println!(
             "{} image(s) on {} in {:.2} s: {:.1} images/s{}",
             run.served,
-            backend.name(),
+            backend.label(),
             run.seconds,
             run.images_per_s(),
             if run.skipped.is_empty() {

@@ -349,6 +349,7 @@ pub fn finetune(args: &FinetuneArgs, say: &dyn Fn(String)) -> Result<FinetuneOut
     let artifact = detector_artifact(&config, args.seed, lr, args.freeze_backbone, init.as_ref())
         .context("building the detector's train step")?;
     let backend = open_backend(args.backend.backend, &args.backend.options())?;
+    say(format!("backend {}", backend.label()));
     let source = Arc::new(source);
     let batches_per_epoch = (subset.len() / args.batch_size) as u64;
     let total_steps = batches_per_epoch * args.epochs;

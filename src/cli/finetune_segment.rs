@@ -332,7 +332,7 @@ pub fn run(args: &FinetuneArgs) -> Result<()> {
         indices.len(),
         source.len(),
         args.epochs,
-        backend.name()
+        backend.label()
     );
     let best_path = args.out.join("best.json");
     let mut best: Option<Best> = std::fs::read_to_string(&best_path)

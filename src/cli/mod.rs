@@ -95,7 +95,12 @@ impl BackendArgs {
             threads: self.threads,
             allow_download: !self.no_download,
             device: self.device,
-            resident_state: None,
+            // Benchmarks compare the GPU step with and without the state kept on the device.
+            resident_state: match std::env::var("DENSA_RESIDENT_STATE").as_deref() {
+                Ok("0") => Some(false),
+                Ok("1") => Some(true),
+                _ => None,
+            },
         }
     }
 }

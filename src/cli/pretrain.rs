@@ -242,12 +242,13 @@ pub fn run(args: PretrainArgs) -> Result<()> {
     options.seed = args.seed;
     options.length = length;
     options.checkpoint_every = args.checkpoint_every;
-    eprintln!(
-        "densa: pretraining {} on {n} images ({per_epoch} steps per epoch, {total} steps)",
-        spec.method
-    );
     let backend = open_backend(args.backend.backend, &args.backend.options())
         .context("opening the backend")?;
+    eprintln!(
+        "densa: pretraining {} on {n} images ({per_epoch} steps per epoch, {total} steps), backend {}",
+        spec.method,
+        backend.label()
+    );
     let mut trainer = if has_checkpoint {
         Trainer::resume(
             &args.out,

@@ -229,6 +229,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         Trainer::new(artifact, backend.as_ref(), data, schedule, options)
     }
     .context("starting the trainer")?;
+    eprintln!("densa: training on backend {}", backend.label());
     let summary = trainer.run().context("training")?;
     println!(
         "step {} (epoch {}), last loss {}, log {}{}",

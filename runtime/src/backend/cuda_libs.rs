@@ -1,4 +1,4 @@
-//! Finding CUDA 13's libraries for ONNX Runtime's CUDA execution provider.
+//! Finding CUDA 13's libraries for ONNX Runtime's CUDA execution provider and tract-cuda.
 //!
 //! The provider (`libonnxruntime_providers_cuda.so`) links cudart, cuBLAS, cuFFT, cuRAND, NVRTC
 //! and cuDNN 9 by soname. The dynamic loader finds them when they are installed system-wide or
@@ -84,8 +84,13 @@ pub fn preload() -> String {
     let mut absent = Vec::new();
     for name in LIBRARIES {
         match dirs.iter().map(|d| d.join(name)).find(|p| p.is_file()) {
-            Some(path) => match ort::util::preload_dylib(&path) {
-                Ok(()) => loaded += 1,
+            // SAFETY: loading a CUDA library runs only its initialisers; it stays loaded for the
+            // life of the process (the handle is leaked on purpose) so later loads by soname find it.
+            Some(path) => match unsafe { libloading::Library::new(&path) } {
+                Ok(lib) => {
+                    std::mem::forget(lib);
+                    loaded += 1
+                }
                 Err(e) => failed.push(format!("{}: {e}", path.display())),
             },
             None => absent.push(*name),

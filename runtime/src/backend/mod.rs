@@ -3,7 +3,7 @@
 //! A [`Backend`] turns model bytes into a [`Session`]; a session runs named tensors in and out.
 //! Both backends take the same `.onnx` bytes and must agree (tests run both).
 
-#[cfg(feature = "ort")]
+#[cfg(any(feature = "ort", feature = "tract-cuda"))]
 pub mod cuda_libs;
 #[cfg(feature = "ort")]
 pub mod ort;
@@ -317,6 +317,17 @@ pub trait ResidentState {
 pub trait Backend: Send + Sync {
     /// `tract` or `ort`.
     fn name(&self) -> &'static str;
+    /// Where its sessions run.
+    fn device(&self) -> Device {
+        Device::Cpu
+    }
+    /// The name and device, for messages: `ort`, `ort on cuda:0`.
+    fn label(&self) -> String {
+        match self.device() {
+            Device::Cpu => self.name().to_string(),
+            d => format!("{} on {d}", self.name()),
+        }
+    }
     /// Loads a model from its encoded bytes; `label` (usually the file path) names it in errors.
     fn load(&self, bytes: &[u8], label: &str) -> Result<Box<dyn Session>, BackendError>;
 
@@ -349,11 +360,7 @@ pub fn open_backend(
     options: &BackendOptions,
 ) -> Result<Box<dyn Backend>, BackendError> {
     if kind == BackendKind::Tract && options.device.is_gpu() {
-        eprintln!(
-            "densa: warning: --device {}: the tract backend runs on the CPU; use --backend ort \
-             (ONNX Runtime's CUDA provider) for the GPU",
-            options.device
-        );
+        return Ok(tract_on_gpu(options.device));
     }
     match kind {
         BackendKind::Tract => Ok(Box::new(tract::TractBackend::new())),
@@ -368,6 +375,31 @@ pub fn open_backend(
             }
         },
     }
+}
+
+/// tract for `--device cuda`: its CUDA runtime with the `tract-cuda` feature, else the CPU (and
+/// a warning that says why).
+fn tract_on_gpu(device: Device) -> Box<dyn Backend> {
+    #[cfg(feature = "tract-cuda")]
+    {
+        if device != Device::Cuda(0) {
+            eprintln!("densa: warning: --device {device}: tract-cuda uses GPU 0");
+        }
+        match tract::TractCudaBackend::new() {
+            Ok(b) => return Box::new(b),
+            Err(e) => eprintln!(
+                "densa: warning: --device {device}: tract's CUDA runtime cannot start ({e}); \
+                 running on the CPU"
+            ),
+        }
+    }
+    #[cfg(not(feature = "tract-cuda"))]
+    eprintln!(
+        "densa: warning: --device {device}: this densa was built without the `tract-cuda` \
+         feature, so tract runs on the CPU; use --backend ort (ONNX Runtime's CUDA provider) or \
+         build with `--features tract-cuda`"
+    );
+    Box::new(tract::TractBackend::new())
 }
 
 #[cfg(feature = "ort")]

@@ -51,6 +51,22 @@ impl OrtBackend {
                 Ok(true) => {
                     let report = cuda_libs::preload();
                     tracing::info!("CUDA libraries: {report}");
+                    // Registering the provider loads it and the CUDA libraries: a failure shows
+                    // here, before anyone reports the device.
+                    let probe = OrtSession::builder(environment).map_err(|e| {
+                        BackendError::OrtUnavailable(format!("session options: {e}"))
+                    })?;
+                    let Device::Cuda(id) = device else {
+                        unreachable!()
+                    };
+                    let cuda = ep::CUDA::default()
+                        .with_device_id(id)
+                        .build()
+                        .error_on_failure();
+                    if let Err(e) = probe.with_execution_providers([cuda]) {
+                        eprintln!("{}", cuda_failure(device, &e.to_string()));
+                        device = Device::Cpu;
+                    }
                 }
                 Ok(false) | Err(_) => {
                     eprintln!(
@@ -102,6 +118,10 @@ impl Backend for OrtBackend {
         NAME
     }
 
+    fn device(&self) -> Device {
+        OrtBackend::device(self)
+    }
+
     fn load(&self, bytes: &[u8], label: &str) -> Result<Box<dyn Session>, BackendError> {
         let proto = decode_model(bytes, label, NAME)?;
         let interface = Interface::of(&proto);
@@ -115,20 +135,14 @@ impl Backend for OrtBackend {
         if let Device::Cuda(id) = device {
             let cuda = ep::CUDA::default()
                 .with_device_id(id)
+                .with_tf32(tf32())
                 .build()
                 .error_on_failure();
             match builder.with_execution_providers([cuda]) {
                 Ok(b) => builder = b,
                 Err(e) => {
                     if !self.cuda_failed.swap(true, Ordering::Relaxed) {
-                        eprintln!(
-                            "densa: warning: --device {device}: ONNX Runtime's CUDA provider could \
-                             not start ({}); running on the CPU. It needs CUDA 13 and cuDNN 9: \
-                             `pip install onnxruntime-gpu[cuda,cudnn]=={}` installs them, or add \
-                             their lib folders to LD_LIBRARY_PATH (or DENSA_CUDA_LIB_DIRS)",
-                            first_line(&e.to_string()),
-                            ort_lib::ORT_VERSION
-                        );
+                        eprintln!("{}", cuda_failure(device, &e.to_string()));
                     }
                     device = Device::Cpu;
                     builder = self.builder(&fail)?;
@@ -148,8 +162,22 @@ impl Backend for OrtBackend {
     }
 }
 
-fn first_line(s: &str) -> &str {
-    s.lines().next().unwrap_or_default()
+/// Whether cuBLAS and cuDNN may use TF32 (ONNX Runtime's default, faster, 10-bit mantissa
+/// inputs): `DENSA_CUDA_TF32=0` asks for full float32, to compare with a CPU run.
+fn tf32() -> bool {
+    std::env::var("DENSA_CUDA_TF32").map_or(true, |v| v != "0")
+}
+
+/// The warning for a CUDA provider that would not start.
+fn cuda_failure(device: Device, error: &str) -> String {
+    format!(
+        "densa: warning: --device {device}: ONNX Runtime's CUDA provider could not start ({}); \
+         running on the CPU. It needs CUDA 13 and cuDNN 9: `pip install \
+         onnxruntime-gpu[cuda,cudnn]=={}` installs them, or add their lib folders to \
+         LD_LIBRARY_PATH (or DENSA_CUDA_LIB_DIRS)",
+        error.lines().next().unwrap_or_default(),
+        ort_lib::ORT_VERSION
+    )
 }
 
 struct OrtSessionBox {

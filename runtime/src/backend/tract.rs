@@ -2,14 +2,19 @@
 //!
 //! tract optimises a model for concrete input shapes. A session keeps the ONNX model analysed
 //! once and an optimised plan for the last input shapes it saw; new shapes re-plan.
+//!
+//! With the cargo feature `tract-cuda`, [`TractCudaBackend`] plans the same models with tract's
+//! CUDA runtime (NVIDIA GPUs, CUDA loaded at run time): the ops it has kernels for run on the
+//! GPU, the others on the CPU. It is for inference; training graphs belong on ONNX Runtime.
 
 use std::sync::Arc;
 
 use densa_exporter::{DType, Tensor};
 use tract_onnx::prelude::{
     DatumType, Framework, InferenceFact, InferenceModel, InferenceModelExt, IntoRunnable, TValue,
-    TVec, Tensor as TractTensor, TypedRunnableModel,
+    TVec, Tensor as TractTensor,
 };
+use tract_onnx::tract_core::runtime::Runnable;
 
 use super::{decode_model, Backend, BackendError, Interface, Session};
 
@@ -31,17 +36,64 @@ impl Backend for TractBackend {
     }
 
     fn load(&self, bytes: &[u8], label: &str) -> Result<Box<dyn Session>, BackendError> {
-        let proto = decode_model(bytes, label, NAME)?;
-        let interface = Interface::of(&proto);
-        let model = tract_onnx::onnx()
-            .model_for_read(&mut &bytes[..])
-            .map_err(|e| load_error(label, &e))?;
-        Ok(Box::new(TractSession {
-            label: label.to_string(),
-            interface,
-            model,
-            plan: None,
-        }))
+        load(bytes, label, false)
+    }
+}
+
+fn load(bytes: &[u8], label: &str, gpu: bool) -> Result<Box<dyn Session>, BackendError> {
+    let proto = decode_model(bytes, label, NAME)?;
+    let interface = Interface::of(&proto);
+    let model = tract_onnx::onnx()
+        .model_for_read(&mut &bytes[..])
+        .map_err(|e| load_error(label, &e))?;
+    Ok(Box::new(TractSession {
+        label: label.to_string(),
+        interface,
+        model,
+        plan: None,
+        gpu,
+    }))
+}
+
+/// tract with its CUDA runtime (cargo feature `tract-cuda`): NVIDIA GPU `0`.
+#[cfg(feature = "tract-cuda")]
+#[derive(Clone, Copy, Debug)]
+pub struct TractCudaBackend;
+
+#[cfg(feature = "tract-cuda")]
+impl TractCudaBackend {
+    /// Checks that CUDA and the libraries tract's kernels need can be loaded (after preloading
+    /// them from the `nvidia-*` Python packages, see [`super::cuda_libs`]).
+    pub fn new() -> Result<TractCudaBackend, String> {
+        let report = super::cuda_libs::preload();
+        tracing::info!("CUDA libraries: {report}");
+        let runtime = cuda_runtime()?;
+        runtime.check().map_err(|e| format!("{e:#}"))?;
+        Ok(TractCudaBackend)
+    }
+}
+
+#[cfg(feature = "tract-cuda")]
+fn cuda_runtime() -> Result<&'static dyn tract_onnx::tract_core::runtime::Runtime, String> {
+    // Linking the crate registers its runtime under the name `cuda`.
+    let _ = &tract_cuda::CudaTransform;
+    tract_onnx::tract_core::runtime::runtime_for_name("cuda")
+        .map_err(|e| format!("{e:#}"))?
+        .ok_or_else(|| "tract's CUDA runtime is not registered".to_string())
+}
+
+#[cfg(feature = "tract-cuda")]
+impl Backend for TractCudaBackend {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn device(&self) -> super::Device {
+        super::Device::Cuda(0)
+    }
+
+    fn load(&self, bytes: &[u8], label: &str) -> Result<Box<dyn Session>, BackendError> {
+        load(bytes, label, true)
     }
 }
 
@@ -59,14 +111,13 @@ struct TractSession {
     label: String,
     interface: Interface,
     model: InferenceModel,
-    plan: Option<(Signature, Arc<TypedRunnableModel>)>,
+    plan: Option<(Signature, Arc<dyn Runnable>)>,
+    /// Plan with tract's CUDA runtime.
+    gpu: bool,
 }
 
 impl TractSession {
-    fn plan_for(
-        &mut self,
-        inputs: &[(String, Tensor)],
-    ) -> Result<Arc<TypedRunnableModel>, BackendError> {
+    fn plan_for(&mut self, inputs: &[(String, Tensor)]) -> Result<Arc<dyn Runnable>, BackendError> {
         let signature: Signature = inputs
             .iter()
             .map(|(_, t)| (t.dtype(), t.shape().to_vec()))
@@ -83,12 +134,42 @@ impl TractSession {
                 .with_input_fact(i, fact)
                 .map_err(|e| load_error(&self.label, &e))?;
         }
-        let plan = model
-            .into_optimized()
-            .and_then(|m| m.into_runnable())
-            .map_err(|e| load_error(&self.label, &e))?;
+        let plan: Arc<dyn Runnable> = if self.gpu {
+            self.gpu_plan(model)?
+        } else {
+            Arc::new(
+                model
+                    .into_optimized()
+                    .and_then(|m| m.into_runnable())
+                    .map_err(|e| load_error(&self.label, &e))?,
+            )
+        };
         self.plan = Some((signature, plan.clone()));
         Ok(plan)
+    }
+}
+
+impl TractSession {
+    #[cfg(feature = "tract-cuda")]
+    fn gpu_plan(&self, model: InferenceModel) -> Result<Arc<dyn Runnable>, BackendError> {
+        let typed = model
+            .into_typed()
+            .and_then(|m| m.into_decluttered())
+            .map_err(|e| load_error(&self.label, &e))?;
+        let runtime = cuda_runtime().map_err(|message| BackendError::Load {
+            backend: NAME,
+            model: self.label.clone(),
+            message,
+        })?;
+        let plan = runtime
+            .prepare(typed)
+            .map_err(|e| load_error(&self.label, &e))?;
+        Ok(Arc::from(plan))
+    }
+
+    #[cfg(not(feature = "tract-cuda"))]
+    fn gpu_plan(&self, _: InferenceModel) -> Result<Arc<dyn Runnable>, BackendError> {
+        unreachable!("GPU sessions exist only with the `tract-cuda` feature")
     }
 }
 
