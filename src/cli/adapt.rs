@@ -131,7 +131,9 @@ impl Method {
             None if labeled => Ok(Method::Supervised),
             None => Ok(Method::Consistency),
             Some("supervised") if !labeled => {
-                bail!("--method supervised needs labels: give a COCO JSON as --data (--labels coco)")
+                bail!(
+                    "--method supervised needs labels: give a COCO JSON as --data (--labels coco)"
+                )
             }
             Some("supervised") => Ok(Method::Supervised),
             Some("consistency") | Some("mean-teacher") => Ok(Method::Consistency),
@@ -257,7 +259,10 @@ pub fn adapt(args: &AdaptArgs) -> Result<AdaptReport> {
         bail!("--lr {}: must be positive", args.lr);
     }
     if !(0.0..1.0).contains(&args.teacher_momentum) {
-        bail!("--teacher-momentum {}: must be in [0, 1)", args.teacher_momentum);
+        bail!(
+            "--teacher-momentum {}: must be in [0, 1)",
+            args.teacher_momentum
+        );
     }
     let model = densa_exporter::io::load(&args.model)
         .with_context(|| format!("reading {}", args.model.display()))?;
@@ -403,8 +408,25 @@ pub fn adapt(args: &AdaptArgs) -> Result<AdaptReport> {
             .collect();
         let count = params.values().map(|a| a.len()).sum();
         let losses = match method {
-            Method::Supervised => supervised(args, &det, &trainable, &mut params, backend.as_ref(), coco.clone().context("supervised adaptation needs a COCO file")?, &subset)?,
-            _ => consistency(args, &det, &trainable, &mut params, backend.as_ref(), source.as_ref(), &subset)?,
+            Method::Supervised => supervised(
+                args,
+                &det,
+                &trainable,
+                &mut params,
+                backend.as_ref(),
+                coco.clone()
+                    .context("supervised adaptation needs a COCO file")?,
+                &subset,
+            )?,
+            _ => consistency(
+                args,
+                &det,
+                &trainable,
+                &mut params,
+                backend.as_ref(),
+                source.as_ref(),
+                &subset,
+            )?,
         };
         let new: BTreeMap<String, Tensor> = params
             .into_iter()
@@ -429,7 +451,10 @@ pub fn adapt(args: &AdaptArgs) -> Result<AdaptReport> {
                     images: run.served,
                 })
             };
-            (Some(score(&model, "deployed")?), Some(score(&adapted, "adapted")?))
+            (
+                Some(score(&model, "deployed")?),
+                Some(score(&adapted, "adapted")?),
+            )
         }
         None => (None, None),
     };
@@ -451,7 +476,11 @@ pub fn adapt(args: &AdaptArgs) -> Result<AdaptReport> {
         lr: args.lr,
         seed: args.seed,
         backend: backend.name().to_string(),
-        seconds_per_step: if steps > 0 { seconds / steps as f64 } else { 0.0 },
+        seconds_per_step: if steps > 0 {
+            seconds / steps as f64
+        } else {
+            0.0
+        },
         losses: losses.clone(),
         seconds,
         peak_memory_mb: peak_memory_mb(),
@@ -467,8 +496,11 @@ pub fn adapt(args: &AdaptArgs) -> Result<AdaptReport> {
             .unwrap_or_else(|| "adapted".into());
         args.out.with_file_name(format!("{stem}.report.json"))
     });
-    densa_exporter::io::write_atomic(&report_path, serde_json::to_string_pretty(&report)?.as_bytes())
-        .with_context(|| format!("writing {}", report_path.display()))?;
+    densa_exporter::io::write_atomic(
+        &report_path,
+        serde_json::to_string_pretty(&report)?.as_bytes(),
+    )
+    .with_context(|| format!("writing {}", report_path.display()))?;
     if !losses.is_empty() {
         let records: Vec<StepRecord> = losses
             .iter()
@@ -489,7 +521,10 @@ pub fn adapt(args: &AdaptArgs) -> Result<AdaptReport> {
             "{}.loss.png",
             report_path
                 .file_name()
-                .map(|s| s.to_string_lossy().trim_end_matches(".report.json").to_string())
+                .map(|s| s
+                    .to_string_lossy()
+                    .trim_end_matches(".report.json")
+                    .to_string())
                 .unwrap_or_default()
         ));
         densa_runtime::train::log::plot_loss(
@@ -605,7 +640,9 @@ fn supervised(
                     inputs.push((name, Tensor::F32(t.to_f32().insert_axis(Axis(0)))));
                 }
             }
-            let outs = session.run(inputs).context("running the adaptation graph")?;
+            let outs = session
+                .run(inputs)
+                .context("running the adaptation graph")?;
             total += grads_of(outs, &mut sum)?;
         }
         let loss = total / args.batch as f64;
@@ -723,7 +760,9 @@ fn consistency(
         let m = config.momentum;
         for (name, t) in teacher.iter_mut() {
             if let Some(s) = params.get(name) {
-                ndarray::Zip::from(t).and(s).for_each(|t, &s| *t = m * *t + (1.0 - m) * s);
+                ndarray::Zip::from(t)
+                    .and(s)
+                    .for_each(|t, &s| *t = m * *t + (1.0 - m) * s);
             }
         }
         losses.push(loss);
