@@ -179,9 +179,12 @@ pub struct AdaptReport {
     pub backend: String,
     /// Mean loss of each step.
     pub losses: Vec<f64>,
+    /// Wall time from start to the adapted model (reading, graph building, steps).
     pub seconds: f64,
+    /// Time of the optimizer steps alone (data, forward, backward, update) per step.
     pub seconds_per_step: f64,
-    /// Peak resident memory of the process (VmHWM), MB.
+    /// Peak resident memory of the process (VmHWM) at the end of the adaptation (before the
+    /// before/after evaluation), MB: model, data and graphs included.
     pub peak_memory_mb: Option<f64>,
     /// Scored on this set (`val_data`, else the adaptation data).
     pub eval_data: Option<String>,
@@ -368,7 +371,7 @@ pub fn adapt(args: &AdaptArgs) -> Result<AdaptReport> {
         None
     };
 
-    let (adapted, losses, trainable, values_count) = if method == Method::BnStats {
+    let (adapted, losses, trainable, values_count, loop_seconds) = if method == Method::BnStats {
         let (graph, sites) = bn_stats_graph(&model, &label)?;
         let spec = densa_runtime::infer::ModelSpec::from_model(&model, &label)
             .with_context(|| format!("reading the spec of {label}"))?;
@@ -397,7 +400,14 @@ pub fn adapt(args: &AdaptArgs) -> Result<AdaptReport> {
         let new = stats.finish();
         let count = new.values().map(|t| t.len()).sum();
         let names: Vec<String> = new.keys().cloned().collect();
-        (with_parameters(&model, &new)?, Vec::new(), names, count)
+        let seconds = started.elapsed().as_secs_f64();
+        (
+            with_parameters(&model, &new)?,
+            Vec::new(),
+            names,
+            count,
+            seconds,
+        )
     } else {
         let det = DeployedDetector::from_model(&model, &label)?;
         let trainable = det.trainable(&args.train)?;
@@ -407,7 +417,7 @@ pub fn adapt(args: &AdaptArgs) -> Result<AdaptReport> {
             .map(|(n, t)| (n, t.to_f32()))
             .collect();
         let count = params.values().map(|a| a.len()).sum();
-        let losses = match method {
+        let (losses, loop_seconds) = match method {
             Method::Supervised => supervised(
                 args,
                 &det,
@@ -432,9 +442,17 @@ pub fn adapt(args: &AdaptArgs) -> Result<AdaptReport> {
             .into_iter()
             .map(|(n, a)| (n, Tensor::F32(a)))
             .collect();
-        (with_parameters(&model, &new)?, losses, trainable, count)
+        (
+            with_parameters(&model, &new)?,
+            losses,
+            trainable,
+            count,
+            loop_seconds,
+        )
     };
     let seconds = started.elapsed().as_secs_f64();
+    // Adaptation's peak, before the evaluation runs anything else.
+    let peak = peak_memory_mb();
     densa_exporter::io::save(&adapted, &args.out)
         .with_context(|| format!("writing {}", args.out.display()))?;
 
@@ -477,13 +495,13 @@ pub fn adapt(args: &AdaptArgs) -> Result<AdaptReport> {
         seed: args.seed,
         backend: backend.name().to_string(),
         seconds_per_step: if steps > 0 {
-            seconds / steps as f64
+            loop_seconds / steps as f64
         } else {
             0.0
         },
         losses: losses.clone(),
         seconds,
-        peak_memory_mb: peak_memory_mb(),
+        peak_memory_mb: peak,
         eval_data: eval_set.as_ref().map(|e| e.2.clone()),
         before,
         after,
@@ -604,7 +622,7 @@ fn supervised(
     backend: &dyn Backend,
     coco: Arc<CocoSource>,
     subset: &[usize],
-) -> Result<Vec<f64>> {
+) -> Result<(Vec<f64>, f64)> {
     let graph = det
         .supervised_graph(trainable)
         .context("building the adaptation graph")?;
@@ -614,6 +632,7 @@ fn supervised(
     let mut opt = AdamW::new(args.lr);
     let mut rng = ChaCha8Rng::seed_from_u64(args.seed ^ 0x5eed);
     let bar = progress(args.steps, "adapt");
+    let loop_started = Instant::now();
     let mut losses = Vec::new();
     let mut order: Vec<usize> = Vec::new();
     for step in 1..=args.steps {
@@ -653,7 +672,7 @@ fn supervised(
         check_budget(args.memory_budget)?;
     }
     bar.finish_and_clear();
-    Ok(losses)
+    Ok((losses, loop_started.elapsed().as_secs_f64()))
 }
 
 /// A strong photometric view of a normalised image `[3, S, S]` (same geometry): brightness,
@@ -696,7 +715,7 @@ fn consistency(
     backend: &dyn Backend,
     source: &dyn SampleSource,
     subset: &[usize],
-) -> Result<Vec<f64>> {
+) -> Result<(Vec<f64>, f64)> {
     let config = ConsistencyConfig {
         momentum: args.teacher_momentum,
         ..ConsistencyConfig::default()
@@ -711,6 +730,7 @@ fn consistency(
     let mut opt = AdamW::new(args.lr);
     let mut rng = ChaCha8Rng::seed_from_u64(args.seed ^ 0x7eac);
     let bar = progress(args.steps, "adapt");
+    let loop_started = Instant::now();
     let mut losses = Vec::new();
     let mut order: Vec<usize> = Vec::new();
     let (mean, std) = (det.spec.input.mean, det.spec.input.std);
@@ -772,5 +792,5 @@ fn consistency(
     }
     bar.finish_and_clear();
     // The student is the adapted model (the teacher lags it by design).
-    Ok(losses)
+    Ok((losses, loop_started.elapsed().as_secs_f64()))
 }
