@@ -48,7 +48,7 @@ fi
 pin() { if command -v taskset >/dev/null; then taskset -c 0,1 "$@"; else "$@"; fi; }
 ap() { # MODEL DATA -> "AP AP50"
   "$DENSA" eval detect "$1" --data "$2" --json --backend "$BACKEND" --threads 2 |
-    python3 -c 'import json,sys; s=json.loads([l for l in sys.stdin if l.startswith("{")][0]); print(f"{s[\"AP\"]:.4f} {s[\"AP50\"]:.4f}")'
+    python3 -c 'import json,sys; s=json.loads([l for l in sys.stdin if l.startswith("{")][0]); print("%.4f %.4f" % (s["AP"], s["AP50"]))'
 }
 field() { python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print(r[sys.argv[2]])' "$@"; }
 

@@ -132,7 +132,7 @@ fn supervised_graph_matches_the_training_graph() {
     inputs.extend(targets);
     let values = det.values(&trainable).unwrap();
     let mut with_params = inputs.clone();
-    with_params.extend(values.into_iter());
+    with_params.extend(values);
     let a = ours.run(with_params).unwrap();
     let b = theirs.run(inputs).unwrap();
     let (la, lb) = (output(&a, "loss")[[]], output(&b, "loss")[[]]);
@@ -297,4 +297,135 @@ fn bn_stats_match_the_host_computation() {
         assert!(close(g("bn2.running_mean")[[c]], m2));
         assert!(close(g("bn2.running_var")[[c]], s2 - m2 * m2));
     }
+}
+
+/// An export with NMS in the graph (one CHW image in) adapts the same way: same loss as the
+/// batched export for the same image and targets.
+#[test]
+fn nms_in_graph_exports_give_the_same_loss() {
+    let config = tiny_config();
+    let (model, state) = deployed(&config);
+    let mut chw_spec = spec(&config);
+    chw_spec.input.layout = InputLayout::Chw;
+    chw_spec.output.host_nms = false;
+    let toml = chw_spec.to_toml();
+    let chw_model = config
+        .inference_graph_with(Some(&state), 50, Some(0.6), &[(SPEC_KEY, toml.as_str())])
+        .unwrap();
+    let backend = open_backend(BackendKind::Tract, &BackendOptions::default()).unwrap();
+    let (x, targets) = sample(&config, 2);
+    let mut losses = Vec::new();
+    for (m, chw) in [(&model, false), (&chw_model, true)] {
+        let det = DeployedDetector::from_model(m, "m.onnx").unwrap();
+        assert_eq!(det.chw, chw);
+        let trainable = det.trainable(&TrainSelection::Head).unwrap();
+        let graph = det.supervised_graph(&trainable).unwrap();
+        let mut session = backend.load_model(&graph, "adapt").unwrap();
+        let mut inputs = vec![("images".to_string(), det.image_input(x.clone()))];
+        inputs.extend(targets.clone());
+        inputs.extend(det.values(&trainable).unwrap());
+        let outs = session.run(inputs).unwrap();
+        losses.push(output(&outs, "loss")[[]]);
+    }
+    assert!(
+        (losses[0] - losses[1]).abs() <= 1e-5 * losses[0].abs(),
+        "{losses:?}"
+    );
+}
+
+/// The consistency loss equals its formula computed on the host from the student's raw
+/// outputs, and its gradient along a direction of `head.cls_logits.bias` matches central
+/// finite differences.
+#[test]
+fn consistency_loss_matches_the_host_and_finite_differences() {
+    let config = tiny_config();
+    let (model, _) = deployed(&config);
+    let det = DeployedDetector::from_model(&model, "m.onnx").unwrap();
+    let trainable = det.trainable(&TrainSelection::Head).unwrap();
+    let cc = ConsistencyConfig::default();
+    let graph = det.consistency_graph(&trainable, &cc).unwrap();
+    let backend = open_backend(BackendKind::Tract, &BackendOptions::default()).unwrap();
+    let mut session = backend.load_model(&graph, "consistency").unwrap();
+    let mut raw = backend
+        .load_model(&det.raw_graph(&trainable).unwrap(), "raw")
+        .unwrap();
+    let (x, _) = sample(&config, 5);
+    let l = config.assigner().locations();
+    let c = config.num_classes();
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let mut rand = |shape: Vec<usize>, lo: f32, hi: f32| {
+        ArrayD::from_shape_fn(shape, |_| lo + (hi - lo) * rng.random::<f32>())
+    };
+    let t_cls = rand(vec![1, l, c], 0.0, 1.0);
+    let t_ctr = rand(vec![1, l], 0.0, 1.0);
+    let t_box = rand(vec![1, l, 4], -1.0, 1.0);
+    let params = det.values(&trainable).unwrap();
+    let run = |session: &mut Box<dyn densa_runtime::Session>,
+               params: &BTreeMap<String, Tensor>|
+     -> Vec<(String, Tensor)> {
+        let mut inputs = vec![("images".to_string(), det.image_input(x.clone()))];
+        inputs.push((TEACHER_CLS.into(), Tensor::F32(t_cls.clone())));
+        inputs.push((TEACHER_CTR.into(), Tensor::F32(t_ctr.clone())));
+        inputs.push((TEACHER_BOX.into(), Tensor::F32(t_box.clone())));
+        inputs.extend(params.clone());
+        session.run(inputs).unwrap()
+    };
+    let outs = run(&mut session, &params);
+    let loss = output(&outs, "loss")[[]] as f64;
+
+    // Host formula.
+    let mut raw_in = vec![("images".to_string(), det.image_input(x.clone()))];
+    raw_in.extend(params.clone());
+    let r = raw.run(raw_in).unwrap();
+    let (s_cls, s_box, s_ctr) = (
+        output(&r, &det.raw.cls),
+        output(&r, &det.raw.box_log),
+        output(&r, &det.raw.ctr),
+    );
+    let bce = |x: f64, t: f64| (1.0 + (-x.abs()).exp()).ln() + x.max(0.0) - x * t;
+    let (mut w_sum, mut cls_sum, mut ctr_sum, mut box_sum) = (0.0, 0.0, 0.0, 0.0);
+    for i in 0..l {
+        let w = (0..c).map(|k| t_cls[[0, i, k]] as f64).fold(0.0, f64::max);
+        w_sum += w;
+        for k in 0..c {
+            cls_sum += bce(s_cls[[0, i, k]] as f64, t_cls[[0, i, k]] as f64);
+        }
+        ctr_sum += w * bce(s_ctr[[0, i]] as f64, t_ctr[[0, i]] as f64);
+        box_sum += w
+            * (0..4)
+                .map(|j| (s_box[[0, i, j]] as f64 - t_box[[0, i, j]] as f64).abs())
+                .sum::<f64>();
+    }
+    let norm = w_sum.max(1.0);
+    let host = (cls_sum + ctr_sum + cc.box_weight as f64 * box_sum) / norm;
+    assert!(
+        (loss - host).abs() <= 1e-4 * host,
+        "graph {loss}, host {host}"
+    );
+
+    // Central differences along a fixed direction of one parameter.
+    let name = "head.cls_logits.bias";
+    let grad = output(&outs, &format!("grad.{name}"));
+    let dir = ArrayD::from_shape_vec(vec![c], (0..c).map(|k| 1.0 - k as f32).collect()).unwrap();
+    let eps = 1e-2f32;
+    let mut at = |sign: f32| {
+        let mut p = params.clone();
+        let v = p[name].to_f32() + &(&dir * (sign * eps));
+        p.insert(name.to_string(), Tensor::F32(v));
+        output(&run(&mut session, &p), "loss")[[]] as f64
+    };
+    let fd = (at(1.0) - at(-1.0)) / (2.0 * eps as f64);
+    let analytic: f64 = grad
+        .iter()
+        .zip(dir.iter())
+        .map(|(g, d)| (g * d) as f64)
+        .sum();
+    assert!(
+        analytic.abs() > 1e-2,
+        "a gradient this small tests nothing: {analytic}"
+    );
+    assert!(
+        (fd - analytic).abs() <= 2e-2 * analytic.abs().max(1e-3),
+        "finite differences {fd}, gradient {analytic}"
+    );
 }
