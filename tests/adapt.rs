@@ -68,6 +68,16 @@ fn setup(dir: &Path) -> PathBuf {
         .unwrap();
     let path = dir.join("det.onnx");
     densa::exporter::io::save(&model, &path).unwrap();
+    let unfolded = config
+        .inference_graph_bn(
+            Some(&state),
+            100,
+            None,
+            &[(SPEC_KEY, spec.to_toml().as_str())],
+            false,
+        )
+        .unwrap();
+    densa::exporter::io::save(&unfolded, &dir.join("det_bn.onnx")).unwrap();
     let scenes = dir.join("shift");
     ok(&[
         "synth",
@@ -235,6 +245,72 @@ fn unlabeled_consistency_with_a_pattern_changes_only_matches_and_peers_agree() {
         let py = npy::read_npz(&py_out).unwrap();
         same_detections(&tract, &py, "tract vs python onnxruntime");
     }
+}
+
+/// A model that kept its batch norms: `bn-stats` changes exactly the running statistics, and
+/// `--train all` trains through the batch norms on tract (their scale and bias included).
+#[test]
+fn bn_stats_and_training_through_unfolded_batch_norm() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    setup(dir);
+    let det = dir.join("det_bn.onnx");
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let stats = dir.join("stats.onnx");
+    ok(&[
+        "adapt",
+        &s(&det),
+        "--data",
+        &s(&dir.join("shift/images")),
+        "--method",
+        "bn-stats",
+        "--batch",
+        "3",
+        "--backend",
+        "tract",
+        "--out",
+        &s(&stats),
+    ]);
+    let a = load(&det);
+    let mut got = changed(&a, &load(&stats));
+    got.sort();
+    let mut want: Vec<String> = a
+        .graph
+        .as_ref()
+        .unwrap()
+        .initializer
+        .iter()
+        .map(|t| t.name.clone())
+        .filter(|n| n.ends_with(".running_mean") || n.ends_with(".running_var"))
+        .collect();
+    want.sort();
+    assert!(!want.is_empty());
+    assert_eq!(got, want);
+
+    let all = dir.join("all.onnx");
+    ok(&[
+        "adapt",
+        &s(&det),
+        "--data",
+        &s(&dir.join("shift/annotations.json")),
+        "--train",
+        "all",
+        "--steps",
+        "1",
+        "--batch",
+        "1",
+        "--no-eval",
+        "--backend",
+        "tract",
+        "--out",
+        &s(&all),
+    ]);
+    let mut got = changed(&a, &load(&all));
+    got.sort();
+    let mut want = parameters(&a, |_| true);
+    want.sort();
+    assert!(want.contains(&"bn1.weight".to_string()));
+    assert_eq!(got, want);
 }
 
 fn output(o: &[(String, Tensor)], n: &str) -> ArrayD<f32> {

@@ -124,6 +124,7 @@ impl DeployedDetector {
                 ..Default::default()
             });
         }
+        unfold_trainable_batch_norms(graph, &wanted, &moved).map_err(structure)?;
         // tract names a convolution's bias node `<conv node>.bias`, which would collide with
         // the graph input of that name: node names get a prefix (they carry no meaning).
         for node in graph.node.iter_mut() {
@@ -287,4 +288,104 @@ pub(crate) fn differentiate(
         forward,
         &GradRequest::new(names::LOSS, &wrt),
     )?)
+}
+
+/// Rewrites every inference-mode `BatchNormalization` whose scale or bias is trainable (a graph
+/// input now) as `(x - mean) * (1 / sqrt(var + eps)) * scale + bias` with `[1, C, 1, 1]`
+/// constants for the frozen statistics: tract only loads batch norms whose parameters are
+/// constants, and the same arithmetic is differentiable everywhere.
+fn unfold_trainable_batch_norms(
+    graph: &mut densa_exporter::onnx::GraphProto,
+    trainable: &HashSet<&str>,
+    moved: &[densa_exporter::onnx::TensorProto],
+) -> Result<(), String> {
+    use densa_exporter::onnx::NodeProto;
+    let value_of = |graph: &densa_exporter::onnx::GraphProto, name: &str| -> Option<Tensor> {
+        graph
+            .initializer
+            .iter()
+            .chain(moved.iter())
+            .find(|t| t.name == name)
+            .and_then(|t| Tensor::from_proto(t).ok())
+    };
+    let mut nodes = Vec::with_capacity(graph.node.len());
+    let mut inits = Vec::new();
+    for (i, node) in std::mem::take(&mut graph.node).into_iter().enumerate() {
+        let trains = node.op_type == "BatchNormalization"
+            && node.input.len() >= 5
+            && (trainable.contains(node.input[1].as_str())
+                || trainable.contains(node.input[2].as_str()));
+        if !trains {
+            nodes.push(node);
+            continue;
+        }
+        let label = if node.name.is_empty() {
+            format!("#{i}")
+        } else {
+            node.name.clone()
+        };
+        if node.output.len() != 1 {
+            return Err(format!(
+                "BatchNormalization `{label}` is in training mode (several outputs)"
+            ));
+        }
+        let eps = node
+            .attribute
+            .iter()
+            .find(|a| a.name == "epsilon")
+            .map(|a| a.f)
+            .unwrap_or(1e-5);
+        let stat = |name: &str| {
+            value_of(graph, name)
+                .map(|t| t.to_f32())
+                .ok_or_else(|| format!("BatchNormalization `{label}`: `{name}` is not a constant"))
+        };
+        let mean = stat(&node.input[3])?;
+        let var = stat(&node.input[4])?;
+        let c = mean.len();
+        let p = |s: &str| format!("adapt.bn.{i}.{s}");
+        let four = |v: Vec<f32>| {
+            Tensor::F32(ndarray::ArrayD::from_shape_vec(vec![1, c, 1, 1], v).expect("[1, C, 1, 1]"))
+        };
+        inits.push(four(mean.iter().copied().collect()).to_proto(&p("mean")));
+        inits.push(
+            four(var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect()).to_proto(&p("inv_std")),
+        );
+        inits.push(
+            Tensor::I64(ndarray::ArrayD::from_shape_vec(vec![4], vec![1, -1, 1, 1]).expect("[4]"))
+                .to_proto(&p("shape")),
+        );
+        let op = |op: &str, inputs: Vec<String>, output: String| NodeProto {
+            name: output.clone(),
+            op_type: op.into(),
+            input: inputs,
+            output: vec![output],
+            ..Default::default()
+        };
+        nodes.push(op(
+            "Sub",
+            vec![node.input[0].clone(), p("mean")],
+            p("centred"),
+        ));
+        nodes.push(op("Mul", vec![p("centred"), p("inv_std")], p("normed")));
+        nodes.push(op(
+            "Reshape",
+            vec![node.input[1].clone(), p("shape")],
+            p("scale4"),
+        ));
+        nodes.push(op(
+            "Reshape",
+            vec![node.input[2].clone(), p("shape")],
+            p("bias4"),
+        ));
+        nodes.push(op("Mul", vec![p("normed"), p("scale4")], p("scaled")));
+        nodes.push(op(
+            "Add",
+            vec![p("scaled"), p("bias4")],
+            node.output[0].clone(),
+        ));
+    }
+    graph.node = nodes;
+    graph.initializer.extend(inits);
+    Ok(())
 }

@@ -429,3 +429,40 @@ fn consistency_loss_matches_the_host_and_finite_differences() {
         "finite differences {fd}, gradient {analytic}"
     );
 }
+
+/// A model that kept its batch norms, trained through them (`--train all`: the batch norms
+/// rewritten as constant-statistics arithmetic), gives the folded export's loss.
+#[test]
+fn unfolded_batch_norm_gives_the_folded_loss() {
+    let config = tiny_config();
+    let (folded, state) = deployed(&config);
+    let toml = spec(&config).to_toml();
+    let unfolded = config
+        .inference_graph_bn(Some(&state), 50, None, &[(SPEC_KEY, toml.as_str())], false)
+        .unwrap();
+    assert!(unfolded
+        .graph
+        .as_ref()
+        .unwrap()
+        .node
+        .iter()
+        .any(|n| n.op_type == "BatchNormalization"));
+    let backend = open_backend(BackendKind::Tract, &BackendOptions::default()).unwrap();
+    let (x, targets) = sample(&config, 7);
+    let mut losses = Vec::new();
+    for m in [&folded, &unfolded] {
+        let det = DeployedDetector::from_model(m, "m.onnx").unwrap();
+        let trainable = det.trainable(&TrainSelection::All).unwrap();
+        let graph = det.supervised_graph(&trainable).unwrap();
+        let mut session = backend.load_model(&graph, "adapt").unwrap();
+        let mut inputs = vec![("images".to_string(), det.image_input(x.clone()))];
+        inputs.extend(targets.clone());
+        inputs.extend(det.values(&trainable).unwrap());
+        let outs = session.run(inputs).unwrap();
+        losses.push(output(&outs, "loss")[[]]);
+    }
+    assert!(
+        (losses[0] - losses[1]).abs() <= 1e-4 * losses[0].abs(),
+        "{losses:?}"
+    );
+}

@@ -628,6 +628,21 @@ impl DetectorConfig {
         nms_iou: Option<f32>,
         metadata: &[(&str, &str)],
     ) -> Result<ModelProto, DetectError> {
+        self.inference_graph_bn(state, top_k, nms_iou, metadata, true)
+    }
+
+    /// [`inference_graph_with`](Self::inference_graph_with), with the backbone's batch norms
+    /// folded into the convolutions (`fold_bn`, the default everywhere) or kept as
+    /// inference-mode `BatchNormalization` nodes reading `*.running_mean` / `*.running_var`
+    /// initializers (what `densa adapt --method bn-stats` re-estimates on a device).
+    pub fn inference_graph_bn(
+        &self,
+        state: Option<&StateDict>,
+        top_k: usize,
+        nms_iou: Option<f32>,
+        metadata: &[(&str, &str)],
+        fold_bn: bool,
+    ) -> Result<ModelProto, DetectError> {
         let mut b = GraphBuilder::new("densa-fcos", 0);
         let s = self.image_size as i64;
         let images = if nms_iou.is_some() {
@@ -736,7 +751,11 @@ impl DetectorConfig {
         for (key, value) in metadata {
             b.metadata(key, value);
         }
-        let model = fold_batch_norm(&b.finish())?;
+        let model = if fold_bn {
+            fold_batch_norm(&b.finish())?
+        } else {
+            b.finish()
+        };
         validate(&model)?;
         Ok(model)
     }
