@@ -12,6 +12,8 @@
 #    - supervised head adaptation on 10 labeled shifted images (`--max-images 10`, a seeded
 #      subset of the pool), and the same with `--train all`;
 #    - unlabeled consistency adaptation (momentum teacher) on the 100 unlabeled images;
+#    - bn-stats (AdaBN) on the 100 unlabeled images, on the same weights exported with
+#      `--keep-batch-norm`, and bn-stats followed by supervised head adaptation;
 #    every adapted model and the deployed one scored with `densa eval detect` on the shifted
 #    validation set (and the deployed one on the source validation set, for reference).
 # 4. Time per step and peak memory of supervised head adaptation with the tract backend and
@@ -67,6 +69,9 @@ if [[ ! -f "$work/det.onnx" ]]; then
     --val-every 5 --batch-size 16 --backend ort --threads 2 --out "$work/run" >&2
   "$DENSA" export detector --ckpt "$work/run" --out "$work/det.onnx" >&2
 fi
+if [[ ! -f "$work/det_bn.onnx" ]]; then
+  "$DENSA" export detector --ckpt "$work/run" --keep-batch-norm --out "$work/det_bn.onnx" >&2
+fi
 read -r src_ap src_ap50 < <(ap "$work/det.onnx" "$work/src_val/annotations.json")
 read -r dep_ap dep_ap50 < <(ap "$work/det.onnx" "$work/shift_val/annotations.json")
 
@@ -89,6 +94,24 @@ for seed in $SEEDS; do
     printf '| %s | %s | %s | %s | %.3f | %.0f |\n' "$run" "$seed" "$a_ap" "$a_ap50" \
       "$(field "$rep" seconds_per_step)" "$(field "$rep" peak_memory_mb)"
   done
+done
+
+# bn-stats (AdaBN) needs the batch norms unfolded: the same weights exported with
+# --keep-batch-norm (scores as the folded export), then optionally supervised head adaptation.
+"$DENSA" adapt "$work/det_bn.onnx" --data "$work/shift_unlabeled/images" --method bn-stats \
+  --batch 16 --no-eval --backend "$BACKEND" --threads 2 --out "$work/adapted-bnstats.onnx" >&2
+read -r a_ap a_ap50 < <(ap "$work/adapted-bnstats.onnx" "$work/shift_val/annotations.json")
+printf '| bn-stats 100 unlabeled | - | %s | %s | - | %.0f |\n' "$a_ap" "$a_ap50" \
+  "$(field "$work/adapted-bnstats.report.json" peak_memory_mb)"
+for seed in $SEEDS; do
+  out="$work/adapted-bnstats-head-$seed.onnx"
+  "$DENSA" adapt "$work/adapted-bnstats.onnx" --data "$work/shift_pool/annotations.json" \
+    --max-images 10 --steps "$STEPS" --lr "$LR" --train head --batch "$BATCH" --seed "$seed" \
+    --no-eval --backend "$BACKEND" --threads 2 --out "$out" >&2
+  read -r a_ap a_ap50 < <(ap "$out" "$work/shift_val/annotations.json")
+  printf '| bn-stats, then supervised head 10 labeled | %s | %s | %s | %.3f | %.0f |\n' "$seed" \
+    "$a_ap" "$a_ap50" "$(field "${out%.onnx}.report.json" seconds_per_step)" \
+    "$(field "${out%.onnx}.report.json" peak_memory_mb)"
 done
 
 echo

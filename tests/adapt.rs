@@ -444,6 +444,24 @@ fn bad_input_fails_naming_the_problem() {
         &out,
     ]));
     assert!(err.contains("nothing.*"), "{err}");
+    // A memory budget below what the process needs stops it.
+    let err = assert_clean_failure(&run_densa(&[
+        "adapt",
+        &s(&det),
+        "--data",
+        &data,
+        "--steps",
+        "1",
+        "--batch",
+        "1",
+        "--memory-budget",
+        "1",
+        "--backend",
+        "tract",
+        "--out",
+        &out,
+    ]));
+    assert!(err.contains("--memory-budget"), "{err}");
     assert!(
         !dir.join("x.onnx").exists(),
         "a failed run wrote its output"
