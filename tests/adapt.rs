@@ -313,6 +313,54 @@ fn bn_stats_and_training_through_unfolded_batch_norm() {
     assert_eq!(got, want);
 }
 
+/// A deployed segmenter (metadata as `densa export segmenter` writes it): supervised head
+/// adaptation on the scenes' masks changes exactly the `head.*` parameters.
+#[test]
+fn segmenter_supervised_adaptation_changes_only_the_head() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    setup(dir);
+    let config = densa::models::segment::SegmenterConfig::new(Arch::Edge, 4);
+    let metadata: Vec<(String, String)> = [
+        ("densa.task", "segment"),
+        ("densa.arch", "resnet-edge"),
+        ("densa.classes", "background,disk,square,triangle"),
+        ("densa.input_size", "64x64"),
+        ("densa.resize", "stretch"),
+        ("densa.mean", "0.485,0.456,0.406"),
+        ("densa.std", "0.229,0.224,0.225"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let model = densa::models::segment::inference_graph(&config, None, &metadata, 2).unwrap();
+    let seg = dir.join("seg.onnx");
+    densa::exporter::io::save(&model, &seg).unwrap();
+    let out = dir.join("seg_adapted.onnx");
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    ok(&[
+        "adapt",
+        &s(&seg),
+        "--data",
+        &s(&dir.join("shift/annotations.json")),
+        "--steps",
+        "2",
+        "--batch",
+        "2",
+        "--backend",
+        "tract",
+        "--out",
+        &s(&out),
+    ]);
+    let a = load(&seg);
+    let mut got = changed(&a, &load(&out));
+    got.sort();
+    let mut want = parameters(&a, |n| n.starts_with("head."));
+    want.sort();
+    assert!(!want.is_empty());
+    assert_eq!(got, want);
+}
+
 fn output(o: &[(String, Tensor)], n: &str) -> ArrayD<f32> {
     o.iter().find(|(k, _)| k == n).unwrap().1.to_f32()
 }

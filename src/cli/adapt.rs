@@ -27,7 +27,7 @@ use clap::{Args, ValueEnum};
 use densa_exporter::Tensor;
 use densa_models::adapt::{
     bn_stats_graph, with_parameters, AdamW, BatchNormStats, ConsistencyConfig, DeployedDetector,
-    TrainSelection, TEACHER_BOX, TEACHER_CLS, TEACHER_CTR,
+    DeployedSegmenter, TrainSelection, TEACHER_BOX, TEACHER_CLS, TEACHER_CTR,
 };
 use densa_models::detect::names;
 use densa_runtime::data::coco::Dataset;
@@ -43,6 +43,7 @@ use serde::Serialize;
 
 use super::eval_detect::{evaluate_model, images_dir};
 use super::finetune_detect::DetectSamples;
+use super::finetune_segment::{open_source, SegSamples};
 use super::BackendArgs;
 
 /// Where the labels come from.
@@ -288,6 +289,13 @@ pub fn adapt(args: &AdaptArgs) -> Result<AdaptReport> {
         Labels::None => false,
     };
     let method = Method::parse(args.method.as_deref(), labeled)?;
+    let segmenter = model
+        .metadata_props
+        .iter()
+        .any(|p| p.key == "densa.task" && p.value == "segment");
+    if segmenter && method == Method::Consistency {
+        bail!("{label}: a segmenter adapts with --method supervised (COCO labels with masks) or bn-stats");
+    }
     let backend = open_backend(args.backend.backend, &args.backend.options())?;
     let started = Instant::now();
 
@@ -330,7 +338,8 @@ pub fn adapt(args: &AdaptArgs) -> Result<AdaptReport> {
     }
 
     // Before/after scoring set.
-    let eval_set: Option<(Dataset, PathBuf, String)> = if args.no_eval {
+    // Segmenters: `densa eval segment` before and after (no detection AP here).
+    let eval_set: Option<(Dataset, PathBuf, String)> = if args.no_eval || segmenter {
         None
     } else if let Some(v) = &args.val_data {
         let gt = densa_runtime::data::coco::load_dataset(v)
@@ -407,6 +416,34 @@ pub fn adapt(args: &AdaptArgs) -> Result<AdaptReport> {
             names,
             count,
             seconds,
+        )
+    } else if segmenter {
+        let seg = DeployedSegmenter::from_model(&model, &label)?;
+        let trainable = seg.trainable(&args.train)?;
+        let mut params: BTreeMap<String, ArrayD<f32>> = seg
+            .values(&trainable)?
+            .into_iter()
+            .map(|(n, t)| (n, t.to_f32()))
+            .collect();
+        let count = params.values().map(|a| a.len()).sum();
+        let (losses, loop_seconds) = supervised_segmenter(
+            args,
+            &seg,
+            &trainable,
+            &mut params,
+            backend.as_ref(),
+            &subset,
+        )?;
+        let new: BTreeMap<String, Tensor> = params
+            .into_iter()
+            .map(|(n, a)| (n, Tensor::F32(a)))
+            .collect();
+        (
+            with_parameters(&model, &new)?,
+            losses,
+            trainable,
+            count,
+            loop_seconds,
         )
     } else {
         let det = DeployedDetector::from_model(&model, &label)?;
@@ -792,5 +829,83 @@ fn consistency(
     }
     bar.finish_and_clear();
     // The student is the adapted model (the teacher lags it by design).
+    Ok((losses, loop_started.elapsed().as_secs_f64()))
+}
+
+/// Supervised adaptation of a segmenter: `finetune --task segment`'s samples (stretched to the
+/// input size, random flip), per-pixel cross-entropy, one image per run.
+fn supervised_segmenter(
+    args: &AdaptArgs,
+    seg: &DeployedSegmenter,
+    trainable: &[String],
+    params: &mut BTreeMap<String, ArrayD<f32>>,
+    backend: &dyn Backend,
+    subset: &[usize],
+) -> Result<(Vec<f64>, f64)> {
+    let source = Arc::new(open_source(&args.data, &args.images, &None)?);
+    if source.segment_classes().len() != seg.classes.len() {
+        bail!(
+            "{}: {} mask classes ({}), the model {} has {} ({})",
+            args.data.display(),
+            source.segment_classes().len(),
+            source.segment_classes().join(", "),
+            seg.label,
+            seg.classes.len(),
+            seg.classes.join(", ")
+        );
+    }
+    let graph = seg
+        .supervised_graph(trainable)
+        .context("building the adaptation graph")?;
+    let mut session = backend.load_model(&graph, "adaptation graph")?;
+    let mut samples = SegSamples {
+        source,
+        indices: subset.to_vec(),
+        size: seg.image_size,
+        mean: seg.mean,
+        std: seg.std,
+    };
+    let mut opt = AdamW::new(args.lr);
+    let mut rng = ChaCha8Rng::seed_from_u64(args.seed ^ 0x5e9);
+    let bar = progress(args.steps, "adapt");
+    let loop_started = Instant::now();
+    let mut losses = Vec::new();
+    let mut order: Vec<usize> = Vec::new();
+    for step in 1..=args.steps {
+        let mut sum = BTreeMap::new();
+        let mut total = 0.0;
+        for _ in 0..args.batch {
+            if order.is_empty() {
+                order = (0..subset.len()).collect();
+                for i in (1..order.len()).rev() {
+                    let j = rng.random_range(0..=i);
+                    order.swap(i, j);
+                }
+            }
+            let index = order.pop().expect("refilled above");
+            let sample = samples
+                .sample(index, &mut rng)
+                .with_context(|| format!("reading {}", args.data.display()))?;
+            let mut inputs = param_inputs(params);
+            for (name, t) in sample {
+                let t = match t {
+                    Tensor::I64(a) => Tensor::I64(a.insert_axis(Axis(0))),
+                    other => Tensor::F32(other.to_f32().insert_axis(Axis(0))),
+                };
+                inputs.push((name, t));
+            }
+            let outs = session
+                .run(inputs)
+                .context("running the adaptation graph")?;
+            total += grads_of(outs, &mut sum)?;
+        }
+        let loss = total / args.batch as f64;
+        apply(&mut opt, params, sum, args.batch, loss, step)?;
+        losses.push(loss);
+        bar.set_message(format!("loss {loss:.4}"));
+        bar.inc(1);
+        check_budget(args.memory_budget)?;
+    }
+    bar.finish_and_clear();
     Ok((losses, loop_started.elapsed().as_secs_f64()))
 }

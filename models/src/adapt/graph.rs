@@ -77,62 +77,15 @@ pub(crate) struct LossGraph {
 }
 
 impl DeployedDetector {
-    /// The deployed graph with `trainable` initializers as graph inputs (declared with their
-    /// shapes), outputs replaced by `outputs` of `loss` (a model whose inputs include the raw
-    /// head outputs by name and whose other inputs become inputs of the result), dead code
-    /// (the decoder) removed.
+    /// [`merge`] on this detector: `raw_outputs` declares the head's raw outputs as the
+    /// graph's outputs; the loss graph consumes them.
     pub(crate) fn merged(
         &self,
         trainable: &[String],
         loss: Option<&LossGraph>,
         raw_outputs: bool,
     ) -> Result<ModelProto, AdaptError> {
-        let structure = |problem: String| AdaptError::Structure {
-            model: self.label.clone(),
-            problem,
-        };
-        let mut model = self.model.clone();
-        let graph = model
-            .graph
-            .as_mut()
-            .ok_or_else(|| structure("has no graph".into()))?;
-        let wanted: HashSet<&str> = trainable.iter().map(String::as_str).collect();
-        let (moved, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut graph.initializer)
-            .into_iter()
-            .partition(|t| wanted.contains(t.name.as_str()));
-        graph.initializer = kept;
-        if moved.len() != trainable.len() {
-            let have: HashSet<&str> = moved.iter().map(|t| t.name.as_str()).collect();
-            let missing = trainable
-                .iter()
-                .find(|n| !have.contains(n.as_str()))
-                .cloned()
-                .unwrap_or_default();
-            return Err(AdaptError::Parameter {
-                name: missing,
-                problem: format!("is not an initializer of {}", self.label),
-            });
-        }
-        for t in &moved {
-            if graph.input.iter().any(|i| i.name == t.name) {
-                continue;
-            }
-            let dims: Vec<Dim> = t.dims.iter().map(|&d| Dim::Fixed(d)).collect();
-            graph.input.push(ValueInfoProto {
-                name: t.name.clone(),
-                r#type: Some(tensor_type(DType::F32, &dims)),
-                ..Default::default()
-            });
-        }
-        unfold_trainable_batch_norms(graph, &wanted, &moved).map_err(structure)?;
-        // tract names a convolution's bias node `<conv node>.bias`, which would collide with
-        // the graph input of that name: node names get a prefix (they carry no meaning).
-        for node in graph.node.iter_mut() {
-            if !node.name.is_empty() {
-                node.name = format!("adapt/{}", node.name);
-            }
-        }
-        graph.output.clear();
+        let mut outputs = Vec::new();
         if raw_outputs {
             let n = if self.chw {
                 Dim::Fixed(1)
@@ -146,53 +99,25 @@ impl DeployedDetector {
                 (&self.raw.box_log, vec![n.clone(), l.clone(), Dim::Fixed(4)]),
                 (&self.raw.ctr, vec![n, l]),
             ] {
-                graph.output.push(ValueInfoProto {
+                outputs.push(ValueInfoProto {
                     name: name.clone(),
                     r#type: Some(tensor_type(DType::F32, &shape)),
                     ..Default::default()
                 });
             }
         }
-        if let Some(loss) = loss {
-            let lg = loss
-                .model
-                .graph
-                .as_ref()
-                .ok_or_else(|| structure("loss graph missing".into()))?;
-            let raw: HashSet<&str> = [&self.raw.cls, &self.raw.box_log, &self.raw.ctr]
-                .into_iter()
-                .map(String::as_str)
-                .collect();
-            let taken: HashSet<String> = graph
-                .node
-                .iter()
-                .flat_map(|n| n.output.iter().cloned())
-                .chain(graph.initializer.iter().map(|t| t.name.clone()))
-                .chain(graph.input.iter().map(|i| i.name.clone()))
-                .collect();
-            for name in lg
-                .node
-                .iter()
-                .flat_map(|n| n.output.iter())
-                .chain(lg.initializer.iter().map(|t| &t.name))
-            {
-                if taken.contains(name) {
-                    return Err(structure(format!(
-                        "the adaptation loss's value `{name}` clashes with a name of the model"
-                    )));
-                }
-            }
-            graph.input.extend(
-                lg.input
-                    .iter()
-                    .filter(|i| !raw.contains(i.name.as_str()))
-                    .cloned(),
-            );
-            graph.node.extend(lg.node.iter().cloned());
-            graph.initializer.extend(lg.initializer.iter().cloned());
-            graph.output.extend(lg.output.iter().cloned());
-        }
-        Ok(eliminate_dead_code(&model)?)
+        let consumed: HashSet<&str> = [&self.raw.cls, &self.raw.box_log, &self.raw.ctr]
+            .into_iter()
+            .map(String::as_str)
+            .collect();
+        merge(
+            &self.model,
+            &self.label,
+            trainable,
+            loss,
+            outputs,
+            &consumed,
+        )
     }
 
     /// The teacher/inference graph: images and the `trainable` parameters in, the head's raw
@@ -263,6 +188,103 @@ impl DeployedDetector {
         let forward = self.supervised_forward(trainable)?;
         differentiate(&forward, trainable)
     }
+}
+
+/// `model` (named `label` in errors) with `trainable` initializers as graph inputs (declared
+/// with their shapes), its outputs replaced by `outputs` and those of `loss` (a model whose
+/// inputs named in `consumed` are values of `model` and whose other inputs become inputs of
+/// the result), dead code (a decoder) removed.
+pub(crate) fn merge(
+    model: &ModelProto,
+    label: &str,
+    trainable: &[String],
+    loss: Option<&LossGraph>,
+    outputs: Vec<ValueInfoProto>,
+    consumed: &HashSet<&str>,
+) -> Result<ModelProto, AdaptError> {
+    let structure = |problem: String| AdaptError::Structure {
+        model: label.to_string(),
+        problem,
+    };
+    let mut model = model.clone();
+    let graph = model
+        .graph
+        .as_mut()
+        .ok_or_else(|| structure("has no graph".into()))?;
+    let wanted: HashSet<&str> = trainable.iter().map(String::as_str).collect();
+    let (moved, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut graph.initializer)
+        .into_iter()
+        .partition(|t| wanted.contains(t.name.as_str()));
+    graph.initializer = kept;
+    if moved.len() != trainable.len() {
+        let have: HashSet<&str> = moved.iter().map(|t| t.name.as_str()).collect();
+        let missing = trainable
+            .iter()
+            .find(|n| !have.contains(n.as_str()))
+            .cloned()
+            .unwrap_or_default();
+        return Err(AdaptError::Parameter {
+            name: missing,
+            problem: format!("is not an initializer of {label}"),
+        });
+    }
+    for t in &moved {
+        if graph.input.iter().any(|i| i.name == t.name) {
+            continue;
+        }
+        let dims: Vec<Dim> = t.dims.iter().map(|&d| Dim::Fixed(d)).collect();
+        graph.input.push(ValueInfoProto {
+            name: t.name.clone(),
+            r#type: Some(tensor_type(DType::F32, &dims)),
+            ..Default::default()
+        });
+    }
+    unfold_trainable_batch_norms(graph, &wanted, &moved).map_err(structure)?;
+    // tract names a convolution's bias node `<conv node>.bias`, which would collide with
+    // the graph input of that name: node names get a prefix (they carry no meaning).
+    for node in graph.node.iter_mut() {
+        if !node.name.is_empty() {
+            node.name = format!("adapt/{}", node.name);
+        }
+    }
+    graph.output.clear();
+    graph.output.extend(outputs);
+    if let Some(loss) = loss {
+        let lg = loss
+            .model
+            .graph
+            .as_ref()
+            .ok_or_else(|| structure("loss graph missing".into()))?;
+        let taken: HashSet<String> = graph
+            .node
+            .iter()
+            .flat_map(|n| n.output.iter().cloned())
+            .chain(graph.initializer.iter().map(|t| t.name.clone()))
+            .chain(graph.input.iter().map(|i| i.name.clone()))
+            .collect();
+        for name in lg
+            .node
+            .iter()
+            .flat_map(|n| n.output.iter())
+            .chain(lg.initializer.iter().map(|t| &t.name))
+        {
+            if taken.contains(name) {
+                return Err(structure(format!(
+                    "the adaptation loss's value `{name}` clashes with a name of the model"
+                )));
+            }
+        }
+        graph.input.extend(
+            lg.input
+                .iter()
+                .filter(|i| !consumed.contains(i.name.as_str()))
+                .cloned(),
+        );
+        graph.node.extend(lg.node.iter().cloned());
+        graph.initializer.extend(lg.initializer.iter().cloned());
+        graph.output.extend(lg.output.iter().cloned());
+    }
+    Ok(eliminate_dead_code(&model)?)
 }
 
 /// Declares `[total, cls, box, ctr]` as the outputs `loss`, `loss_cls`, `loss_box`, `loss_ctr`.

@@ -37,6 +37,7 @@ mod bn_stats;
 mod consistency;
 mod graph;
 mod optim;
+mod segment;
 #[cfg(test)]
 mod tests;
 
@@ -44,6 +45,7 @@ pub use bn_stats::{bn_stats_graph, BatchNormStats};
 pub use consistency::{ConsistencyConfig, TEACHER_BOX, TEACHER_CLS, TEACHER_CTR};
 pub use graph::{parameters_of, with_parameters};
 pub use optim::AdamW;
+pub use segment::{DeployedSegmenter, LABELS};
 
 use std::collections::{BTreeMap, HashSet};
 
@@ -290,29 +292,7 @@ impl DeployedDetector {
 
     /// The parameters `selection` makes trainable (graph order); an error when none match.
     pub fn trainable(&self, selection: &TrainSelection) -> Result<Vec<String>, AdaptError> {
-        let chosen: Vec<String> = self
-            .parameters
-            .iter()
-            .filter(|p| selection.selects(p))
-            .cloned()
-            .collect();
-        if chosen.is_empty() {
-            return Err(AdaptError::Selection {
-                model: self.label.clone(),
-                selection: selection.to_string(),
-                problem: format!(
-                    "matches none of the model's {} parameters (e.g. {})",
-                    self.parameters.len(),
-                    self.parameters
-                        .iter()
-                        .take(3)
-                        .cloned()
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-            });
-        }
-        Ok(chosen)
+        select(&self.parameters, selection, &self.label)
     }
 
     /// The current values of `names` (initializers of the deployed model).
@@ -352,4 +332,35 @@ impl DeployedDetector {
             Tensor::F32(chw.insert_axis(ndarray::Axis(0)).into_dyn())
         }
     }
+}
+
+/// The parameters of `parameters` that `selection` picks (order kept); an error naming the
+/// model (`label`) when none match.
+pub(crate) fn select(
+    parameters: &[String],
+    selection: &TrainSelection,
+    label: &str,
+) -> Result<Vec<String>, AdaptError> {
+    let chosen: Vec<String> = parameters
+        .iter()
+        .filter(|p| selection.selects(p))
+        .cloned()
+        .collect();
+    if chosen.is_empty() {
+        return Err(AdaptError::Selection {
+            model: label.to_string(),
+            selection: selection.to_string(),
+            problem: format!(
+                "matches none of the model's {} parameters (e.g. {})",
+                parameters.len(),
+                parameters
+                    .iter()
+                    .take(3)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        });
+    }
+    Ok(chosen)
 }
