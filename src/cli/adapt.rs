@@ -7,6 +7,8 @@
 //!   device's labeled images (letterboxed as serving does, random horizontal flip).
 //! - `--method consistency` (no labels needed): Mean-Teacher prediction consistency between a
 //!   momentum teacher on the serving view and the student on a photometrically perturbed view.
+//! - Segmenters (`densa.task = segment`): `--method supervised`, per-pixel cross-entropy on the
+//!   COCO file's masks (`densa eval segment` scores them before and after).
 //! - `--method bn-stats`: re-estimates batch-norm statistics on the device's images, for models
 //!   that kept `BatchNormalization` nodes (densa's exports fold them: then it is an error).
 //!

@@ -24,6 +24,8 @@
 //! - The optimiser runs on the host ([`AdamW`]): one image per graph run, gradients averaged
 //!   over `batch` images (gradient accumulation), so memory is one image's forward and
 //!   backward whatever the batch.
+//! - Segmenters ([`DeployedSegmenter`]): the same surgery with the per-pixel cross-entropy on
+//!   the `logits` output.
 //! - [`with_parameters`] writes new values into the deployed model: same inputs, outputs,
 //!   nodes and metadata; only the named initializers differ.
 //!
