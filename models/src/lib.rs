@@ -12,6 +12,8 @@ pub mod nn;
 
 pub use backbone::Arch;
 #[cfg(feature = "train")]
+pub mod adapt;
+#[cfg(feature = "train")]
 pub mod pretext;
 pub mod segment;
 #[cfg(feature = "train")]

@@ -45,6 +45,10 @@ pub struct ExportDetectorArgs {
     /// for the host).
     #[arg(long, default_value_t = 0.6)]
     pub nms_iou: f32,
+    /// Keep the backbone's batch norms as BatchNormalization nodes instead of folding them
+    /// (so that `densa adapt --method bn-stats` can re-estimate their statistics on a device).
+    #[arg(long)]
+    pub keep_batch_norm: bool,
 }
 
 /// The serving spec of a detector: letterboxed square input, `pixel / 255` then the config's
@@ -157,7 +161,23 @@ pub fn run(args: ExportDetectorArgs) -> Result<()> {
         bail!("--nms-iou {}: must be in (0, 1]", args.nms_iou);
     }
     let (config, state, from) = load_checkpoint(&args.ckpt)?;
-    let model = if args.nms_in_graph {
+    let model = if args.keep_batch_norm {
+        let spec = if args.nms_in_graph {
+            detector_spec_nms_in_graph(&config, args.nms_iou)
+        } else {
+            detector_spec(&config, args.nms_iou)
+        }
+        .to_toml();
+        config
+            .inference_graph_bn(
+                Some(&state),
+                args.top_k,
+                args.nms_in_graph.then_some(args.nms_iou),
+                &[(densa_runtime::infer::spec::SPEC_KEY, spec.as_str())],
+                false,
+            )
+            .map_err(anyhow::Error::from)
+    } else if args.nms_in_graph {
         detector_model_nms_in_graph(&config, &state, args.top_k, args.nms_iou)
     } else {
         detector_model(&config, &state, args.top_k, args.nms_iou)

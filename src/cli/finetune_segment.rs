@@ -70,12 +70,12 @@ struct Best {
 }
 
 /// Training samples: augmented image `[3, S, S]` and labels `[S, S]`.
-struct SegSamples {
-    source: Arc<CocoSource>,
-    indices: Vec<usize>,
-    size: u32,
-    mean: [f32; 3],
-    std: [f32; 3],
+pub(crate) struct SegSamples {
+    pub(crate) source: Arc<CocoSource>,
+    pub(crate) indices: Vec<usize>,
+    pub(crate) size: u32,
+    pub(crate) mean: [f32; 3],
+    pub(crate) std: [f32; 3],
 }
 
 impl Samples for SegSamples {
@@ -209,7 +209,7 @@ fn validate(
     Ok(matrix.metrics())
 }
 
-fn open_source(
+pub(crate) fn open_source(
     data: &Path,
     images: &Option<PathBuf>,
     masks: &Option<PathBuf>,

@@ -1,6 +1,7 @@
 //! Subcommands. Each lives in its own module; errors carry the file and the step (anyhow
 //! context) and end the process with a non-zero status.
 
+mod adapt;
 mod demo;
 mod detect;
 mod eval;
@@ -69,6 +70,8 @@ pub enum Command {
     Pretrain(pretrain::PretrainArgs),
     /// List the pretext methods with their papers and default hyperparameters.
     Methods(methods::MethodsArgs),
+    /// Adapt a deployed detector .onnx on the device's images (labeled or not); writes a new .onnx.
+    Adapt(adapt::AdaptArgs),
 }
 
 /// Backend selection, shared by the commands that run models.
@@ -141,5 +144,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Demo(args) => demo::run(args),
         Command::Pretrain(args) => pretrain::run(args),
         Command::Methods(args) => methods::run(args),
+        Command::Adapt(args) => adapt::run(args),
     }
 }

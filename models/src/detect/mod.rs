@@ -375,7 +375,11 @@ fn split4(b: &mut GraphBuilder, x: &Value) -> [Value; 4] {
 
 /// `log(1 + exp(-|x|)) + max(x, 0) - x * t`: binary cross-entropy with logits, stable for any
 /// `x` (built from Relu, Abs, Exp, Log, which every backend and the autodiff support).
-fn bce_with_logits(b: &mut GraphBuilder, x: &Value, t: &Value) -> Result<Value, BuildError> {
+pub(crate) fn bce_with_logits(
+    b: &mut GraphBuilder,
+    x: &Value,
+    t: &Value,
+) -> Result<Value, BuildError> {
     let a = b.abs(x);
     let na = b.neg(&a);
     let e = unary(b, "Exp", &na);
@@ -386,6 +390,110 @@ fn bce_with_logits(b: &mut GraphBuilder, x: &Value, t: &Value) -> Result<Value, 
     let xt = b.mul(x, t)?;
     let y = b.add(&l, &r)?;
     b.sub(&y, &xt)
+}
+
+/// The FCOS training targets as graph values (see [`AssignConfig::assign`]).
+pub struct TargetValues {
+    /// `[N, L, C]` one-hot class targets (all zero off positives).
+    pub cls: Value,
+    /// `[N, L, 4]` `(l, t, r, b) / stride` distances of positives.
+    pub reg: Value,
+    /// `[N, L]` centerness targets.
+    pub ctr: Value,
+    /// `[N, L]` 1 at positive locations.
+    pub pos: Value,
+}
+
+/// The detector's losses on raw head outputs: `[total, cls, box, ctr]` scalars. Focal loss
+/// (`alpha`, `gamma`) summed over locations and classes / number of positives;
+/// `sum(centerness_t * (1 - GIoU)) / sum(centerness_t)` over positives; centerness BCE over
+/// positives / number of positives. Used by training and by on-device adaptation
+/// (`crate::adapt`), which appends it to a deployed graph.
+///
+/// # Shapes
+/// `raw.cls [N, L, C]`, `raw.box_log [N, L, 4]`, `raw.ctr [N, L]` and the targets as
+/// [`TargetValues`] -> four scalars.
+pub fn detection_loss(
+    b: &mut GraphBuilder,
+    raw: &RawOutputs,
+    targets: &TargetValues,
+    alpha: f32,
+    gamma: f32,
+) -> Result<[Value; 4], BuildError> {
+    let one = b.const_f32(1.0);
+    let total_pos = b.reduce_sum(&targets.pos, &[], false)?;
+    let num_pos = b.max2(&total_pos, &one)?;
+    // Focal loss (Lin et al. 2017).
+    let ce = bce_with_logits(b, &raw.cls, &targets.cls)?;
+    let p = unary(b, "Sigmoid", &raw.cls);
+    let one_m_p = b.sub(&one, &p)?;
+    let one_m_t = b.sub(&one, &targets.cls)?;
+    let pt_a = b.mul(&p, &targets.cls)?;
+    let pt_b = b.mul(&one_m_p, &one_m_t)?;
+    let p_t = b.add(&pt_a, &pt_b)?;
+    let miss = b.sub(&one, &p_t)?;
+    let g = b.const_f32(gamma);
+    let modulator = b.pow(&miss, &g)?;
+    let a1 = b.const_f32(alpha);
+    let a0 = b.const_f32(1.0 - alpha);
+    let at_a = b.mul(&a1, &targets.cls)?;
+    let at_b = b.mul(&a0, &one_m_t)?;
+    let alpha_t = b.add(&at_a, &at_b)?;
+    let f = b.mul(&ce, &modulator)?;
+    let f = b.mul(&f, &alpha_t)?;
+    let f_sum = b.reduce_sum(&f, &[], false)?;
+    let loss_cls = b.div(&f_sum, &num_pos)?;
+    // GIoU on (l, t, r, b) distances from the same point.
+    let ten = b.const_f32(10.0);
+    let clamped = b.min2(&raw.box_log, &ten)?;
+    let pred = unary(b, "Exp", &clamped);
+    let [pl, pt, pr, pb] = split4(b, &pred);
+    let [tl, tt, tr, tb] = split4(b, &targets.reg);
+    let pw = b.add(&pl, &pr)?;
+    let ph = b.add(&pt, &pb)?;
+    let tw = b.add(&tl, &tr)?;
+    let th = b.add(&tt, &tb)?;
+    let area_p = b.mul(&pw, &ph)?;
+    let area_t = b.mul(&tw, &th)?;
+    let mut side = |f: fn(&mut GraphBuilder, &Value, &Value) -> Result<Value, BuildError>,
+                    x: &Value,
+                    y: &Value,
+                    u: &Value,
+                    v: &Value|
+     -> Result<Value, BuildError> {
+        let a = f(b, x, y)?;
+        let c = f(b, u, v)?;
+        b.add(&a, &c)
+    };
+    let iw = side(GraphBuilder::min2, &pl, &tl, &pr, &tr)?;
+    let ih = side(GraphBuilder::min2, &pt, &tt, &pb, &tb)?;
+    let ew = side(GraphBuilder::max2, &pl, &tl, &pr, &tr)?;
+    let eh = side(GraphBuilder::max2, &pt, &tt, &pb, &tb)?;
+    let inter = b.mul(&iw, &ih)?;
+    let enclose = b.mul(&ew, &eh)?;
+    let sum_areas = b.add(&area_p, &area_t)?;
+    let union = b.sub(&sum_areas, &inter)?;
+    let iou = b.div(&inter, &union)?;
+    let gap = b.sub(&enclose, &union)?;
+    let gap = b.div(&gap, &enclose)?;
+    let giou = b.sub(&iou, &gap)?;
+    let giou_loss = b.sub(&one, &giou)?;
+    let giou_loss = b.reshape(&giou_loss, &[0, -1])?;
+    let w = b.mul(&targets.ctr, &targets.pos)?;
+    let weighted = b.mul(&giou_loss, &w)?;
+    let box_sum = b.reduce_sum(&weighted, &[], false)?;
+    let w_sum = b.reduce_sum(&w, &[], false)?;
+    let eps = b.const_f32(1e-6);
+    let w_sum = b.max2(&w_sum, &eps)?;
+    let loss_box = b.div(&box_sum, &w_sum)?;
+    // Centerness BCE on positives.
+    let ctr_ce = bce_with_logits(b, &raw.ctr, &targets.ctr)?;
+    let ctr_ce = b.mul(&ctr_ce, &targets.pos)?;
+    let ctr_sum = b.reduce_sum(&ctr_ce, &[], false)?;
+    let loss_ctr = b.div(&ctr_sum, &num_pos)?;
+    let total = b.add(&loss_cls, &loss_box)?;
+    let total = b.add(&total, &loss_ctr)?;
+    Ok([total, loss_cls, loss_box, loss_ctr])
 }
 
 /// The loss values of a training graph (scalars).
@@ -461,83 +569,14 @@ impl DetectorConfig {
             NormMode::Inference
         };
         let raw = net.forward_raw(&mut b, &images, &mut mode)?;
-        let (alpha, gamma) = (self.focal_alpha, self.focal_gamma);
-        let losses = b.scoped("loss", |b| -> Result<[Value; 4], BuildError> {
-            let one = b.const_f32(1.0);
-            let total_pos = b.reduce_sum(&t_pos, &[], false)?;
-            let num_pos = b.max2(&total_pos, &one)?;
-            // Focal loss (Lin et al. 2017).
-            let ce = bce_with_logits(b, &raw.cls, &t_cls)?;
-            let p = unary(b, "Sigmoid", &raw.cls);
-            let one_m_p = b.sub(&one, &p)?;
-            let one_m_t = b.sub(&one, &t_cls)?;
-            let pt_a = b.mul(&p, &t_cls)?;
-            let pt_b = b.mul(&one_m_p, &one_m_t)?;
-            let p_t = b.add(&pt_a, &pt_b)?;
-            let miss = b.sub(&one, &p_t)?;
-            let g = b.const_f32(gamma);
-            let modulator = b.pow(&miss, &g)?;
-            let a1 = b.const_f32(alpha);
-            let a0 = b.const_f32(1.0 - alpha);
-            let at_a = b.mul(&a1, &t_cls)?;
-            let at_b = b.mul(&a0, &one_m_t)?;
-            let alpha_t = b.add(&at_a, &at_b)?;
-            let f = b.mul(&ce, &modulator)?;
-            let f = b.mul(&f, &alpha_t)?;
-            let f_sum = b.reduce_sum(&f, &[], false)?;
-            let loss_cls = b.div(&f_sum, &num_pos)?;
-            // GIoU on (l, t, r, b) distances from the same point.
-            let ten = b.const_f32(10.0);
-            let clamped = b.min2(&raw.box_log, &ten)?;
-            let pred = unary(b, "Exp", &clamped);
-            let [pl, pt, pr, pb] = split4(b, &pred);
-            let [tl, tt, tr, tb] = split4(b, &t_reg);
-            let pw = b.add(&pl, &pr)?;
-            let ph = b.add(&pt, &pb)?;
-            let tw = b.add(&tl, &tr)?;
-            let th = b.add(&tt, &tb)?;
-            let area_p = b.mul(&pw, &ph)?;
-            let area_t = b.mul(&tw, &th)?;
-            let mut side =
-                |f: fn(&mut GraphBuilder, &Value, &Value) -> Result<Value, BuildError>,
-                 x: &Value,
-                 y: &Value,
-                 u: &Value,
-                 v: &Value|
-                 -> Result<Value, BuildError> {
-                    let a = f(b, x, y)?;
-                    let c = f(b, u, v)?;
-                    b.add(&a, &c)
-                };
-            let iw = side(GraphBuilder::min2, &pl, &tl, &pr, &tr)?;
-            let ih = side(GraphBuilder::min2, &pt, &tt, &pb, &tb)?;
-            let ew = side(GraphBuilder::max2, &pl, &tl, &pr, &tr)?;
-            let eh = side(GraphBuilder::max2, &pt, &tt, &pb, &tb)?;
-            let inter = b.mul(&iw, &ih)?;
-            let enclose = b.mul(&ew, &eh)?;
-            let sum_areas = b.add(&area_p, &area_t)?;
-            let union = b.sub(&sum_areas, &inter)?;
-            let iou = b.div(&inter, &union)?;
-            let gap = b.sub(&enclose, &union)?;
-            let gap = b.div(&gap, &enclose)?;
-            let giou = b.sub(&iou, &gap)?;
-            let giou_loss = b.sub(&one, &giou)?;
-            let giou_loss = b.reshape(&giou_loss, &[0, -1])?;
-            let w = b.mul(&t_ctr, &t_pos)?;
-            let weighted = b.mul(&giou_loss, &w)?;
-            let box_sum = b.reduce_sum(&weighted, &[], false)?;
-            let w_sum = b.reduce_sum(&w, &[], false)?;
-            let eps = b.const_f32(1e-6);
-            let w_sum = b.max2(&w_sum, &eps)?;
-            let loss_box = b.div(&box_sum, &w_sum)?;
-            // Centerness BCE on positives.
-            let ctr_ce = bce_with_logits(b, &raw.ctr, &t_ctr)?;
-            let ctr_ce = b.mul(&ctr_ce, &t_pos)?;
-            let ctr_sum = b.reduce_sum(&ctr_ce, &[], false)?;
-            let loss_ctr = b.div(&ctr_sum, &num_pos)?;
-            let total = b.add(&loss_cls, &loss_box)?;
-            let total = b.add(&total, &loss_ctr)?;
-            Ok([total, loss_cls, loss_box, loss_ctr])
+        let targets = TargetValues {
+            cls: t_cls,
+            reg: t_reg,
+            ctr: t_ctr,
+            pos: t_pos,
+        };
+        let losses = b.scoped("loss", |b| {
+            detection_loss(b, &raw, &targets, self.focal_alpha, self.focal_gamma)
         })?;
         let [loss, cls, boxes, ctr] = losses;
         let norm_state = mode.into_state();
@@ -588,6 +627,21 @@ impl DetectorConfig {
         top_k: usize,
         nms_iou: Option<f32>,
         metadata: &[(&str, &str)],
+    ) -> Result<ModelProto, DetectError> {
+        self.inference_graph_bn(state, top_k, nms_iou, metadata, true)
+    }
+
+    /// [`inference_graph_with`](Self::inference_graph_with), with the backbone's batch norms
+    /// folded into the convolutions (`fold_bn`, the default everywhere) or kept as
+    /// inference-mode `BatchNormalization` nodes reading `*.running_mean` / `*.running_var`
+    /// initializers (what `densa adapt --method bn-stats` re-estimates on a device).
+    pub fn inference_graph_bn(
+        &self,
+        state: Option<&StateDict>,
+        top_k: usize,
+        nms_iou: Option<f32>,
+        metadata: &[(&str, &str)],
+        fold_bn: bool,
     ) -> Result<ModelProto, DetectError> {
         let mut b = GraphBuilder::new("densa-fcos", 0);
         let s = self.image_size as i64;
@@ -697,7 +751,11 @@ impl DetectorConfig {
         for (key, value) in metadata {
             b.metadata(key, value);
         }
-        let model = fold_batch_norm(&b.finish())?;
+        let model = if fold_bn {
+            fold_batch_norm(&b.finish())?
+        } else {
+            b.finish()
+        };
         validate(&model)?;
         Ok(model)
     }
