@@ -31,6 +31,7 @@
 pub mod checkpoint;
 pub mod classify;
 pub mod data;
+pub mod distributed;
 pub mod log;
 pub mod manifest;
 pub mod schedule;
@@ -40,13 +41,14 @@ pub mod trainer;
 use std::path::PathBuf;
 
 pub use checkpoint::{CheckpointError, CheckpointManifest, CheckpointReason};
+pub use distributed::{from_env, Communicator, LocalGroup, SingleProcess};
 pub use data::{Batch, BatchAt, DataError, DataSource, FnSource, Samples, Shuffled};
 pub use log::{LogError, StepRecord};
 pub use manifest::{
     Artifact, InputEntry, InputRole, Manifest, ManifestError, OutputEntry, OutputRole,
 };
 pub use schedule::{Defaults, Schedule, WarmupCosine};
-pub use trainer::{Length, Position, StopReason, TrainOptions, TrainSummary, Trainer};
+pub use trainer::{CommStats, Length, Position, StopReason, TrainOptions, TrainSummary, Trainer};
 
 use crate::backend::BackendError;
 
@@ -103,6 +105,8 @@ pub enum TrainError {
         in_checkpoint: String,
         now: String,
     },
+    #[error("{artifact}: data parallel: {problem}")]
+    DataParallel { artifact: String, problem: String },
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
