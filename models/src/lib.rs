@@ -16,3 +16,5 @@ pub mod pretext;
 pub mod segment;
 #[cfg(feature = "train")]
 pub mod train_step;
+#[cfg(all(test, feature = "train"))]
+mod data_parallel_tests;
