@@ -2,6 +2,7 @@
 //! context) and end the process with a non-zero status.
 
 mod demo;
+mod distributed;
 mod detect;
 mod eval;
 mod eval_detect;

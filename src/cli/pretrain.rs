@@ -25,7 +25,7 @@ use densa_runtime::train::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::BackendArgs;
+use super::{distributed, BackendArgs};
 
 #[derive(Debug, Args)]
 pub struct PretrainArgs {
@@ -114,6 +114,8 @@ fn data_dir(data: &Path) -> Result<PathBuf> {
 }
 
 pub fn run(args: PretrainArgs) -> Result<()> {
+    let comm = distributed::communicator()?;
+    let (rank, ranks) = (comm.rank(), comm.size());
     let method: Arc<dyn Pretext> = Arc::from(pretext::create(&args.method, &overrides(&args)?)?);
     let spec = RunSpec {
         method: args.method.clone(),
@@ -160,30 +162,42 @@ pub fn run(args: PretrainArgs) -> Result<()> {
                 spec_path.display()
             );
         }
-        eprintln!(
-            "densa: resuming {} from {}",
-            spec.method,
-            args.out.display()
-        );
+        if rank == 0 {
+            eprintln!(
+                "densa: resuming {} from {}",
+                spec.method,
+                args.out.display()
+            );
+        }
         Artifact::load(&artifact_dir)
             .with_context(|| format!("loading {}", artifact_dir.display()))?
     } else {
-        eprintln!(
-            "densa: building the {} train step ({} at {}px, batch {})",
-            spec.method, spec.arch, spec.image_size, spec.batch
-        );
+        if rank == 0 {
+            eprintln!(
+                "densa: building the {} train step ({} at {}px, batch {}{})",
+                spec.method,
+                spec.arch,
+                spec.image_size,
+                spec.batch,
+                distributed::ranks_note(ranks)
+            );
+        }
         let forward = method
             .build(&ctx)
             .context("building the pretraining graph")?;
-        let mut config = TrainStepConfig::new(method.optimizer(args.batch)?);
+        // The learning rate follows the global batch (every rank's images).
+        let mut config = TrainStepConfig::new(method.optimizer(args.batch * ranks)?);
         config.task = Some("pretrain".into());
+        config.data_parallel = ranks > 1;
         let artifact = train_step_artifact(forward, None, &config)
             .context("composing the pretraining train step")?;
-        artifact
-            .save(&artifact_dir)
-            .with_context(|| format!("writing {}", artifact_dir.display()))?;
-        std::fs::write(&spec_path, serde_json::to_string_pretty(&spec)?)
-            .with_context(|| format!("writing {}", spec_path.display()))?;
+        if rank == 0 {
+            artifact
+                .save(&artifact_dir)
+                .with_context(|| format!("writing {}", artifact_dir.display()))?;
+            std::fs::write(&spec_path, serde_json::to_string_pretty(&spec)?)
+                .with_context(|| format!("writing {}", spec_path.display()))?;
+        }
         artifact
     };
 
@@ -209,7 +223,9 @@ pub fn run(args: PretrainArgs) -> Result<()> {
             }
         }
     }
-    let data = Shuffled::new(samples, args.batch).context("batching the images")?;
+    let data = Shuffled::new(samples, args.batch)
+        .and_then(|d| d.shard(rank, ranks))
+        .context("batching the images")?;
     let per_epoch = data.batches_per_epoch();
     let length = match (args.steps, args.epochs) {
         (Some(s), _) => Length::Steps(s),
@@ -242,10 +258,13 @@ pub fn run(args: PretrainArgs) -> Result<()> {
     options.seed = args.seed;
     options.length = length;
     options.checkpoint_every = args.checkpoint_every;
-    eprintln!(
-        "densa: pretraining {} on {n} images ({per_epoch} steps per epoch, {total} steps)",
-        spec.method
-    );
+    if rank == 0 {
+        eprintln!(
+            "densa: pretraining {} on {n} images ({per_epoch} steps per epoch, {total} steps{})",
+            spec.method,
+            distributed::ranks_note(ranks)
+        );
+    }
     let backend = open_backend(args.backend.backend, &args.backend.options())
         .context("opening the backend")?;
     let mut trainer = if has_checkpoint {
@@ -260,8 +279,13 @@ pub fn run(args: PretrainArgs) -> Result<()> {
     } else {
         Trainer::new(artifact, backend.as_ref(), data, schedule, options)
     }
+    .and_then(|t| t.data_parallel(backend.as_ref(), comm.clone()))
     .context("starting the trainer")?;
     let summary = trainer.run().context("pretraining")?;
+    if rank != 0 {
+        return Ok(());
+    }
+    distributed::report(&trainer);
     let backbone = backbone_state(&args.arch.config(), &trainer.state())?;
     let path = args.out.join(BACKBONE_FILE);
     save_safetensors(&backbone, &path).with_context(|| format!("writing {}", path.display()))?;
