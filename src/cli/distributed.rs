@@ -12,6 +12,16 @@ pub fn communicator() -> Result<Arc<dyn Communicator>> {
     densa_runtime::train::from_env().context("setting up data-parallel training")
 }
 
+/// `result`, or, when it is an error of one rank of several, the end of the whole job:
+/// the error is printed with the rank and MPI aborts every rank (the others would otherwise
+/// wait for this one in their next collective).
+pub fn or_abort(comm: &Arc<dyn Communicator>, result: Result<()>) -> Result<()> {
+    match result {
+        Err(e) if comm.size() > 1 => comm.abort(&format!("{e:#}")),
+        other => other,
+    }
+}
+
 /// ` on N processes` for messages (empty for one).
 pub fn ranks_note(ranks: usize) -> String {
     if ranks > 1 {

@@ -19,6 +19,7 @@ use densa_models::pretext::{self, backbone_state, Pretext, PretextContext, Setti
 use densa_models::train_step::{train_step_artifact, TrainStepConfig};
 use densa_models::Arch;
 use densa_runtime::open_backend;
+use densa_runtime::train::Communicator;
 use densa_runtime::train::{
     checkpoint, Artifact, DataSource, Length, Samples, Shuffled, StopReason, TrainOptions, Trainer,
     WarmupCosine,
@@ -115,6 +116,10 @@ fn data_dir(data: &Path) -> Result<PathBuf> {
 
 pub fn run(args: PretrainArgs) -> Result<()> {
     let comm = distributed::communicator()?;
+    distributed::or_abort(&comm, run_rank(args, &comm))
+}
+
+fn run_rank(args: PretrainArgs, comm: &Arc<dyn Communicator>) -> Result<()> {
     let (rank, ranks) = (comm.rank(), comm.size());
     let method: Arc<dyn Pretext> = Arc::from(pretext::create(&args.method, &overrides(&args)?)?);
     let spec = RunSpec {

@@ -6,6 +6,7 @@
 //! rebuilding it), `checkpoints/`, `train_log.jsonl`, `loss.png` and `eval.json`.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -13,6 +14,7 @@ use densa_exporter::Tensor;
 use densa_models::train_step::eval_with_state;
 use densa_runtime::train::classify::{ImageFolder, Split, SyntheticSquares};
 use densa_runtime::train::{
+    Communicator,
     checkpoint, Artifact, Length, Samples, Shuffled, StopReason, TrainOptions, Trainer,
     WarmupCosine,
 };
@@ -182,6 +184,10 @@ fn image_size(artifact: &Artifact) -> Result<u32> {
 
 pub fn run(args: TrainArgs) -> Result<()> {
     let comm = distributed::communicator()?;
+    distributed::or_abort(&comm, run_rank(args, &comm))
+}
+
+fn run_rank(args: TrainArgs, comm: &Arc<dyn Communicator>) -> Result<()> {
     let (rank, ranks) = (comm.rank(), comm.size());
     let has_checkpoint = checkpoint::latest(&args.out)
         .with_context(|| format!("looking for checkpoints in {}", args.out.display()))?
