@@ -66,9 +66,10 @@ for name, g, s in [("1 process x B", b, s1), ("1 process x 2B", 2 * b, s2), ("2 
     print(f"{name:<22}{g:>13}{s:>10.3f}{g / s:>10.1f}")
 print(f"ratio 2 processes / 1 process (same global batch {2 * b}): {s2 / sd:.2f}x")
 print(f"ratio 2 processes / 1 process at batch {b}: {(2 * b / sd) / (b / s1):.2f}x")
-m = re.search(r"all-reduce ([0-9.]+) MB/step in ([0-9.]+) s/step \(([0-9.]+)% of the step\)", line)
+m = re.search(r"all-reduce ([0-9.]+) MB/step in ([0-9.]+) s/step \(([0-9.]+)% of the step, ([0-9.]+) GB/s\), waiting for other ranks ([0-9.]+) s/step", line)
 if m:
-    print(f"all-reduce: {m.group(1)} MB per rank per step, {m.group(2)} s per step, {m.group(3)}% of a data-parallel step")
+    print(f"all-reduce: {m.group(1)} MB per rank per step, {m.group(2)} s per step ({m.group(4)} GB/s), "
+          f"{m.group(3)}% of a data-parallel step; waiting for the other rank {m.group(5)} s per step")
 else:
     print("no `data parallel:` line from rank 0:", line)
 PY

@@ -41,12 +41,14 @@ pub fn report(trainer: &Trainer<'_>) {
     }
     let share = s.all_reduce_s / s.step_s.max(1e-12);
     println!(
-        "data parallel: {} ranks, {} steps, {:.3} s/step, all-reduce {:.2} MB/step in {:.4} s/step ({:.1}% of the step)",
+        "data parallel: {} ranks, {} steps, {:.3} s/step, all-reduce {:.2} MB/step in {:.4} s/step ({:.1}% of the step, {:.2} GB/s), waiting for other ranks {:.4} s/step",
         s.ranks,
         s.steps,
         s.step_s / s.steps as f64,
         s.bytes_per_step as f64 / 1e6,
         s.all_reduce_s / s.steps as f64,
-        100.0 * share
+        100.0 * share,
+        s.bytes_per_step as f64 * s.steps as f64 / s.all_reduce_s.max(1e-12) / 1e9,
+        s.wait_s / s.steps as f64,
     );
 }

@@ -240,7 +240,10 @@ pub struct CommStats {
     pub ranks: usize,
     /// Steps run.
     pub steps: u64,
-    /// Seconds spent in the all-reduce (waiting for slower ranks included).
+    /// Seconds spent waiting for the slowest rank to reach the all-reduce (a barrier just
+    /// before it: load imbalance, not communication).
+    pub wait_s: f64,
+    /// Seconds spent in the all-reduce itself (after the barrier).
     pub all_reduce_s: f64,
     /// Seconds of whole steps (data, gradient graph, all-reduce, update graph).
     pub step_s: f64,
@@ -813,9 +816,13 @@ impl<'a> Trainer<'a> {
         }
         let wants_stop = self.stop.load(Ordering::SeqCst) || INTERRUPTED.load(Ordering::SeqCst);
         packed.push(if wants_stop { 1.0 } else { 0.0 });
+        // The barrier separates waiting for slower ranks from moving the bytes.
+        let t_wait = Instant::now();
+        dp.comm.barrier();
         let t_comm = Instant::now();
         dp.comm.all_reduce_sum(&mut packed);
         let comm_s = t_comm.elapsed().as_secs_f64();
+        let wait_s = (t_comm - t_wait).as_secs_f64();
         let scale = 1.0 / ranks as f32;
         let mut rest = &packed[..];
         let mut grads = Vec::with_capacity(dp.grads.len());
@@ -941,6 +948,7 @@ impl<'a> Trainer<'a> {
         if let Some(dp) = self.dp.as_mut() {
             dp.stats.steps += 1;
             dp.stats.all_reduce_s += comm_s;
+            dp.stats.wait_s += wait_s;
             dp.stats.step_s += seconds;
         }
         Ok(StepRecord {
