@@ -315,13 +315,24 @@ impl<'a> Trainer<'a> {
     /// 0 writes the log, the checkpoints and the plot and shows progress. With one rank the
     /// fused graph runs as before.
     pub fn data_parallel(
-        mut self,
+        self,
         backend: &dyn Backend,
         comm: Arc<dyn Communicator>,
     ) -> Result<Trainer<'a>, TrainError> {
         if comm.size() <= 1 {
             return Ok(self);
         }
+        self.split_engine(backend, comm)
+    }
+
+    /// [`data_parallel`](Self::data_parallel), also for one rank: runs the gradient and
+    /// update graphs instead of the fused step (to check that the split computes what the
+    /// fused step does).
+    pub fn split_engine(
+        mut self,
+        backend: &dyn Backend,
+        comm: Arc<dyn Communicator>,
+    ) -> Result<Trainer<'a>, TrainError> {
         let fail = |problem: String| TrainError::DataParallel {
             artifact: self.artifact.label(),
             problem,
@@ -338,6 +349,7 @@ impl<'a> Trainer<'a> {
             .inputs
             .iter()
             .find(|e| e.role == InputRole::Buffer && e.name.contains("queue"))
+            .filter(|_| comm.size() > 1)
         {
             return Err(fail(format!(
                 "buffer `{}` is a queue; enqueueing the keys of every rank is not implemented, \
