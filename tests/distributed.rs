@@ -28,7 +28,11 @@ fn classifier_artifact(dir: &Path) {
     };
     let mut b = GraphBuilder::new("tiny-classifier", 1);
     let x = b
-        .input("images", DType::F32, vec!["N".into(), 3.into(), 16.into(), 16.into()])
+        .input(
+            "images",
+            DType::F32,
+            vec!["N".into(), 3.into(), 16.into(), 16.into()],
+        )
         .unwrap();
     let conv = Conv2dConfig::new(3, 8, 3)
         .padding(1)
@@ -116,7 +120,8 @@ fn mpirun_command(mpirun: &Path) -> Command {
 /// `mpirun -np 2 --oversubscribe densa <args>`.
 fn mpirun_densa(mpirun: &Path, args: &[&str]) -> Output {
     let mut cmd = mpirun_command(mpirun);
-    cmd.args(["-np", "2", env!("CARGO_BIN_EXE_densa")]).args(args);
+    cmd.args(["-np", "2", env!("CARGO_BIN_EXE_densa")])
+        .args(args);
     output_within(cmd, LIMIT)
 }
 
@@ -160,9 +165,25 @@ fn two_processes_train_a_classifier_like_one_with_the_doubled_batch_and_resume()
     let a = artifact.to_str().unwrap();
     let common = |out: &str, batch: &str| -> Vec<String> {
         [
-            "train", "--artifact", a, "--synthetic", "48", "--classes", "4", "--holdout-every",
-            "0", "--steps", "5", "--checkpoint-every", "2", "--backend", "tract", "--batch-size",
-            batch, "--out", out,
+            "train",
+            "--artifact",
+            a,
+            "--synthetic",
+            "48",
+            "--classes",
+            "4",
+            "--holdout-every",
+            "0",
+            "--steps",
+            "5",
+            "--checkpoint-every",
+            "2",
+            "--backend",
+            "tract",
+            "--batch-size",
+            batch,
+            "--out",
+            out,
         ]
         .iter()
         .map(|s| s.to_string())
@@ -171,7 +192,10 @@ fn two_processes_train_a_classifier_like_one_with_the_doubled_batch_and_resume()
     let reference = dir.path().join("one");
     let args = common(reference.to_str().unwrap(), "8");
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    ok(&densa().args(&args).output().unwrap(), "one process, batch 8");
+    ok(
+        &densa().args(&args).output().unwrap(),
+        "one process, batch 8",
+    );
 
     let dp = dir.path().join("two");
     let args = common(dp.to_str().unwrap(), "4");
@@ -189,7 +213,9 @@ fn two_processes_train_a_classifier_like_one_with_the_doubled_batch_and_resume()
 
     // A job that dies after step 4 resumes from its checkpoint on every rank and ends where
     // the uninterrupted run did.
-    let last = densa::runtime::train::checkpoint::latest(&dp).unwrap().unwrap();
+    let last = densa::runtime::train::checkpoint::latest(&dp)
+        .unwrap()
+        .unwrap();
     std::fs::remove_dir_all(&last).unwrap();
     let out = ok(&mpirun_densa(&mpirun, &args), "the resumed job");
     assert!(out.contains("step 5 (epoch"), "{out}");
@@ -207,12 +233,42 @@ fn a_failing_rank_stops_the_job_with_its_message() {
     // for it forever.
     let mut cmd = mpirun_command(&mpirun);
     cmd.args(["-np", "1", env!("CARGO_BIN_EXE_densa")])
-        .args(["train", "--synthetic", "32", "--classes", "4", "--image-size", "32"])
-        .args(["--batch-size", "4", "--steps", "3", "--backend", "tract", "--out"])
+        .args([
+            "train",
+            "--synthetic",
+            "32",
+            "--classes",
+            "4",
+            "--image-size",
+            "32",
+        ])
+        .args([
+            "--batch-size",
+            "4",
+            "--steps",
+            "3",
+            "--backend",
+            "tract",
+            "--out",
+        ])
         .arg(&out)
         .args([":", "-np", "1", env!("CARGO_BIN_EXE_densa")])
-        .args(["train", "--data", "/nonexistent/densa-images", "--image-size", "32"])
-        .args(["--batch-size", "4", "--steps", "3", "--backend", "tract", "--out"])
+        .args([
+            "train",
+            "--data",
+            "/nonexistent/densa-images",
+            "--image-size",
+            "32",
+        ])
+        .args([
+            "--batch-size",
+            "4",
+            "--steps",
+            "3",
+            "--backend",
+            "tract",
+            "--out",
+        ])
         .arg(&out);
     let o = output_within(cmd, LIMIT);
     let err = stderr(&o);
@@ -237,12 +293,32 @@ fn two_processes_pretrain_pixpro() {
     );
     let out = dir.path().join("pixpro");
     let args = [
-        "pretrain", "--method", "pixpro", "--arch", "resnet-edge", "--data",
-        data.to_str().unwrap(), "--batch", "2", "--steps", "2", "--image-size", "32",
-        "--set", "hidden_dim=16", "--set", "dim=8", "--backend", "tract", "--out",
+        "pretrain",
+        "--method",
+        "pixpro",
+        "--arch",
+        "resnet-edge",
+        "--data",
+        data.to_str().unwrap(),
+        "--batch",
+        "2",
+        "--steps",
+        "2",
+        "--image-size",
+        "32",
+        "--set",
+        "hidden_dim=16",
+        "--set",
+        "dim=8",
+        "--backend",
+        "tract",
+        "--out",
         out.to_str().unwrap(),
     ];
-    let stdout = ok(&mpirun_densa(&mpirun, &args), "mpirun -np 2 densa pretrain pixpro");
+    let stdout = ok(
+        &mpirun_densa(&mpirun, &args),
+        "mpirun -np 2 densa pretrain pixpro",
+    );
     assert!(stdout.contains("data parallel: 2 ranks"), "{stdout}");
     assert!(out.join("backbone.safetensors").is_file());
     let log = std::fs::read_to_string(out.join("train_log.jsonl")).unwrap();
@@ -255,7 +331,16 @@ fn two_processes_pretrain_pixpro() {
 fn an_mpi_launch_of_a_build_without_the_feature_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let o = densa()
-        .args(["train", "--synthetic", "16", "--classes", "4", "--steps", "1", "--out"])
+        .args([
+            "train",
+            "--synthetic",
+            "16",
+            "--classes",
+            "4",
+            "--steps",
+            "1",
+            "--out",
+        ])
         .arg(dir.path())
         .env("OMPI_COMM_WORLD_SIZE", "2")
         .output()

@@ -38,7 +38,10 @@ impl Samples for Noisy {
                 "images".into(),
                 Tensor::F32(ArrayD::from_shape_vec(vec![3, 8, 8], img).unwrap()),
             ),
-            ("labels".into(), Tensor::I64(ArrayD::from_elem(vec![], label))),
+            (
+                "labels".into(),
+                Tensor::I64(ArrayD::from_elem(vec![], label)),
+            ),
         ])
     }
 }
@@ -48,9 +51,16 @@ impl Samples for Noisy {
 fn artifact(batch_norm: bool) -> Artifact {
     let mut b = GraphBuilder::new("tiny", 3);
     let x = b
-        .input("images", DType::F32, vec!["N".into(), 3.into(), 8.into(), 8.into()])
+        .input(
+            "images",
+            DType::F32,
+            vec!["N".into(), 3.into(), 8.into(), 8.into()],
+        )
         .unwrap();
-    let conv = Conv2dConfig::new(3, 6, 3).padding(1).init(&mut b, "conv").unwrap();
+    let conv = Conv2dConfig::new(3, 6, 3)
+        .padding(1)
+        .init(&mut b, "conv")
+        .unwrap();
     let head = Conv2dConfig::new(6, 4, 1).init(&mut b, "head").unwrap();
     let mut mode = NormMode::train();
     let mut h = conv.forward(&mut b, &x).unwrap();
@@ -88,8 +98,14 @@ fn options(dir: &std::path::Path, steps: u64) -> TrainOptions {
 fn one_process(artifact: &Artifact, batch: usize, steps: u64) -> StateDict {
     let dir = tempfile::tempdir().unwrap();
     let data = Shuffled::new(Noisy(40), batch).unwrap();
-    let mut t = Trainer::new(artifact.clone(), &TractBackend, data, Defaults, options(dir.path(), steps))
-        .unwrap();
+    let mut t = Trainer::new(
+        artifact.clone(),
+        &TractBackend,
+        data,
+        Defaults,
+        options(dir.path(), steps),
+    )
+    .unwrap();
     t.run().unwrap();
     t.state()
 }
@@ -108,12 +124,22 @@ fn ranks(artifact: &Artifact, n: usize, batch: usize, steps: u64) -> Vec<StateDi
                     .shard(rank, n)
                     .unwrap();
                 let comm: Arc<dyn Communicator> = Arc::new(comm);
-                let mut t = Trainer::new(artifact, &TractBackend, data, Defaults, options(&out, steps))
-                    .unwrap()
-                    .data_parallel(&TractBackend, comm)
-                    .unwrap();
+                let mut t = Trainer::new(
+                    artifact,
+                    &TractBackend,
+                    data,
+                    Defaults,
+                    options(&out, steps),
+                )
+                .unwrap()
+                .data_parallel(&TractBackend, comm)
+                .unwrap();
                 let summary = t.run().unwrap();
-                assert_eq!(summary.checkpoint.is_some(), rank == 0, "only rank 0 writes");
+                assert_eq!(
+                    summary.checkpoint.is_some(),
+                    rank == 0,
+                    "only rank 0 writes"
+                );
                 t.state()
             })
         })
@@ -163,7 +189,10 @@ fn with_batch_norm_the_running_mean_is_exact_the_weights_are_not() {
     let dp = ranks(&artifact, 2, 4, 1);
     assert_eq!(max_diff(&dp[0], &dp[1], ""), 0.0);
     let weights = max_diff(&reference, &dp[0], "conv.weight");
-    assert!(weights > 1e-5, "per-shard statistics should change the gradient ({weights})");
+    assert!(
+        weights > 1e-5,
+        "per-shard statistics should change the gradient ({weights})"
+    );
     let mean = max_diff(&reference, &dp[0], "bn.running_mean");
     assert!(mean < 1e-6, "averaged running means differ by {mean}");
 }
@@ -180,7 +209,11 @@ fn pixpro_split_engine_on_one_rank_matches_the_fused_step() {
     let dir = tempfile::tempdir().unwrap();
     for i in 0..4u32 {
         let img = image::RgbImage::from_fn(48, 48, |x, y| {
-            image::Rgb([(x * 5 + i * 40) as u8, (y * 5) as u8, ((x + y) * 3 + i * 7) as u8])
+            image::Rgb([
+                (x * 5 + i * 40) as u8,
+                (y * 5) as u8,
+                ((x + y) * 3 + i * 7) as u8,
+            ])
         });
         img.save(dir.path().join(format!("{i}.png"))).unwrap();
     }
@@ -188,7 +221,8 @@ fn pixpro_split_engine_on_one_rank_matches_the_fused_step() {
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-    let method: Arc<dyn pretext::Pretext> = Arc::from(pretext::create("pixpro", &overrides).unwrap());
+    let method: Arc<dyn pretext::Pretext> =
+        Arc::from(pretext::create("pixpro", &overrides).unwrap());
     let ctx = PretextContext {
         arch: crate::Arch::Edge.config(),
         batch: 2,
@@ -203,10 +237,17 @@ fn pixpro_split_engine_on_one_rank_matches_the_fused_step() {
         let files = image_files(dir.path()).unwrap();
         let (samples, _) = PretextSamples::new(files, method.clone(), ctx.clone());
         let data = Shuffled::new(samples, 2).unwrap();
-        let t = Trainer::new(artifact.clone(), &TractBackend, data, Defaults, options(out.path(), 2))
-            .unwrap();
+        let t = Trainer::new(
+            artifact.clone(),
+            &TractBackend,
+            data,
+            Defaults,
+            options(out.path(), 2),
+        )
+        .unwrap();
         let mut t = if split {
-            t.split_engine(&TractBackend, Arc::new(SingleProcess)).unwrap()
+            t.split_engine(&TractBackend, Arc::new(SingleProcess))
+                .unwrap()
         } else {
             t
         };
@@ -218,5 +259,8 @@ fn pixpro_split_engine_on_one_rank_matches_the_fused_step() {
     let moved = max_diff(&fused, init, "");
     let d = max_diff(&fused, &split, "");
     assert!(moved > 1e-4, "the steps changed nothing ({moved})");
-    assert!(d < 1e-6, "split engine vs fused step: max |diff| {d} (steps moved {moved})");
+    assert!(
+        d < 1e-6,
+        "split engine vs fused step: max |diff| {d} (steps moved {moved})"
+    );
 }

@@ -652,7 +652,8 @@ fn data_parallel_graphs(
 
     // The gradient graph: parameters and buffers become inputs, every gradient an output.
     let mut g = fwd_bwd.clone();
-    g.initializer.retain(|t| !state_names.contains(t.name.as_str()));
+    g.initializer
+        .retain(|t| !state_names.contains(t.name.as_str()));
     for (name, shape) in params.iter().chain(buffers) {
         g.input.push(vi(name, shape));
     }

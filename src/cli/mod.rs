@@ -2,8 +2,8 @@
 //! context) and end the process with a non-zero status.
 
 mod demo;
-mod distributed;
 mod detect;
+mod distributed;
 mod eval;
 mod eval_detect;
 mod eval_segment;

@@ -14,9 +14,8 @@ use densa_exporter::Tensor;
 use densa_models::train_step::eval_with_state;
 use densa_runtime::train::classify::{ImageFolder, Split, SyntheticSquares};
 use densa_runtime::train::{
-    Communicator,
-    checkpoint, Artifact, Length, Samples, Shuffled, StopReason, TrainOptions, Trainer,
-    WarmupCosine,
+    checkpoint, Artifact, Communicator, Length, Samples, Shuffled, StopReason, TrainOptions,
+    Trainer, WarmupCosine,
 };
 use densa_runtime::{open_backend, Backend};
 use ndarray::{ArrayD, Axis};

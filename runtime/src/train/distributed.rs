@@ -196,10 +196,13 @@ impl Communicator for LocalGroup {
 pub fn launched_size() -> Result<Option<(String, usize)>, DistError> {
     for var in ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"] {
         if let Ok(value) = std::env::var(var) {
-            let size = value.trim().parse::<usize>().map_err(|_| DistError::BadEnv {
-                var: var.into(),
-                value: value.clone(),
-            })?;
+            let size = value
+                .trim()
+                .parse::<usize>()
+                .map_err(|_| DistError::BadEnv {
+                    var: var.into(),
+                    value: value.clone(),
+                })?;
             return Ok(Some((var.to_string(), size)));
         }
     }
@@ -221,7 +224,10 @@ fn mpi_world(var: String, size: usize) -> Result<Arc<dyn Communicator>, DistErro
     Err(DistError::NotBuiltWithMpi { var, size })
 }
 
+// The MPI world is used from the thread that initialised it (MPI_THREAD_SINGLE), so the Arc
+// is for sharing handles within that thread, not across threads.
 #[cfg(feature = "mpi")]
+#[allow(clippy::arc_with_non_send_sync)]
 fn mpi_world(var: String, size: usize) -> Result<Arc<dyn Communicator>, DistError> {
     let world = mpi_impl::MpiCommunicator::init()?;
     if world.size() != size {

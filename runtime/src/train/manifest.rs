@@ -586,9 +586,9 @@ pub enum ManifestError {
 /// - `grad_graph`: batch inputs + `param` + `buffer` inputs + the buffers' hyperparameters ->
 ///   `loss`, the metrics the forward computes, every buffer's `next`, and one gradient output
 ///   per trained parameter (`grads[i].grad`).
-/// - `update_graph`: the trained parameters + their gradients (inputs named `grads[i].grad`)
-///   + `optimizer` inputs + the optimizer's hyperparameters -> the trained parameters' and
-///   the optimizer slots' `next` (and `grad_norm` when clipping).
+/// - `update_graph`: the trained parameters, their gradients (inputs named `grads[i].grad`),
+///   the `optimizer` inputs and the optimizer's hyperparameters -> the trained parameters'
+///   and the optimizer slots' `next` (and `grad_norm` when clipping).
 ///
 /// Every input and output is named as in the fused graph's manifest, so the host routes
 /// values by name; parameters the update graph does not output (frozen) keep their value.
@@ -695,7 +695,8 @@ impl Artifact {
         let grad_if = Interface::of(&graphs.grad);
         let update_if = Interface::of(&graphs.update);
         for g in &entry.grads {
-            let problem = if self.manifest.input(&g.param).map(|e| e.role) != Some(InputRole::Param) {
+            let problem = if self.manifest.input(&g.param).map(|e| e.role) != Some(InputRole::Param)
+            {
                 Some("is not a `param` input of the train step")
             } else if !grad_if.outputs.iter().any(|p| p.name == g.grad) {
                 Some("has no gradient output in the gradient graph")
@@ -736,11 +737,7 @@ impl Artifact {
         let data_parallel = match &manifest.data_parallel {
             Some(e) => Some(DataParallelGraphs {
                 grad: densa_exporter::io::load(&relative(dir, &e.grad_graph, &manifest_path)?)?,
-                update: densa_exporter::io::load(&relative(
-                    dir,
-                    &e.update_graph,
-                    &manifest_path,
-                )?)?,
+                update: densa_exporter::io::load(&relative(dir, &e.update_graph, &manifest_path)?)?,
             }),
             None => None,
         };

@@ -41,8 +41,8 @@ pub mod trainer;
 use std::path::PathBuf;
 
 pub use checkpoint::{CheckpointError, CheckpointManifest, CheckpointReason};
-pub use distributed::{from_env, Communicator, LocalGroup, SingleProcess};
 pub use data::{Batch, BatchAt, DataError, DataSource, FnSource, Samples, Shuffled};
+pub use distributed::{from_env, Communicator, LocalGroup, SingleProcess};
 pub use log::{LogError, StepRecord};
 pub use manifest::{
     Artifact, InputEntry, InputRole, Manifest, ManifestError, OutputEntry, OutputRole,

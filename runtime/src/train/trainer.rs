@@ -374,7 +374,9 @@ impl<'a> Trainer<'a> {
         let mut averaged = Vec::new();
         let mut next_names = Vec::new();
         for (k, name) in self.plan.state_names.iter().enumerate() {
-            let e = manifest.input(name).expect("state names come from the manifest");
+            let e = manifest
+                .input(name)
+                .expect("state names come from the manifest");
             next_names.push(e.next.clone().expect("validated"));
             if e.role == InputRole::Buffer
                 && (name.ends_with("running_mean") || name.ends_with("running_var"))
@@ -398,11 +400,11 @@ impl<'a> Trainer<'a> {
                 )));
             }
         }
-        let floats: usize = grads.iter().map(|(_, s)| s.iter().product::<usize>()).sum::<usize>()
-            + averaged
-                .iter()
-                .map(|&k| self.state[k].len())
-                .sum::<usize>()
+        let floats: usize = grads
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum::<usize>()
+            + averaged.iter().map(|&k| self.state[k].len()).sum::<usize>()
             + 2
             + self.plan.metrics.len();
         self.dp = Some(DataParallel {
@@ -802,15 +804,16 @@ impl<'a> Trainer<'a> {
                 .expect("checked in data_parallel");
             inputs.push((p.name.clone(), t));
         }
-        let mut grad_out: BTreeMap<String, Tensor> =
-            dp.grad.run(inputs)?.into_iter().collect();
+        let mut grad_out: BTreeMap<String, Tensor> = dp.grad.run(inputs)?.into_iter().collect();
 
         // Pack, all-reduce, average.
         let take = |out: &BTreeMap<String, Tensor>, name: &str| {
-            out.get(name).cloned().ok_or_else(|| TrainError::DataParallel {
-                artifact: self.artifact.label(),
-                problem: format!("the gradient graph has no output `{name}`"),
-            })
+            out.get(name)
+                .cloned()
+                .ok_or_else(|| TrainError::DataParallel {
+                    artifact: self.artifact.label(),
+                    problem: format!("the gradient graph has no output `{name}`"),
+                })
         };
         let mut packed: Vec<f32> = Vec::with_capacity(dp.stats.bytes_per_step / 4);
         for (g, _) in &dp.grads {
@@ -897,8 +900,7 @@ impl<'a> Trainer<'a> {
                     .expect("checked in data_parallel");
                 inputs.push((p.name.clone(), t));
             }
-            let update_out: BTreeMap<String, Tensor> =
-                dp.update.run(inputs)?.into_iter().collect();
+            let update_out: BTreeMap<String, Tensor> = dp.update.run(inputs)?.into_iter().collect();
             for (name, _) in &self.plan.metrics {
                 if let Some(t) = update_out.get(name) {
                     let v = mean(t);
@@ -915,8 +917,7 @@ impl<'a> Trainer<'a> {
                         ));
                         break;
                     }
-                    if t.dtype() != self.state[k].dtype() || t.shape() != self.state[k].shape()
-                    {
+                    if t.dtype() != self.state[k].dtype() || t.shape() != self.state[k].shape() {
                         return Err(TrainError::StateShape {
                             step,
                             name: self.plan.state_names[k].clone(),
