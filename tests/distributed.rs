@@ -348,3 +348,70 @@ fn an_mpi_launch_of_a_build_without_the_feature_is_refused() {
     let err = common::assert_clean_failure(&o);
     assert!(err.contains("--features mpi"), "{err}");
 }
+
+#[cfg(feature = "mpi")]
+#[test]
+fn two_processes_finetune_a_detector_and_refuse_queue_methods() {
+    let Some(mpirun) = mpirun() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let p = |rel: &str| dir.path().join(rel).display().to_string();
+    for (name, n, seed) in [("train", "16", "0"), ("val", "4", "1")] {
+        ok(
+            &densa()
+                .args(["synth", "--out", &p(name), "--images", n, "--seed", seed])
+                .args(["--size", "64x64", "--max-objects", "2"])
+                .output()
+                .unwrap(),
+            "densa synth",
+        );
+    }
+    let args = [
+        "finetune",
+        "--task",
+        "detect",
+        "--data",
+        &p("train/annotations.json"),
+        "--val-data",
+        &p("val/annotations.json"),
+        "--image-size",
+        "64",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "2",
+        "--backend",
+        "tract",
+        "--out",
+        &p("run"),
+    ];
+    let out = ok(
+        &mpirun_densa(&mpirun, &args),
+        "mpirun -np 2 densa finetune --task detect",
+    );
+    assert_eq!(out.matches("best: epoch 1").count(), 1, "{out}");
+    let log = std::fs::read_to_string(dir.path().join("run/train_log.jsonl")).unwrap();
+    assert_eq!(log.lines().count(), 4, "16 images / (2 ranks x 2):\n{log}");
+
+    // DenseCL's queue would need every rank's keys: refused, not trained differently.
+    let args = [
+        "pretrain",
+        "--method",
+        "densecl",
+        "--data",
+        &p("train"),
+        "--batch",
+        "2",
+        "--steps",
+        "1",
+        "--image-size",
+        "32",
+        "--backend",
+        "tract",
+        "--out",
+        &p("densecl"),
+    ];
+    let o = mpirun_densa(&mpirun, &args);
+    let err = stderr(&o);
+    assert!(!o.status.success(), "{err}");
+    assert!(err.contains("is a queue"), "{err}");
+}

@@ -88,10 +88,16 @@ pub struct FinetuneArgs {
 }
 
 pub fn run(args: FinetuneArgs) -> Result<()> {
-    match args.task {
-        Task::Detect => super::finetune_detect::run(&args),
+    let comm = super::distributed::communicator()?;
+    let result = match args.task {
+        Task::Detect => super::finetune_detect::run(&args, &comm),
+        Task::Segment if comm.size() > 1 => Err(anyhow::anyhow!(
+            "data-parallel fine-tuning (mpirun -np {}) is implemented for --task detect only",
+            comm.size()
+        )),
         Task::Segment => super::finetune_segment::run(&args),
-    }
+    };
+    super::distributed::or_abort(&comm, result)
 }
 
 /// The file a pretraining run directory keeps its backbone in (torchvision names, no prefix).
