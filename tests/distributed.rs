@@ -351,7 +351,7 @@ fn an_mpi_launch_of_a_build_without_the_feature_is_refused() {
 
 #[cfg(feature = "mpi")]
 #[test]
-fn two_processes_finetune_a_detector_and_refuse_queue_methods() {
+fn two_processes_finetune_a_detector_and_a_segmenter_and_refuse_queue_methods() {
     let Some(mpirun) = mpirun() else { return };
     let dir = tempfile::tempdir().unwrap();
     let p = |rel: &str| dir.path().join(rel).display().to_string();
@@ -391,6 +391,33 @@ fn two_processes_finetune_a_detector_and_refuse_queue_methods() {
     assert_eq!(out.matches("best: epoch 1").count(), 1, "{out}");
     let log = std::fs::read_to_string(dir.path().join("run/train_log.jsonl")).unwrap();
     assert_eq!(log.lines().count(), 4, "16 images / (2 ranks x 2):\n{log}");
+
+    let args = [
+        "finetune",
+        "--task",
+        "segment",
+        "--data",
+        &p("train/annotations.json"),
+        "--val-data",
+        &p("val/annotations.json"),
+        "--image-size",
+        "64",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "2",
+        "--backend",
+        "tract",
+        "--out",
+        &p("seg"),
+    ];
+    let out = ok(
+        &mpirun_densa(&mpirun, &args),
+        "mpirun -np 2 densa finetune --task segment",
+    );
+    assert_eq!(out.matches("best validation mIoU").count(), 1, "{out}");
+    let log = std::fs::read_to_string(dir.path().join("seg/train_log.jsonl")).unwrap();
+    assert_eq!(log.lines().count(), 4, "{log}");
 
     // DenseCL's queue would need every rank's keys: refused, not trained differently.
     let args = [

@@ -91,11 +91,7 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
     let comm = super::distributed::communicator()?;
     let result = match args.task {
         Task::Detect => super::finetune_detect::run(&args, &comm),
-        Task::Segment if comm.size() > 1 => Err(anyhow::anyhow!(
-            "data-parallel fine-tuning (mpirun -np {}) is implemented for --task detect only",
-            comm.size()
-        )),
-        Task::Segment => super::finetune_segment::run(&args),
+        Task::Segment => super::finetune_segment::run(&args, &comm),
     };
     super::distributed::or_abort(&comm, result)
 }
