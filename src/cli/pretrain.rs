@@ -284,8 +284,9 @@ fn run_rank(args: PretrainArgs, comm: &Arc<dyn Communicator>) -> Result<()> {
     } else {
         Trainer::new(artifact, backend.as_ref(), data, schedule, options)
     }
-    .and_then(|t| t.data_parallel(backend.as_ref(), comm.clone()))
-    .context("starting the trainer")?;
+    .context("starting the trainer")?
+    .data_parallel(backend.as_ref(), comm.clone())
+    .context("starting data-parallel training")?;
     let summary = trainer.run().context("pretraining")?;
     if rank != 0 {
         return Ok(());
