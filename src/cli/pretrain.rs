@@ -86,6 +86,11 @@ pub struct RunSpec {
 pub const SPEC_FILE: &str = "pretrain.json";
 pub const BACKBONE_FILE: &str = "backbone.safetensors";
 
+/// Methods whose data-parallel run is the doubled-batch run up to batch norm (see
+/// `densa_runtime::train::distributed`): the loss is a mean of per-image terms and the only
+/// cross-step state is the momentum teacher, identical on every rank.
+const DATA_PARALLEL_METHODS: [&str; 1] = ["pixpro"];
+
 fn overrides(args: &PretrainArgs) -> Result<Vec<(String, String)>> {
     let mut out = Vec::new();
     if let Some(path) = &args.config {
@@ -134,6 +139,17 @@ fn run_rank(args: PretrainArgs, comm: &Arc<dyn Communicator>) -> Result<()> {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
     };
+    if ranks > 1 && !DATA_PARALLEL_METHODS.contains(&spec.method.as_str()) {
+        bail!(
+            "`{}` on {ranks} processes: data-parallel pretraining is implemented for {} (a \
+             per-image loss and a momentum teacher). `{}` couples the images of a batch (a \
+             queue of keys, in-batch negatives or Sinkhorn sums), which would have to be \
+             gathered or all-reduced across ranks; run it on one process",
+            spec.method,
+            DATA_PARALLEL_METHODS.join(", "),
+            spec.method
+        );
+    }
     if args.batch < 2 {
         bail!(
             "--batch {}: contrastive methods need at least 2 images per step",

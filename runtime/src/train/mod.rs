@@ -8,6 +8,8 @@
 //!   output), validation against the graph, [`Artifact::load`] / [`Artifact::save`].
 //! - [`trainer`]: [`Trainer`], the loop (state swapping, non-finite handling, Ctrl-C).
 //! - [`data`]: [`DataSource`] (batches as a function of seed, epoch, index) and [`Shuffled`].
+//! - [`distributed`]: data-parallel training ([`Communicator`]: one process, threads, MPI with
+//!   the cargo feature `mpi`; [`Trainer::data_parallel`]; [`Shuffled::shard`]).
 //! - [`schedule`]: host-side hyperparameter schedules ([`Schedule`], [`WarmupCosine`]).
 //! - [`checkpoint`]: atomic checkpoints and exact resume.
 //! - [`log`]: the JSONL step log, the PNG loss curve, the progress bar.
