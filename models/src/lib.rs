@@ -11,6 +11,8 @@ pub mod neck;
 pub mod nn;
 
 pub use backbone::Arch;
+#[cfg(all(test, feature = "train"))]
+mod data_parallel_tests;
 #[cfg(feature = "train")]
 pub mod adapt;
 #[cfg(feature = "train")]

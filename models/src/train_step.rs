@@ -94,6 +94,7 @@ use densa_exporter::train::optim::{
 use densa_exporter::train::{next_name, Fragment, InputRole as FragmentRole, TrainError};
 use densa_exporter::weights::StateDict;
 use densa_exporter::{BuildError, DType, GraphBuilder, ParamKind, Value};
+use densa_runtime::train::manifest::{DataParallelGraphs, GradEntry};
 use densa_runtime::train::{Artifact, InputRole, Manifest, ManifestError, OutputRole};
 
 /// Why a train step could not be composed. Each variant names the value or setting concerned.
@@ -250,6 +251,10 @@ pub struct TrainStepConfig {
     pub task: Option<String>,
     /// Convolution weight-gradient formulation; default [`ConvWeightGrad::ConvTrick`].
     pub conv_weight_grad: ConvWeightGrad,
+    /// Also emit the step cut in two for data-parallel training: a gradient graph and an
+    /// update graph ([`TrainStep::data_parallel`]). The fused graph is the same either way.
+    /// Default false.
+    pub data_parallel: bool,
 }
 
 impl TrainStepConfig {
@@ -322,6 +327,9 @@ pub struct TrainStep {
     /// The values computed by the forward pass (before the backward and the update), for
     /// [`split_train_step`].
     pub forward_values: HashSet<String>,
+    /// With [`TrainStepConfig::data_parallel`]: the gradient and update graphs and the
+    /// (parameter, gradient) pairs, for [`Artifact::with_data_parallel`].
+    pub data_parallel: Option<(DataParallelGraphs, Vec<GradEntry>)>,
 }
 
 /// Composes the train step of `forward` (see the module docs).
@@ -493,6 +501,20 @@ pub fn build_train_step(
     fragment.extend(config.optimizer.optimizer().update(&mut ob, &param_grads)?);
     fragment.declare_outputs(&mut ob)?;
     let opt = ob.finish().graph.unwrap_or_default();
+    let data_parallel = if config.data_parallel {
+        let grad_pairs: Vec<(String, String)> = grads.grads.clone();
+        Some(data_parallel_graphs(
+            &model,
+            &graph,
+            &opt,
+            &grad_pairs,
+            &params,
+            &buffers,
+            &updated_buffers,
+        )?)
+    } else {
+        None
+    };
     graph.node.extend(opt.node);
     graph.initializer.extend(opt.initializer);
     graph
@@ -581,7 +603,113 @@ pub fn build_train_step(
         manifest,
         state,
         forward_values,
+        data_parallel,
     })
+}
+
+/// Name of the gradient of parameter `param` in the data-parallel graphs.
+pub fn grad_name(param: &str) -> String {
+    format!("grad.{param}")
+}
+
+/// Cuts the step for data parallelism (see [`DataParallelEntry`](densa_runtime::train::manifest::DataParallelEntry)):
+/// `fwd_bwd` is the forward + backward graph (parameters and buffers still initializers),
+/// `opt` the optimizer graph whose inputs are the parameters and the gradients (`grads`:
+/// parameter, internal gradient name).
+fn data_parallel_graphs(
+    model: &ModelProto,
+    fwd_bwd: &densa_exporter::onnx::GraphProto,
+    opt: &densa_exporter::onnx::GraphProto,
+    grads: &[(String, String)],
+    params: &[(String, Vec<usize>)],
+    buffers: &[(String, Vec<usize>)],
+    updated_buffers: &HashSet<String>,
+) -> Result<(DataParallelGraphs, Vec<GradEntry>), TrainStepError> {
+    let shapes: HashMap<&str, &Vec<usize>> = params.iter().map(|(n, s)| (n.as_str(), s)).collect();
+    let ty = |shape: &[usize]| {
+        tensor_type(
+            DType::F32,
+            &shape.iter().map(|&d| Dim::from(d)).collect::<Vec<_>>(),
+        )
+    };
+    let identity = |from: &str, to: &str| NodeProto {
+        name: to.to_string(),
+        op_type: "Identity".into(),
+        input: vec![from.to_string()],
+        output: vec![to.to_string()],
+        ..Default::default()
+    };
+    let vi = |name: &str, shape: &[usize]| ValueInfoProto {
+        name: name.to_string(),
+        r#type: Some(ty(shape)),
+        ..Default::default()
+    };
+    let state_names: HashSet<&str> = params
+        .iter()
+        .chain(buffers)
+        .map(|(n, _)| n.as_str())
+        .collect();
+
+    // The gradient graph: parameters and buffers become inputs, every gradient an output.
+    let mut g = fwd_bwd.clone();
+    g.initializer
+        .retain(|t| !state_names.contains(t.name.as_str()));
+    for (name, shape) in params.iter().chain(buffers) {
+        g.input.push(vi(name, shape));
+    }
+    for (name, shape) in buffers {
+        if !updated_buffers.contains(name) {
+            let next = next_name(name);
+            g.node.push(identity(name, &next));
+            g.output.push(vi(&next, shape));
+        }
+    }
+    let mut entries = Vec::new();
+    for (p, internal) in grads {
+        let out = grad_name(p);
+        g.node.push(identity(internal, &out));
+        g.output.push(vi(&out, shapes[p.as_str()]));
+        entries.push(GradEntry {
+            param: p.clone(),
+            grad: out,
+        });
+    }
+    rename_prefix_nodes(&mut g);
+    let mut grad_model = model.clone();
+    grad_model.graph = Some(g);
+    let grad_model =
+        densa_exporter::passes::eliminate_dead_code(&grad_model).map_err(AutodiffError::from)?;
+
+    // The update graph: the optimizer with its gradient inputs renamed `grad.{param}`.
+    let rename: HashMap<&str, String> = grads
+        .iter()
+        .map(|(p, internal)| (internal.as_str(), grad_name(p)))
+        .collect();
+    let mut u = opt.clone();
+    for n in u.node.iter_mut() {
+        for i in n.input.iter_mut() {
+            if let Some(r) = rename.get(i.as_str()) {
+                *i = r.clone();
+            }
+        }
+    }
+    for i in u.input.iter_mut() {
+        if let Some(r) = rename.get(i.name.as_str()) {
+            i.name = r.clone();
+        }
+    }
+    rename_prefix_nodes(&mut u);
+    let mut update_model = model.clone();
+    update_model.graph = Some(u);
+    let update_model =
+        densa_exporter::passes::eliminate_dead_code(&update_model).map_err(AutodiffError::from)?;
+    Ok((
+        DataParallelGraphs {
+            grad: grad_model,
+            update: update_model,
+        },
+        entries,
+    ))
 }
 
 /// Renames nodes whose name is a module prefix of a value name (`conv` and the input
@@ -632,7 +760,10 @@ pub fn train_step_artifact(
     config: &TrainStepConfig,
 ) -> Result<Artifact, TrainStepError> {
     let step = build_train_step(forward, config)?;
-    let artifact = Artifact::new(step.manifest, step.graph, step.state)?;
+    let mut artifact = Artifact::new(step.manifest, step.graph, step.state)?;
+    if let Some((graphs, grads)) = step.data_parallel {
+        artifact = artifact.with_data_parallel(graphs, grads)?;
+    }
     Ok(match eval {
         Some(e) => artifact.with_eval_graph(e),
         None => artifact,

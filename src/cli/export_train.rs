@@ -75,6 +75,10 @@ pub struct ExportTrainArgs {
     /// The artifact directory to write.
     #[arg(long)]
     pub out: PathBuf,
+    /// Also write the gradient and update graphs for data-parallel training (`mpirun -np N
+    /// densa train --artifact ...`).
+    #[arg(long)]
+    pub data_parallel: bool,
 }
 
 impl ExportTrainArgs {
@@ -119,6 +123,7 @@ pub fn build(args: &ExportTrainArgs) -> Result<Artifact> {
         strip_prefix: args.strip_prefix.as_deref(),
     };
     let mut step = TrainStepConfig::new(args.optimizer());
+    step.data_parallel = args.data_parallel;
     if let Some(max_norm) = args.clip_grad_norm {
         step.clip = Some(densa_exporter::train::clip::ClipConfig {
             max_norm,

@@ -88,10 +88,12 @@ pub struct FinetuneArgs {
 }
 
 pub fn run(args: FinetuneArgs) -> Result<()> {
-    match args.task {
-        Task::Detect => super::finetune_detect::run(&args),
-        Task::Segment => super::finetune_segment::run(&args),
-    }
+    let comm = super::distributed::communicator()?;
+    let result = match args.task {
+        Task::Detect => super::finetune_detect::run(&args, &comm),
+        Task::Segment => super::finetune_segment::run(&args, &comm),
+    };
+    super::distributed::or_abort(&comm, result)
 }
 
 /// The file a pretraining run directory keeps its backbone in (torchvision names, no prefix).

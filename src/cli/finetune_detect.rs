@@ -29,8 +29,8 @@ use densa_runtime::data::{CocoSource, CocoSpec, SampleSource};
 use densa_runtime::infer::preprocess::prepare;
 use densa_runtime::infer::spec::InputSpec;
 use densa_runtime::train::{
-    checkpoint, Artifact, Batch, DataError, Length, Samples, Shuffled, StopReason, TrainOptions,
-    Trainer, WarmupCosine,
+    checkpoint, Artifact, Batch, Communicator, DataError, Length, Samples, Shuffled, SingleProcess,
+    StopReason, TrainOptions, Trainer, WarmupCosine,
 };
 use densa_runtime::{open_backend, Backend};
 use ndarray::{s, ArrayD};
@@ -176,6 +176,7 @@ pub fn detector_artifact(
     lr: f64,
     freeze_backbone: bool,
     init: Option<&BackboneInit>,
+    data_parallel: bool,
 ) -> Result<Artifact> {
     let (mut b, losses) = config.training_forward(seed)?;
     if let Some(init) = init {
@@ -192,6 +193,7 @@ pub fn detector_artifact(
         ..ClipConfig::default()
     });
     step.task = Some("detect".into());
+    step.data_parallel = data_parallel;
     if freeze_backbone {
         step.trainable = Trainable::Frozen(
             ["conv1", "bn1", "layer1", "layer2", "layer3", "layer4"]
@@ -253,8 +255,11 @@ pub struct FinetuneOutcome {
     pub steps: u64,
 }
 
-pub fn run(args: &FinetuneArgs) -> Result<()> {
-    let outcome = finetune(args, &|line| eprintln!("{line}"))?;
+pub fn run(args: &FinetuneArgs, comm: &Arc<dyn Communicator>) -> Result<()> {
+    let outcome = finetune_ranks(args, &|line| eprintln!("{line}"), comm)?;
+    if comm.rank() != 0 {
+        return Ok(());
+    }
     if let Some(best) = &outcome.best {
         println!(
             "best: epoch {} AP {:.4} AP50 {:.4}; state in {}",
@@ -269,6 +274,24 @@ pub fn run(args: &FinetuneArgs) -> Result<()> {
 
 /// Runs the fine-tuning `args` describe; `say` gets the progress lines (validations).
 pub fn finetune(args: &FinetuneArgs, say: &dyn Fn(String)) -> Result<FinetuneOutcome> {
+    let one: Arc<dyn Communicator> = Arc::new(SingleProcess);
+    finetune_ranks(args, say, &one)
+}
+
+/// [`finetune`] as one rank of a data-parallel job (`mpirun -np N densa finetune --task
+/// detect`): each rank trains on its shard of every global batch; rank 0 alone validates,
+/// keeps the best state, writes and reports (the other ranks' outcome has no `best`).
+pub fn finetune_ranks(
+    args: &FinetuneArgs,
+    say: &dyn Fn(String),
+    comm: &Arc<dyn Communicator>,
+) -> Result<FinetuneOutcome> {
+    let (rank, ranks) = (comm.rank(), comm.size());
+    let say = |line: String| {
+        if rank == 0 {
+            say(line)
+        }
+    };
     let images = images_dir(&args.data, args.images.as_deref());
     let source = CocoSource::open(&CocoSpec {
         annotations: args.data.clone(),
@@ -300,13 +323,13 @@ pub fn finetune(args: &FinetuneArgs, say: &dyn Fn(String)) -> Result<FinetuneOut
         }
     }
     let subset = label_subset(&classes_of, args.label_fraction, args.shots, args.seed);
-    if subset.len() < args.batch_size {
+    if subset.len() < args.batch_size * ranks {
         bail!(
             "{} labelled image(s) selected from {} make no batch of {}; lower --batch-size or \
              raise --label-fraction/--shots",
             subset.len(),
             args.data.display(),
-            args.batch_size
+            args.batch_size * ranks
         );
     }
     let (val_gt, val_images) = match &args.val_data {
@@ -329,8 +352,10 @@ pub fn finetune(args: &FinetuneArgs, say: &dyn Fn(String)) -> Result<FinetuneOut
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     let config_path = args.out.join(CONFIG_FILE);
-    std::fs::write(&config_path, serde_json::to_string_pretty(&config)?)
-        .with_context(|| format!("writing {}", config_path.display()))?;
+    if rank == 0 {
+        std::fs::write(&config_path, serde_json::to_string_pretty(&config)?)
+            .with_context(|| format!("writing {}", config_path.display()))?;
+    }
     say(format!(
         "finetune detect: {} on {} of {} images ({} classes, {}x{} input), validating on {} images",
         config.arch,
@@ -346,12 +371,19 @@ pub fn finetune(args: &FinetuneArgs, say: &dyn Fn(String)) -> Result<FinetuneOut
         say(init.describe());
     }
     let lr = args.lr.unwrap_or(DEFAULT_LR);
-    let artifact = detector_artifact(&config, args.seed, lr, args.freeze_backbone, init.as_ref())
-        .context("building the detector's train step")?;
+    let artifact = detector_artifact(
+        &config,
+        args.seed,
+        lr,
+        args.freeze_backbone,
+        init.as_ref(),
+        ranks > 1,
+    )
+    .context("building the detector's train step")?;
     let backend = open_backend(args.backend.backend, &args.backend.options())?;
     say(format!("backend {}", backend.label()));
     let source = Arc::new(source);
-    let batches_per_epoch = (subset.len() / args.batch_size) as u64;
+    let batches_per_epoch = (subset.len() / (args.batch_size * ranks)) as u64;
     let total_steps = batches_per_epoch * args.epochs;
     let spec = detector_spec(&config, 0.6);
     let best_dir = args.out.join(BEST_DIR);
@@ -373,7 +405,8 @@ pub fn finetune(args: &FinetuneArgs, say: &dyn Fn(String)) -> Result<FinetuneOut
         let data = Shuffled::new(
             DetectSamples::new(source.clone(), subset.clone(), &config, true),
             args.batch_size,
-        )?;
+        )?
+        .shard(rank, ranks)?;
         let schedule = WarmupCosine {
             input: "optim.lr".into(),
             peak: lr,
@@ -397,7 +430,8 @@ pub fn finetune(args: &FinetuneArgs, say: &dyn Fn(String)) -> Result<FinetuneOut
             )?
         } else {
             Trainer::new(artifact.clone(), backend.as_ref(), data, schedule, options)?
-        };
+        }
+        .data_parallel(backend.as_ref(), comm.clone())?;
         let summary = trainer.run()?;
         steps = summary.position.step;
         if summary.stop == StopReason::Interrupted {
@@ -405,6 +439,13 @@ pub fn finetune(args: &FinetuneArgs, say: &dyn Fn(String)) -> Result<FinetuneOut
                 "interrupted at step {steps}; run the same command again to resume"
             ));
             break;
+        }
+        if rank != 0 {
+            // Rank 0 validates; the others wait for it in the next epoch's first step.
+            continue;
+        }
+        if ranks > 1 {
+            super::distributed::report(&trainer);
         }
         let state = model_state(&config, &trainer.state())?;
         drop(trainer);

@@ -42,7 +42,8 @@ use densa_runtime::infer::segment::segment_batch;
 use densa_runtime::open_backend;
 use densa_runtime::train::data::epoch_order;
 use densa_runtime::train::{
-    checkpoint, Batch, DataError, Length, Samples, Shuffled, TrainOptions, Trainer, WarmupCosine,
+    checkpoint, Batch, Communicator, DataError, Length, Samples, Shuffled, TrainOptions, Trainer,
+    WarmupCosine,
 };
 use ndarray::{Array3, ArrayD, IxDyn};
 use rand::RngExt;
@@ -239,7 +240,10 @@ fn model_state(state: &StateDict, run: &SegmenterRun) -> Result<StateDict> {
     Ok(out)
 }
 
-pub fn run(args: &FinetuneArgs) -> Result<()> {
+/// Fine-tunes as `args` say; one rank of a data-parallel job under `mpirun -np N` (rank 0
+/// alone validates, writes and reports).
+pub fn run(args: &FinetuneArgs, comm: &Arc<dyn Communicator>) -> Result<()> {
+    let (rank, ranks) = (comm.rank(), comm.size());
     let source = Arc::new(open_source(&args.data, &args.images, &args.masks)?);
     let classes = source.segment_classes().to_vec();
     let size = args.image_size.unwrap_or(DEFAULT_IMAGE_SIZE);
@@ -260,12 +264,12 @@ pub fn run(args: &FinetuneArgs) -> Result<()> {
         }
     }
     let indices = subset(&source, args)?;
-    if indices.len() < args.batch_size {
+    if indices.len() < args.batch_size * ranks {
         bail!(
             "{} training image(s) after subsetting, fewer than one batch of {}; lower \
              --batch-size or raise --label-fraction/--shots",
             indices.len(),
-            args.batch_size
+            args.batch_size * ranks
         );
     }
     std::fs::create_dir_all(&args.out)
@@ -278,18 +282,22 @@ pub fn run(args: &FinetuneArgs) -> Result<()> {
         std: IMAGENET_STD,
     };
     let run_path = args.out.join(RUN_FILE);
-    densa_exporter::io::write_atomic(&run_path, serde_json::to_string_pretty(&run)?.as_bytes())
-        .with_context(|| format!("writing {}", run_path.display()))?;
+    if rank == 0 {
+        densa_exporter::io::write_atomic(&run_path, serde_json::to_string_pretty(&run)?.as_bytes())
+            .with_context(|| format!("writing {}", run_path.display()))?;
+    }
     let names: Vec<String> = indices
         .iter()
         .map(|&i| source.dataset().images[i].file_name.clone())
         .collect();
     let subset_path = args.out.join("subset.json");
-    densa_exporter::io::write_atomic(
-        &subset_path,
-        serde_json::to_string_pretty(&names)?.as_bytes(),
-    )
-    .with_context(|| format!("writing {}", subset_path.display()))?;
+    if rank == 0 {
+        densa_exporter::io::write_atomic(
+            &subset_path,
+            serde_json::to_string_pretty(&names)?.as_bytes(),
+        )
+        .with_context(|| format!("writing {}", subset_path.display()))?;
+    }
 
     // The train step: forward + loss, AdamW, (frozen backbone).
     let mut forward = segment::training_forward(&run.model, size as usize, args.seed)?;
@@ -301,6 +309,7 @@ pub fn run(args: &FinetuneArgs) -> Result<()> {
     let lr = args.lr.unwrap_or(DEFAULT_LR);
     let mut config = TrainStepConfig::new(OptimizerConfig::adamw(lr, WEIGHT_DECAY));
     config.task = Some("segment".into());
+    config.data_parallel = ranks > 1;
     if args.freeze_backbone {
         config.trainable = Trainable::Only(HEAD_PREFIXES.iter().map(|s| s.to_string()).collect());
     }
@@ -308,7 +317,7 @@ pub fn run(args: &FinetuneArgs) -> Result<()> {
     let artifact = train_step_artifact(graph, Some(eval), &config)
         .context("composing the segmenter's train step")?;
     let backend = open_backend(args.backend.backend, &args.backend.options())?;
-    let batches_per_epoch = (indices.len() / args.batch_size) as u64;
+    let batches_per_epoch = (indices.len() / (args.batch_size * ranks)) as u64;
     let total = batches_per_epoch * args.epochs;
     let samples = || SegSamples {
         source: source.clone(),
@@ -359,7 +368,7 @@ pub fn run(args: &FinetuneArgs) -> Result<()> {
         }
         let target = (((done / val_every) + 1) * val_every).min(args.epochs);
         options.length = Length::Steps(target * batches_per_epoch);
-        let data = Shuffled::new(samples(), args.batch_size)?;
+        let data = Shuffled::new(samples(), args.batch_size)?.shard(rank, ranks)?;
         let mut trainer = if latest.is_some() {
             Trainer::resume(
                 &args.out,
@@ -377,8 +386,19 @@ pub fn run(args: &FinetuneArgs) -> Result<()> {
                 schedule(),
                 options,
             )?
-        };
+        }
+        .data_parallel(backend.as_ref(), comm.clone())?;
         let summary = trainer.run()?;
+        if rank != 0 {
+            // Rank 0 validates and writes; the others wait for it in the next first step.
+            if summary.stop != densa_runtime::train::StopReason::Finished || target >= args.epochs {
+                return Ok(());
+            }
+            continue;
+        }
+        if ranks > 1 {
+            super::distributed::report(&trainer);
+        }
         let state = model_state(&trainer.state(), &run)?;
         save_safetensors(&state, &args.out.join(LAST_STATE))?;
         if summary.stop != densa_runtime::train::StopReason::Finished {

@@ -4,6 +4,7 @@
 mod adapt;
 mod demo;
 mod detect;
+mod distributed;
 mod eval;
 mod eval_detect;
 mod eval_segment;

@@ -19,13 +19,14 @@ use densa_models::pretext::{self, backbone_state, Pretext, PretextContext, Setti
 use densa_models::train_step::{train_step_artifact, TrainStepConfig};
 use densa_models::Arch;
 use densa_runtime::open_backend;
+use densa_runtime::train::Communicator;
 use densa_runtime::train::{
     checkpoint, Artifact, DataSource, Length, Samples, Shuffled, StopReason, TrainOptions, Trainer,
     WarmupCosine,
 };
 use serde::{Deserialize, Serialize};
 
-use super::BackendArgs;
+use super::{distributed, BackendArgs};
 
 #[derive(Debug, Args)]
 pub struct PretrainArgs {
@@ -85,6 +86,11 @@ pub struct RunSpec {
 pub const SPEC_FILE: &str = "pretrain.json";
 pub const BACKBONE_FILE: &str = "backbone.safetensors";
 
+/// Methods whose data-parallel run is the doubled-batch run up to batch norm (see
+/// `densa_runtime::train::distributed`): the loss is a mean of per-image terms and the only
+/// cross-step state is the momentum teacher, identical on every rank.
+const DATA_PARALLEL_METHODS: [&str; 1] = ["pixpro"];
+
 fn overrides(args: &PretrainArgs) -> Result<Vec<(String, String)>> {
     let mut out = Vec::new();
     if let Some(path) = &args.config {
@@ -114,6 +120,12 @@ fn data_dir(data: &Path) -> Result<PathBuf> {
 }
 
 pub fn run(args: PretrainArgs) -> Result<()> {
+    let comm = distributed::communicator()?;
+    distributed::or_abort(&comm, run_rank(args, &comm))
+}
+
+fn run_rank(args: PretrainArgs, comm: &Arc<dyn Communicator>) -> Result<()> {
+    let (rank, ranks) = (comm.rank(), comm.size());
     let method: Arc<dyn Pretext> = Arc::from(pretext::create(&args.method, &overrides(&args)?)?);
     let spec = RunSpec {
         method: args.method.clone(),
@@ -127,6 +139,17 @@ pub fn run(args: PretrainArgs) -> Result<()> {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
     };
+    if ranks > 1 && !DATA_PARALLEL_METHODS.contains(&spec.method.as_str()) {
+        bail!(
+            "`{}` on {ranks} processes: data-parallel pretraining is implemented for {} (a \
+             per-image loss and a momentum teacher). `{}` couples the images of a batch (a \
+             queue of keys, in-batch negatives or Sinkhorn sums), which would have to be \
+             gathered or all-reduced across ranks; run it on one process",
+            spec.method,
+            DATA_PARALLEL_METHODS.join(", "),
+            spec.method
+        );
+    }
     if args.batch < 2 {
         bail!(
             "--batch {}: contrastive methods need at least 2 images per step",
@@ -160,30 +183,42 @@ pub fn run(args: PretrainArgs) -> Result<()> {
                 spec_path.display()
             );
         }
-        eprintln!(
-            "densa: resuming {} from {}",
-            spec.method,
-            args.out.display()
-        );
+        if rank == 0 {
+            eprintln!(
+                "densa: resuming {} from {}",
+                spec.method,
+                args.out.display()
+            );
+        }
         Artifact::load(&artifact_dir)
             .with_context(|| format!("loading {}", artifact_dir.display()))?
     } else {
-        eprintln!(
-            "densa: building the {} train step ({} at {}px, batch {})",
-            spec.method, spec.arch, spec.image_size, spec.batch
-        );
+        if rank == 0 {
+            eprintln!(
+                "densa: building the {} train step ({} at {}px, batch {}{})",
+                spec.method,
+                spec.arch,
+                spec.image_size,
+                spec.batch,
+                distributed::ranks_note(ranks)
+            );
+        }
         let forward = method
             .build(&ctx)
             .context("building the pretraining graph")?;
-        let mut config = TrainStepConfig::new(method.optimizer(args.batch)?);
+        // The learning rate follows the global batch (every rank's images).
+        let mut config = TrainStepConfig::new(method.optimizer(args.batch * ranks)?);
         config.task = Some("pretrain".into());
+        config.data_parallel = ranks > 1;
         let artifact = train_step_artifact(forward, None, &config)
             .context("composing the pretraining train step")?;
-        artifact
-            .save(&artifact_dir)
-            .with_context(|| format!("writing {}", artifact_dir.display()))?;
-        std::fs::write(&spec_path, serde_json::to_string_pretty(&spec)?)
-            .with_context(|| format!("writing {}", spec_path.display()))?;
+        if rank == 0 {
+            artifact
+                .save(&artifact_dir)
+                .with_context(|| format!("writing {}", artifact_dir.display()))?;
+            std::fs::write(&spec_path, serde_json::to_string_pretty(&spec)?)
+                .with_context(|| format!("writing {}", spec_path.display()))?;
+        }
         artifact
     };
 
@@ -209,7 +244,9 @@ pub fn run(args: PretrainArgs) -> Result<()> {
             }
         }
     }
-    let data = Shuffled::new(samples, args.batch).context("batching the images")?;
+    let data = Shuffled::new(samples, args.batch)
+        .and_then(|d| d.shard(rank, ranks))
+        .context("batching the images")?;
     let per_epoch = data.batches_per_epoch();
     let length = match (args.steps, args.epochs) {
         (Some(s), _) => Length::Steps(s),
@@ -244,11 +281,14 @@ pub fn run(args: PretrainArgs) -> Result<()> {
     options.checkpoint_every = args.checkpoint_every;
     let backend = open_backend(args.backend.backend, &args.backend.options())
         .context("opening the backend")?;
-    eprintln!(
-        "densa: pretraining {} on {n} images ({per_epoch} steps per epoch, {total} steps), backend {}",
-        spec.method,
-        backend.label()
-    );
+    if rank == 0 {
+        eprintln!(
+            "densa: pretraining {} on {n} images ({per_epoch} steps per epoch, {total} steps{}), backend {}",
+            spec.method,
+            distributed::ranks_note(ranks),
+            backend.label()
+        );
+    }
     let mut trainer = if has_checkpoint {
         Trainer::resume(
             &args.out,
@@ -261,8 +301,14 @@ pub fn run(args: PretrainArgs) -> Result<()> {
     } else {
         Trainer::new(artifact, backend.as_ref(), data, schedule, options)
     }
-    .context("starting the trainer")?;
+    .context("starting the trainer")?
+    .data_parallel(backend.as_ref(), comm.clone())
+    .context("starting data-parallel training")?;
     let summary = trainer.run().context("pretraining")?;
+    if rank != 0 {
+        return Ok(());
+    }
+    distributed::report(&trainer);
     let backbone = backbone_state(&args.arch.config(), &trainer.state())?;
     let path = args.out.join(BACKBONE_FILE);
     save_safetensors(&backbone, &path).with_context(|| format!("writing {}", path.display()))?;

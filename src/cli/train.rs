@@ -6,6 +6,7 @@
 //! rebuilding it), `checkpoints/`, `train_log.jsonl`, `loss.png` and `eval.json`.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -13,14 +14,14 @@ use densa_exporter::Tensor;
 use densa_models::train_step::eval_with_state;
 use densa_runtime::train::classify::{ImageFolder, Split, SyntheticSquares};
 use densa_runtime::train::{
-    checkpoint, Artifact, Length, Samples, Shuffled, StopReason, TrainOptions, Trainer,
-    WarmupCosine,
+    checkpoint, Artifact, Communicator, Length, Samples, Shuffled, StopReason, TrainOptions,
+    Trainer, WarmupCosine,
 };
 use densa_runtime::{open_backend, Backend};
 use ndarray::{ArrayD, Axis};
 
 use super::export_train::{self, ExportTrainArgs, OptimizerKind, Task};
-use super::BackendArgs;
+use super::{distributed, BackendArgs};
 
 /// Seed of the synthetic training samples (the held-out samples use the next one).
 const SYNTHETIC_SEED: u64 = 0x5EED;
@@ -126,7 +127,7 @@ fn classes(args: &TrainArgs) -> Result<usize> {
 }
 
 /// The artifact: the saved one when resuming, `--artifact`, or built from the arguments.
-fn artifact(args: &TrainArgs, resuming: bool) -> Result<Artifact> {
+fn artifact(args: &TrainArgs, resuming: bool, ranks: usize, leader: bool) -> Result<Artifact> {
     let saved = args.out.join("artifact");
     if resuming {
         return Artifact::load(&saved)
@@ -148,11 +149,14 @@ fn artifact(args: &TrainArgs, resuming: bool) -> Result<Artifact> {
             image_size: args.image_size,
             seed: args.seed,
             out: saved.clone(),
+            data_parallel: ranks > 1,
         })?,
     };
-    artifact
-        .save(&saved)
-        .with_context(|| format!("writing {}", saved.display()))?;
+    if leader {
+        artifact
+            .save(&saved)
+            .with_context(|| format!("writing {}", saved.display()))?;
+    }
     Ok(artifact)
 }
 
@@ -178,6 +182,12 @@ fn image_size(artifact: &Artifact) -> Result<u32> {
 }
 
 pub fn run(args: TrainArgs) -> Result<()> {
+    let comm = distributed::communicator()?;
+    distributed::or_abort(&comm, run_rank(args, &comm))
+}
+
+fn run_rank(args: TrainArgs, comm: &Arc<dyn Communicator>) -> Result<()> {
+    let (rank, ranks) = (comm.rank(), comm.size());
     let has_checkpoint = checkpoint::latest(&args.out)
         .with_context(|| format!("looking for checkpoints in {}", args.out.display()))?
         .is_some();
@@ -186,10 +196,12 @@ pub fn run(args: TrainArgs) -> Result<()> {
     }
     let backend = open_backend(args.backend.backend, &args.backend.options())
         .context("opening the backend")?;
-    let artifact = artifact(&args, has_checkpoint)?;
+    let artifact = artifact(&args, has_checkpoint, ranks, rank == 0)?;
     let size = image_size(&artifact)?;
     let train = samples(&args, size, Split::Train)?.context("no training samples")?;
-    let data = Shuffled::new(train, args.batch_size).context("batching the training data")?;
+    let data = Shuffled::new(train, args.batch_size)
+        .and_then(|d| d.shard(rank, ranks))
+        .context("batching the training data")?;
     let mut options = TrainOptions::new(&args.out);
     options.seed = args.seed;
     options.checkpoint_every = args.checkpoint_every;
@@ -216,7 +228,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
     };
     let eval_graph = artifact.eval_graph().cloned();
     let mut trainer = if has_checkpoint {
-        eprintln!("densa: resuming from {}", args.out.display());
+        if rank == 0 {
+            eprintln!("densa: resuming from {}", args.out.display());
+        }
         Trainer::resume(
             &args.out,
             artifact,
@@ -228,9 +242,17 @@ pub fn run(args: TrainArgs) -> Result<()> {
     } else {
         Trainer::new(artifact, backend.as_ref(), data, schedule, options)
     }
-    .context("starting the trainer")?;
-    eprintln!("densa: training on backend {}", backend.label());
+    .context("starting the trainer")?
+    .data_parallel(backend.as_ref(), comm.clone())
+    .context("starting data-parallel training")?;
+    if rank == 0 {
+        eprintln!("densa: training on backend {}", backend.label());
+    }
     let summary = trainer.run().context("training")?;
+    if rank != 0 {
+        return Ok(());
+    }
+    distributed::report(&trainer);
     println!(
         "step {} (epoch {}), last loss {}, log {}{}",
         summary.position.step,

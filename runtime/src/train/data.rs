@@ -113,6 +113,8 @@ pub struct Shuffled<S> {
     batch_size: usize,
     shuffle: bool,
     order: Option<(u64, u64, Vec<usize>)>,
+    /// (rank, ranks): this source yields rank's slice of each global batch.
+    shard: (usize, usize),
 }
 
 impl<S: Samples> Shuffled<S> {
@@ -130,7 +132,25 @@ impl<S: Samples> Shuffled<S> {
             batch_size,
             shuffle: true,
             order: None,
+            shard: (0, 1),
         })
+    }
+
+    /// Rank `rank` of `ranks`'s share of a data-parallel run (see
+    /// [`distributed`](super::distributed)): the global batch of `ranks * batch_size` samples
+    /// at each position is the batch one process with that batch size would get (same order,
+    /// same per-sample generators); this source yields its rows `rank * batch_size ..
+    /// (rank + 1) * batch_size`. Epochs have `len / (ranks * batch_size)` batches.
+    pub fn shard(mut self, rank: usize, ranks: usize) -> Result<Shuffled<S>, DataError> {
+        if ranks == 0 || rank >= ranks || self.samples.len() < self.batch_size * ranks {
+            return Err(DataError::TooSmall {
+                source_name: format!("{} (rank {rank} of {ranks})", self.samples.describe()),
+                samples: self.samples.len(),
+                batch_size: self.batch_size * ranks.max(1),
+            });
+        }
+        self.shard = (rank, ranks);
+        Ok(self)
     }
 
     /// Visits the samples in order instead (evaluation, debugging).
@@ -171,11 +191,13 @@ pub fn epoch_order(n: usize, seed: u64, epoch: u64, shuffle: bool) -> Vec<usize>
 
 impl<S: Samples> DataSource for Shuffled<S> {
     fn batches_per_epoch(&self) -> u64 {
-        (self.samples.len() / self.batch_size) as u64
+        (self.samples.len() / (self.batch_size * self.shard.1)) as u64
     }
 
     fn batch(&mut self, at: BatchAt) -> Result<Batch, DataError> {
-        let (start, size) = (at.index as usize * self.batch_size, self.batch_size);
+        let (rank, ranks) = self.shard;
+        let start = (at.index as usize * ranks + rank) * self.batch_size;
+        let size = self.batch_size;
         let indices: Vec<usize> = self.order(at.seed, at.epoch)[start..start + size].to_vec();
         let mut parts = Vec::with_capacity(indices.len());
         for (k, &index) in indices.iter().enumerate() {
@@ -187,8 +209,12 @@ impl<S: Samples> DataSource for Shuffled<S> {
     }
 
     fn describe(&self) -> String {
+        let shard = match self.shard {
+            (_, 1) => String::new(),
+            (r, n) => format!(" shard={r}/{n}"),
+        };
         format!(
-            "{} batch={}{}",
+            "{} batch={}{}{shard}",
             self.samples.describe(),
             self.batch_size,
             if self.shuffle { "" } else { " in-order" }
@@ -342,6 +368,39 @@ mod tests {
         assert_eq!(h.len(), 50);
         assert!(h.values().all(|&n| n == 1));
         assert_eq!(epoch_order(5, 7, 0, false), vec![0, 1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn shards_of_a_global_batch_are_its_rows_in_rank_order() {
+        // One process with batch 6 and three ranks with batch 2 see the same samples, with
+        // the same augmentation noise, step for step.
+        let mut whole = Shuffled::new(Counting(40), 6).unwrap();
+        let mut shards: Vec<_> = (0..3)
+            .map(|r| Shuffled::new(Counting(40), 2).unwrap().shard(r, 3).unwrap())
+            .collect();
+        assert_eq!(whole.batches_per_epoch(), 6);
+        assert!(shards.iter().all(|s| s.batches_per_epoch() == 6));
+        for (epoch, index) in [(0, 0), (0, 5), (3, 2)] {
+            let w = whole.batch(at(11, epoch, index)).unwrap();
+            for (r, shard) in shards.iter_mut().enumerate() {
+                let s = shard.batch(at(11, epoch, index)).unwrap();
+                for ((wn, wt), (sn, st)) in w.iter().zip(&s) {
+                    assert_eq!(wn, sn);
+                    let rows = match (wt, st) {
+                        (Tensor::I64(a), Tensor::I64(b)) => {
+                            a.slice_axis(Axis(0), (2 * r..2 * r + 2).into()) == b.view()
+                        }
+                        (Tensor::F32(a), Tensor::F32(b)) => {
+                            a.slice_axis(Axis(0), (2 * r..2 * r + 2).into()) == b.view()
+                        }
+                        _ => false,
+                    };
+                    assert!(rows, "rank {r}, `{wn}` at epoch {epoch} batch {index}");
+                }
+            }
+        }
+        assert!(Shuffled::new(Counting(5), 2).unwrap().shard(0, 3).is_err());
+        assert!(Shuffled::new(Counting(8), 2).unwrap().shard(2, 2).is_err());
     }
 
     #[test]

@@ -6,6 +6,8 @@
 //! DIR/manifest.json       roles of every graph input and output (this module's `Manifest`)
 //! DIR/train_step.onnx     one training step: batch + state + hyperparameters -> loss, new state
 //! DIR/eval.onnx           optional evaluation graph (`eval_graph`)
+//! DIR/grad_step.onnx      optional, data parallel: batch + params + buffers -> loss, grads
+//! DIR/update_step.onnx    optional, data parallel: params + grads + optimizer -> new state
 //! DIR/state.safetensors   initial value of every state input
 //! ```
 //!
@@ -162,6 +164,10 @@ pub struct Manifest {
     /// What the artifact trains (`regression`, `densecl`, `detect`...); free text.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub task: Option<String>,
+    /// The train step cut in two for data-parallel training (see [`DataParallelEntry`]);
+    /// absent for single-process artifacts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_parallel: Option<DataParallelEntry>,
     /// Every graph input.
     pub inputs: Vec<InputEntry>,
     /// Every graph output.
@@ -180,6 +186,7 @@ impl Manifest {
             eval_graph: None,
             state: STATE_FILE.into(),
             task: None,
+            data_parallel: None,
             inputs: Vec::new(),
             outputs: Vec::new(),
             extra: BTreeMap::new(),
@@ -572,6 +579,47 @@ pub enum ManifestError {
     Weights(#[from] WeightsError),
 }
 
+/// The data-parallel form of a train step (`manifest.json`'s `data_parallel`): the same
+/// computation as the fused graph, cut where the gradients exist, so the host can all-reduce
+/// them between the two halves (see [`crate::train::distributed`]).
+///
+/// - `grad_graph`: batch inputs + `param` + `buffer` inputs + the buffers' hyperparameters ->
+///   `loss`, the metrics the forward computes, every buffer's `next`, and one gradient output
+///   per trained parameter (`grads[i].grad`).
+/// - `update_graph`: the trained parameters, their gradients (inputs named `grads[i].grad`),
+///   the `optimizer` inputs and the optimizer's hyperparameters -> the trained parameters'
+///   and the optimizer slots' `next` (and `grad_norm` when clipping).
+///
+/// Every input and output is named as in the fused graph's manifest, so the host routes
+/// values by name; parameters the update graph does not output (frozen) keep their value.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataParallelEntry {
+    /// The gradient graph, relative to the artifact directory.
+    pub grad_graph: String,
+    /// The update graph, relative to the artifact directory.
+    pub update_graph: String,
+    /// Trained parameters and the name of their gradient, in the order they are all-reduced.
+    pub grads: Vec<GradEntry>,
+}
+
+/// A trained parameter and its gradient output.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GradEntry {
+    pub param: String,
+    pub grad: String,
+}
+
+/// File names of the data-parallel graphs.
+pub const GRAD_FILE: &str = "grad_step.onnx";
+pub const UPDATE_FILE: &str = "update_step.onnx";
+
+/// The two graphs of [`DataParallelEntry`].
+#[derive(Clone, Debug)]
+pub struct DataParallelGraphs {
+    pub grad: ModelProto,
+    pub update: ModelProto,
+}
+
 /// A training artifact in memory: manifest, graphs and initial state, checked against each
 /// other.
 #[derive(Clone, Debug)]
@@ -579,6 +627,7 @@ pub struct Artifact {
     manifest: Manifest,
     graph: ModelProto,
     eval_graph: Option<ModelProto>,
+    data_parallel: Option<DataParallelGraphs>,
     state: StateDict,
     /// Where it was loaded from (for error messages), if from disk.
     dir: Option<PathBuf>,
@@ -595,6 +644,7 @@ impl Artifact {
             manifest,
             graph,
             eval_graph: None,
+            data_parallel: None,
             state,
             dir: None,
         };
@@ -609,6 +659,61 @@ impl Artifact {
         }
         self.eval_graph = Some(eval);
         self
+    }
+
+    /// Adds the data-parallel graphs (written as `grad_step.onnx` and `update_step.onnx`);
+    /// `grads` lists the trained parameters and their gradient names. Checks that every
+    /// gradient is an output of `grad` and an input of `update`.
+    pub fn with_data_parallel(
+        mut self,
+        graphs: DataParallelGraphs,
+        grads: Vec<GradEntry>,
+    ) -> Result<Artifact, ManifestError> {
+        self.manifest.data_parallel = Some(DataParallelEntry {
+            grad_graph: GRAD_FILE.into(),
+            update_graph: UPDATE_FILE.into(),
+            grads,
+        });
+        self.data_parallel = Some(graphs);
+        self.validate_data_parallel()?;
+        Ok(self)
+    }
+
+    /// The data-parallel graphs, if the artifact has them.
+    pub fn data_parallel(&self) -> Option<(&DataParallelEntry, &DataParallelGraphs)> {
+        self.manifest
+            .data_parallel
+            .as_ref()
+            .zip(self.data_parallel.as_ref())
+    }
+
+    fn validate_data_parallel(&self) -> Result<(), ManifestError> {
+        let Some((entry, graphs)) = self.data_parallel() else {
+            return Ok(());
+        };
+        let path = self.manifest_path();
+        let grad_if = Interface::of(&graphs.grad);
+        let update_if = Interface::of(&graphs.update);
+        for g in &entry.grads {
+            let problem = if self.manifest.input(&g.param).map(|e| e.role) != Some(InputRole::Param)
+            {
+                Some("is not a `param` input of the train step")
+            } else if !grad_if.outputs.iter().any(|p| p.name == g.grad) {
+                Some("has no gradient output in the gradient graph")
+            } else if !update_if.inputs.iter().any(|p| p.name == g.grad) {
+                Some("has no gradient input in the update graph")
+            } else {
+                None
+            };
+            if let Some(problem) = problem {
+                return Err(ManifestError::Entry {
+                    path,
+                    name: g.param.clone(),
+                    problem: format!("data_parallel: {problem} (`{}`)", g.grad),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Reads and validates the artifact in `dir`.
@@ -629,14 +734,23 @@ impl Artifact {
             None => None,
         };
         let state = load_safetensors(&relative(dir, &manifest.state, &manifest_path)?)?;
+        let data_parallel = match &manifest.data_parallel {
+            Some(e) => Some(DataParallelGraphs {
+                grad: densa_exporter::io::load(&relative(dir, &e.grad_graph, &manifest_path)?)?,
+                update: densa_exporter::io::load(&relative(dir, &e.update_graph, &manifest_path)?)?,
+            }),
+            None => None,
+        };
         let artifact = Artifact {
             manifest,
             graph,
             eval_graph,
+            data_parallel,
             state,
             dir: Some(dir.to_path_buf()),
         };
         artifact.validate()?;
+        artifact.validate_data_parallel()?;
         Ok(artifact)
     }
 
@@ -653,6 +767,16 @@ impl Artifact {
         )?;
         if let (Some(file), Some(eval)) = (&self.manifest.eval_graph, &self.eval_graph) {
             densa_exporter::io::save(eval, &relative(dir, file, &manifest_path)?)?;
+        }
+        if let Some((entry, graphs)) = self.data_parallel() {
+            densa_exporter::io::save(
+                &graphs.grad,
+                &relative(dir, &entry.grad_graph, &manifest_path)?,
+            )?;
+            densa_exporter::io::save(
+                &graphs.update,
+                &relative(dir, &entry.update_graph, &manifest_path)?,
+            )?;
         }
         save_safetensors(
             &self.state,

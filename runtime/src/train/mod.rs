@@ -8,6 +8,8 @@
 //!   output), validation against the graph, [`Artifact::load`] / [`Artifact::save`].
 //! - [`trainer`]: [`Trainer`], the loop (state swapping, non-finite handling, Ctrl-C).
 //! - [`data`]: [`DataSource`] (batches as a function of seed, epoch, index) and [`Shuffled`].
+//! - [`distributed`]: data-parallel training ([`Communicator`]: one process, threads, MPI with
+//!   the cargo feature `mpi`; [`Trainer::data_parallel`]; [`Shuffled::shard`]).
 //! - [`schedule`]: host-side hyperparameter schedules ([`Schedule`], [`WarmupCosine`]).
 //! - [`checkpoint`]: atomic checkpoints and exact resume.
 //! - [`log`]: the JSONL step log, the PNG loss curve, the progress bar.
@@ -31,6 +33,7 @@
 pub mod checkpoint;
 pub mod classify;
 pub mod data;
+pub mod distributed;
 pub mod log;
 pub mod manifest;
 pub mod schedule;
@@ -41,12 +44,13 @@ use std::path::PathBuf;
 
 pub use checkpoint::{CheckpointError, CheckpointManifest, CheckpointReason};
 pub use data::{Batch, BatchAt, DataError, DataSource, FnSource, Samples, Shuffled};
+pub use distributed::{from_env, Communicator, LocalGroup, SingleProcess};
 pub use log::{LogError, StepRecord};
 pub use manifest::{
     Artifact, InputEntry, InputRole, Manifest, ManifestError, OutputEntry, OutputRole,
 };
 pub use schedule::{Defaults, Schedule, WarmupCosine};
-pub use trainer::{Length, Position, StopReason, TrainOptions, TrainSummary, Trainer};
+pub use trainer::{CommStats, Length, Position, StopReason, TrainOptions, TrainSummary, Trainer};
 
 use crate::backend::BackendError;
 
@@ -103,6 +107,8 @@ pub enum TrainError {
         in_checkpoint: String,
         now: String,
     },
+    #[error("{artifact}: data parallel: {problem}")]
+    DataParallel { artifact: String, problem: String },
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,

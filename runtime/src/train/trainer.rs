@@ -32,7 +32,8 @@ use super::checkpoint::{
     self, ArtifactRef, CheckpointManifest, CheckpointReason, DataOrder, ScheduleState,
     CHECKPOINT_KIND, CHECKPOINT_SCHEMA_VERSION, CHECKPOINT_STATE,
 };
-use super::data::{BatchAt, DataSource};
+use super::data::{Batch, BatchAt, DataSource};
+use super::distributed::Communicator;
 use super::log::{self, JsonlLog, Progress, StepRecord, LOG_FILE, PLOT_FILE};
 use super::manifest::{hyper_tensor, Artifact, InputRole, OutputRole};
 use super::schedule::Schedule;
@@ -238,6 +239,41 @@ pub struct Trainer<'a> {
     started: Instant,
     resumed: bool,
     stop: Arc<AtomicBool>,
+    /// Set by [`Trainer::data_parallel`].
+    dp: Option<DataParallel>,
+}
+
+/// Communication figures of a data-parallel run (this process, since it started).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct CommStats {
+    /// Ranks.
+    pub ranks: usize,
+    /// Steps run.
+    pub steps: u64,
+    /// Seconds spent waiting for the slowest rank to reach the all-reduce (a barrier just
+    /// before it: load imbalance, not communication).
+    pub wait_s: f64,
+    /// Seconds spent in the all-reduce itself (after the barrier).
+    pub all_reduce_s: f64,
+    /// Seconds of whole steps (data, gradient graph, all-reduce, update graph).
+    pub step_s: f64,
+    /// Bytes each rank contributes to the all-reduce per step (gradients, averaged buffers,
+    /// loss, metrics, stop flag; float32).
+    pub bytes_per_step: usize,
+}
+
+/// The data-parallel engine of a [`Trainer`] (see [`super::distributed`]).
+struct DataParallel {
+    comm: Arc<dyn Communicator>,
+    grad: Box<dyn Session>,
+    update: Box<dyn Session>,
+    /// Gradient outputs all-reduced, in order, with their shapes.
+    grads: Vec<(String, Vec<usize>)>,
+    /// State indices of the buffers averaged across ranks (batch-norm running statistics).
+    averaged: Vec<usize>,
+    /// For each state input: its `next` output name.
+    next_names: Vec<String>,
+    stats: CommStats,
 }
 
 impl<'a> Trainer<'a> {
@@ -280,6 +316,7 @@ impl<'a> Trainer<'a> {
             started: Instant::now(),
             resumed: false,
             stop: Arc::new(AtomicBool::new(false)),
+            dp: None,
         };
         trainer.place_state()?;
         Ok(trainer)
@@ -306,10 +343,140 @@ impl<'a> Trainer<'a> {
     /// [`Trainer::run`] and [`Trainer::checkpoint`] do this themselves; call it after driving
     /// [`Trainer::step`] by hand and before reading [`Trainer::state`].
     pub fn sync_state(&mut self) -> Result<(), TrainError> {
+        if !self.resident {
+            return Ok(());
+        }
         if let Some(resident) = self.session.resident_state() {
             self.state = resident.get()?;
         }
         Ok(())
+    }
+
+    /// Trains data-parallel among `comm`'s ranks (see [`super::distributed`]): each step runs
+    /// the artifact's gradient graph on this rank's batch (the data source must be this rank's
+    /// shard: [`Shuffled::shard`](super::Shuffled::shard)), all-reduces the gradients, the loss,
+    /// the metrics and the batch-norm running statistics, and runs the update graph. Only rank
+    /// 0 writes the log, the checkpoints and the plot and shows progress. With one rank the
+    /// fused graph runs as before.
+    pub fn data_parallel(
+        self,
+        backend: &dyn Backend,
+        comm: Arc<dyn Communicator>,
+    ) -> Result<Trainer<'a>, TrainError> {
+        if comm.size() <= 1 {
+            return Ok(self);
+        }
+        self.split_engine(backend, comm)
+    }
+
+    /// [`data_parallel`](Self::data_parallel), also for one rank: runs the gradient and
+    /// update graphs instead of the fused step (to check that the split computes what the
+    /// fused step does).
+    pub fn split_engine(
+        mut self,
+        backend: &dyn Backend,
+        comm: Arc<dyn Communicator>,
+    ) -> Result<Trainer<'a>, TrainError> {
+        // The split graphs take the host state; a session keeping it is left behind.
+        self.resident = false;
+        let fail = |problem: String| TrainError::DataParallel {
+            artifact: self.artifact.label(),
+            problem,
+        };
+        let Some((entry, graphs)) = self.artifact.data_parallel() else {
+            return Err(fail(
+                "the artifact has no gradient and update graphs (manifest `data_parallel`); \
+                 build it with data parallelism on"
+                    .into(),
+            ));
+        };
+        let manifest = self.artifact.manifest();
+        if let Some(q) = manifest
+            .inputs
+            .iter()
+            .find(|e| e.role == InputRole::Buffer && e.name.contains("queue"))
+            .filter(|_| comm.size() > 1)
+        {
+            return Err(fail(format!(
+                "buffer `{}` is a queue; enqueueing the keys of every rank is not implemented, \
+                 so this method trains on one process only",
+                q.name
+            )));
+        }
+        let label = self.artifact.label();
+        let grad = backend.load_model(&graphs.grad, &format!("{label}/{}", entry.grad_graph))?;
+        let update =
+            backend.load_model(&graphs.update, &format!("{label}/{}", entry.update_graph))?;
+        let mut grads = Vec::new();
+        for g in &entry.grads {
+            let shape = self
+                .artifact
+                .state()
+                .get(&g.param)
+                .map(|t| t.shape().to_vec())
+                .ok_or_else(|| fail(format!("parameter `{}` has no state", g.param)))?;
+            grads.push((g.grad.clone(), shape));
+        }
+        let mut averaged = Vec::new();
+        let mut next_names = Vec::new();
+        for (k, name) in self.plan.state_names.iter().enumerate() {
+            let e = manifest
+                .input(name)
+                .expect("state names come from the manifest");
+            next_names.push(e.next.clone().expect("validated"));
+            if e.role == InputRole::Buffer
+                && (name.ends_with("running_mean") || name.ends_with("running_var"))
+            {
+                averaged.push(k);
+            }
+        }
+        // Every input of the two graphs must be fed from the batch, the state, the
+        // hyperparameters or the gradients.
+        let known = |n: &str| {
+            self.plan.batch_inputs.contains(n)
+                || self.plan.state_names.iter().any(|s| s == n)
+                || self.plan.hyper.iter().any(|(h, _, _)| h == n)
+                || grads.iter().any(|(g, _)| g == n)
+        };
+        for (graph, session) in [("gradient", &grad), ("update", &update)] {
+            if let Some(p) = session.interface().inputs.iter().find(|p| !known(&p.name)) {
+                return Err(fail(format!(
+                    "input `{}` of the {graph} graph is not a batch, state, hyper or gradient name",
+                    p.name
+                )));
+            }
+        }
+        let floats: usize = grads
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum::<usize>()
+            + averaged.iter().map(|&k| self.state[k].len()).sum::<usize>()
+            + 2
+            + self.plan.metrics.len();
+        self.dp = Some(DataParallel {
+            stats: CommStats {
+                ranks: comm.size(),
+                bytes_per_step: floats * std::mem::size_of::<f32>(),
+                ..CommStats::default()
+            },
+            comm,
+            grad,
+            update,
+            grads,
+            averaged,
+            next_names,
+        });
+        Ok(self)
+    }
+
+    /// The communication figures of a data-parallel run (`None` for one process).
+    pub fn comm_stats(&self) -> Option<CommStats> {
+        self.dp.as_ref().map(|d| d.stats)
+    }
+
+    /// Whether this process writes logs and checkpoints (rank 0, or a single process).
+    pub fn is_leader(&self) -> bool {
+        self.dp.as_ref().is_none_or(|d| d.comm.rank() == 0)
     }
 
     /// A trainer continuing from a checkpoint: `from` is a checkpoint directory or an output
@@ -480,8 +647,9 @@ impl<'a> Trainer<'a> {
         Ok(values)
     }
 
-    fn step_unchecked(&mut self) -> Result<StepRecord, TrainError> {
-        let t0 = Instant::now();
+    /// The batch at the current position, checked against the batch inputs, and its sample
+    /// count.
+    fn next_batch(&mut self) -> Result<(Batch, usize), TrainError> {
         let pos = self.position;
         let at = BatchAt {
             seed: self.options.seed,
@@ -518,6 +686,16 @@ impl<'a> Trainer<'a> {
             .first()
             .and_then(|(_, t)| t.shape().first().copied())
             .unwrap_or(1);
+        Ok((batch, samples))
+    }
+
+    fn step_unchecked(&mut self) -> Result<StepRecord, TrainError> {
+        if self.dp.is_some() {
+            return self.step_data_parallel();
+        }
+        let t0 = Instant::now();
+        let pos = self.position;
+        let (batch, samples) = self.next_batch()?;
         let hyper = self.hyper_values(pos.step)?;
 
         let mut inputs: Vec<(String, Tensor)> =
@@ -664,12 +842,7 @@ impl<'a> Trainer<'a> {
         t0: Instant,
     ) -> Result<StepRecord, TrainError> {
         let step = pos.step + 1;
-        self.position.step = step;
-        self.position.index_in_epoch += 1;
-        if self.position.index_in_epoch >= self.data.batches_per_epoch() {
-            self.position.epoch += 1;
-            self.position.index_in_epoch = 0;
-        }
+        self.advance(step);
         self.last_hyper = hyper.into_iter().collect();
         let seconds = t0.elapsed().as_secs_f64().max(1e-9);
         Ok(StepRecord {
@@ -679,6 +852,236 @@ impl<'a> Trainer<'a> {
             metrics,
             hyper: self.last_hyper.clone(),
             images_per_s: samples as f64 / seconds,
+            time_s: self.elapsed(),
+            skipped: problem.is_some(),
+            note: problem,
+        })
+    }
+
+    fn advance(&mut self, step: u64) {
+        self.position.step = step;
+        self.position.index_in_epoch += 1;
+        if self.position.index_in_epoch >= self.data.batches_per_epoch() {
+            self.position.epoch += 1;
+            self.position.index_in_epoch = 0;
+        }
+    }
+
+    fn hyper_tensors(&self, hyper: &[(String, f64)], step: u64) -> Result<Batch, TrainError> {
+        hyper
+            .iter()
+            .zip(&self.plan.hyper)
+            .map(|((name, value), (_, _, port))| {
+                hyper_tensor(port, *value)
+                    .map(|t| (name.clone(), t))
+                    .map_err(|problem| TrainError::Schedule {
+                        step,
+                        name: format!("{name} ({problem})"),
+                        expected: String::new(),
+                    })
+            })
+            .collect()
+    }
+
+    /// One data-parallel step: gradient graph, one all-reduce, update graph (see
+    /// [`Trainer::data_parallel`]). Every decision (skip, stop) is taken on all-reduced values,
+    /// so all ranks take it together.
+    fn step_data_parallel(&mut self) -> Result<StepRecord, TrainError> {
+        let t0 = Instant::now();
+        let pos = self.position;
+        let (batch, samples) = self.next_batch()?;
+        let hyper = self.hyper_values(pos.step)?;
+        let hyper_t = self.hyper_tensors(&hyper, pos.step)?;
+        let dp = self.dp.as_mut().expect("checked by the caller");
+        let ranks = dp.comm.size();
+        let step = pos.step + 1;
+
+        // Inputs by name: batch, state, hyperparameters.
+        let state_of = |n: &str| {
+            self.plan
+                .state_names
+                .iter()
+                .position(|s| s == n)
+                .map(|k| self.state[k].clone())
+        };
+        let mut inputs = Vec::new();
+        for p in &dp.grad.interface().inputs {
+            let t = batch
+                .iter()
+                .chain(&hyper_t)
+                .find(|(n, _)| *n == p.name)
+                .map(|(_, t)| t.clone())
+                .or_else(|| state_of(&p.name))
+                .expect("checked in data_parallel");
+            inputs.push((p.name.clone(), t));
+        }
+        let mut grad_out: BTreeMap<String, Tensor> = dp.grad.run(inputs)?.into_iter().collect();
+
+        // Pack, all-reduce, average.
+        let take = |out: &BTreeMap<String, Tensor>, name: &str| {
+            out.get(name)
+                .cloned()
+                .ok_or_else(|| TrainError::DataParallel {
+                    artifact: self.artifact.label(),
+                    problem: format!("the gradient graph has no output `{name}`"),
+                })
+        };
+        let mut packed: Vec<f32> = Vec::with_capacity(dp.stats.bytes_per_step / 4);
+        for (g, _) in &dp.grads {
+            packed.extend(take(&grad_out, g)?.to_f32().iter());
+        }
+        for &k in &dp.averaged {
+            packed.extend(take(&grad_out, &dp.next_names[k])?.to_f32().iter());
+        }
+        packed.push(mean(&take(&grad_out, "loss")?) as f32);
+        let mut grad_metrics = Vec::new();
+        for (name, _) in &self.plan.metrics {
+            let v = grad_out.get(name).map(mean);
+            grad_metrics.push(v.is_some());
+            packed.push(v.unwrap_or(0.0) as f32);
+        }
+        let wants_stop = self.stop.load(Ordering::SeqCst) || INTERRUPTED.load(Ordering::SeqCst);
+        packed.push(if wants_stop { 1.0 } else { 0.0 });
+        // The barrier separates waiting for slower ranks from moving the bytes.
+        let t_wait = Instant::now();
+        dp.comm.barrier();
+        let t_comm = Instant::now();
+        dp.comm.all_reduce_sum(&mut packed);
+        let comm_s = t_comm.elapsed().as_secs_f64();
+        let wait_s = (t_comm - t_wait).as_secs_f64();
+        let scale = 1.0 / ranks as f32;
+        let mut rest = &packed[..];
+        let mut grads = Vec::with_capacity(dp.grads.len());
+        for (g, shape) in &dp.grads {
+            let n: usize = shape.iter().product();
+            let a = ndarray::ArrayD::from_shape_vec(
+                shape.clone(),
+                rest[..n].iter().map(|v| v * scale).collect(),
+            )
+            .expect("the length is the shape's");
+            grads.push((g.clone(), Tensor::F32(a)));
+            rest = &rest[n..];
+        }
+        for &k in &dp.averaged {
+            let name = &dp.next_names[k];
+            let shape = self.state[k].shape().to_vec();
+            let n = self.state[k].len();
+            let a = ndarray::ArrayD::from_shape_vec(
+                shape,
+                rest[..n].iter().map(|v| v * scale).collect(),
+            )
+            .expect("the length is the shape's");
+            grad_out.insert(name.clone(), Tensor::F32(a));
+            rest = &rest[n..];
+        }
+        let loss = f64::from(rest[0] * scale);
+        let mut metrics: BTreeMap<String, Option<f64>> = BTreeMap::new();
+        for ((name, _), (present, v)) in self
+            .plan
+            .metrics
+            .iter()
+            .zip(grad_metrics.iter().zip(&rest[1..]))
+        {
+            if *present {
+                let v = f64::from(v * scale);
+                metrics.insert(name.clone(), v.is_finite().then_some(v));
+            }
+        }
+        if *rest.last().expect("the stop flag") > 0.0 {
+            self.stop.store(true, Ordering::SeqCst);
+        }
+
+        // Update (skipped when the averaged loss or gradients are not finite).
+        let mut problem = (!loss.is_finite()).then(|| format!("loss is {loss}"));
+        if problem.is_none() {
+            if let Some((g, _)) = grads.iter().find(|(_, t)| !all_finite(t)) {
+                problem = Some(format!("the averaged gradient `{g}` is not finite"));
+            }
+        }
+        let mut new_state: Vec<Option<Tensor>> = vec![None; self.state.len()];
+        if problem.is_none() {
+            let mut inputs = Vec::new();
+            for p in &dp.update.interface().inputs {
+                let t = grads
+                    .iter()
+                    .chain(&hyper_t)
+                    .find(|(n, _)| *n == p.name)
+                    .map(|(_, t)| t.clone())
+                    .or_else(|| state_of(&p.name))
+                    .expect("checked in data_parallel");
+                inputs.push((p.name.clone(), t));
+            }
+            let update_out: BTreeMap<String, Tensor> = dp.update.run(inputs)?.into_iter().collect();
+            for (name, _) in &self.plan.metrics {
+                if let Some(t) = update_out.get(name) {
+                    let v = mean(t);
+                    metrics.insert(name.clone(), v.is_finite().then_some(v));
+                }
+            }
+            for (k, next) in dp.next_names.iter().enumerate() {
+                let new = update_out.get(next).or_else(|| grad_out.get(next));
+                if let Some(t) = new {
+                    if !all_finite(t) {
+                        problem = Some(format!(
+                            "the new value of `{}` is not finite",
+                            self.plan.state_names[k]
+                        ));
+                        break;
+                    }
+                    if t.dtype() != self.state[k].dtype() || t.shape() != self.state[k].shape() {
+                        return Err(TrainError::StateShape {
+                            step,
+                            name: self.plan.state_names[k].clone(),
+                            expected: format!(
+                                "{} {:?}",
+                                self.state[k].dtype(),
+                                self.state[k].shape()
+                            ),
+                            got: format!("{} {:?}", t.dtype(), t.shape()),
+                        });
+                    }
+                    new_state[k] = Some(t.clone());
+                }
+            }
+        }
+        match &problem {
+            None => {
+                for (slot, new) in self.state.iter_mut().zip(new_state) {
+                    // Parameters the update graph does not output are frozen.
+                    if let Some(t) = new {
+                        *slot = t;
+                    }
+                }
+                self.nonfinite_in_row = 0;
+            }
+            Some(p) => {
+                self.nonfinite_in_row += 1;
+                tracing::warn!(
+                    "step {step}: {p}; update skipped, state kept ({} in a row, stopping at {})",
+                    self.nonfinite_in_row,
+                    self.options.max_nonfinite_in_row.max(1)
+                );
+            }
+        }
+        for (name, _) in &self.plan.metrics {
+            metrics.entry(name.clone()).or_insert(None);
+        }
+        self.advance(step);
+        self.last_hyper = hyper.into_iter().collect();
+        let seconds = t0.elapsed().as_secs_f64().max(1e-9);
+        if let Some(dp) = self.dp.as_mut() {
+            dp.stats.steps += 1;
+            dp.stats.all_reduce_s += comm_s;
+            dp.stats.wait_s += wait_s;
+            dp.stats.step_s += seconds;
+        }
+        Ok(StepRecord {
+            step,
+            epoch: pos.epoch,
+            loss: loss.is_finite().then_some(loss),
+            metrics,
+            hyper: self.last_hyper.clone(),
+            images_per_s: (samples * ranks) as f64 / seconds,
             time_s: self.elapsed(),
             skipped: problem.is_some(),
             note: problem,
@@ -739,7 +1142,25 @@ impl<'a> Trainer<'a> {
     /// Trains until `options.length` steps are done or a stop is requested: logs every step,
     /// checkpoints every `checkpoint_every` steps, on stop and at the end, draws the loss
     /// curve at the end.
+    ///
+    /// Data parallel ([`Trainer::data_parallel`]): only rank 0 writes; an error on any rank
+    /// aborts the whole job (MPI abort) with the error and the rank, instead of leaving the
+    /// other ranks waiting in the all-reduce.
     pub fn run(&mut self) -> Result<TrainSummary, TrainError> {
+        let result = self.run_inner();
+        if let (Err(e), Some(dp)) = (&result, &self.dp) {
+            dp.comm.abort(&e.to_string());
+        }
+        if let (Ok(_), Some(dp)) = (&result, &self.dp) {
+            // Rank 0's last checkpoint is on disk before any rank returns.
+            dp.comm.barrier();
+        }
+        result
+    }
+
+    fn run_inner(&mut self) -> Result<TrainSummary, TrainError> {
+        let leader = self.is_leader();
+        let data_parallel = self.dp.is_some();
         let out = self.options.out_dir.clone();
         std::fs::create_dir_all(&out).map_err(|source| TrainError::Io {
             path: out.clone(),
@@ -750,14 +1171,16 @@ impl<'a> Trainer<'a> {
             INTERRUPTED.store(false, Ordering::SeqCst);
         }
         let log_path = out.join(LOG_FILE);
-        let mut log = if self.resumed || self.position.step > 0 {
-            JsonlLog::resume(&log_path, self.position.step)?
+        let mut log = if !leader {
+            None
+        } else if self.resumed || self.position.step > 0 {
+            Some(JsonlLog::resume(&log_path, self.position.step)?)
         } else {
-            JsonlLog::create(&log_path)?
+            Some(JsonlLog::create(&log_path)?)
         };
         self.started = Instant::now();
         let total = self.total_steps();
-        let progress = Progress::new(total, self.position.step, self.options.progress);
+        let progress = Progress::new(total, self.position.step, self.options.progress && leader);
         let mut summary = TrainSummary {
             stop: StopReason::Finished,
             position: self.position,
@@ -770,7 +1193,9 @@ impl<'a> Trainer<'a> {
         let mut checkpointed_at = None;
         while self.position.step < total {
             let record = progress.suspend(|| self.step_unchecked())?;
-            log.append(&record)?;
+            if let Some(log) = log.as_mut() {
+                log.append(&record)?;
+            }
             progress.update(&record);
             summary.steps_run += 1;
             if record.loss.is_some() {
@@ -782,10 +1207,15 @@ impl<'a> Trainer<'a> {
             }
             let every = self.options.checkpoint_every;
             if every > 0 && self.position.step % every == 0 {
-                summary.checkpoint = Some(self.checkpoint(CheckpointReason::Periodic)?);
+                if leader {
+                    summary.checkpoint = Some(self.checkpoint(CheckpointReason::Periodic)?);
+                }
                 checkpointed_at = Some(self.position.step);
             }
-            if self.stop.load(Ordering::SeqCst) || INTERRUPTED.load(Ordering::SeqCst) {
+            // Data parallel: the stop flag was all-reduced in the step, so every rank stops
+            // after the same step.
+            let interrupted = !data_parallel && INTERRUPTED.load(Ordering::SeqCst);
+            if self.stop.load(Ordering::SeqCst) || interrupted {
                 summary.stop = StopReason::Interrupted;
                 break;
             }
@@ -794,11 +1224,14 @@ impl<'a> Trainer<'a> {
             StopReason::Finished => CheckpointReason::Final,
             StopReason::Interrupted => CheckpointReason::Interrupt,
         };
-        if checkpointed_at != Some(self.position.step) || reason == CheckpointReason::Interrupt {
+        if leader
+            && (checkpointed_at != Some(self.position.step)
+                || reason == CheckpointReason::Interrupt)
+        {
             summary.checkpoint = Some(self.checkpoint(reason)?);
         }
         progress.finish();
-        if self.options.plot {
+        if self.options.plot && leader {
             let records = log::read_records(&log_path)?;
             let plot = out.join(PLOT_FILE);
             let title = match &self.artifact.manifest().task {

@@ -1,0 +1,348 @@
+//! Data-parallel training: what PyTorch calls DistributedDataParallel, over MPI on CPU.
+//!
+//! Each of N processes (ranks) holds the whole training state and runs the artifact's
+//! **gradient graph** on its shard of the global batch; the gradients (and the loss, the
+//! metrics and the batch-norm running statistics) are summed across ranks with one
+//! all-reduce and divided by N; every rank then runs the **update graph** on the same averaged
+//! gradients, so the parameters stay identical on every rank without ever being sent. See
+//! [`DataParallelEntry`](super::manifest::DataParallelEntry) for the two graphs and
+//! [`Trainer::data_parallel`](super::Trainer::data_parallel) for the loop.
+//!
+//! - [`Communicator`]: rank, size, `all_reduce_sum`, `broadcast`, `all_gather`, `barrier`,
+//!   `abort`. [`SingleProcess`] (always compiled), [`LocalGroup`] (ranks as threads of one
+//!   process: tests and the equivalence check without MPI) and, with the cargo feature `mpi`,
+//!   `MpiCommunicator` (Open MPI through the `mpi` crate).
+//! - [`from_env`]: the communicator the launch asks for: `mpirun -np N` sets
+//!   `OMPI_COMM_WORLD_SIZE` (Open MPI) or `PMI_SIZE` (MPICH, Slurm); a multi-process launch of
+//!   a build without the feature is an error, not N independent runs.
+//! - Sharding: [`Shuffled::shard`](super::Shuffled::shard): the global batch order is a
+//!   function of (seed, epoch) only; rank r of N takes rows `r*B .. (r+1)*B` of each global
+//!   batch of `N*B` samples (with the same per-sample augmentation generators), so N ranks of
+//!   batch B see exactly the samples one process of batch `N*B` sees, step for step.
+//!
+//! # What is and isn't equivalent to one process with the N-times batch
+//! - Gradients: the mean of the per-shard gradients of a *mean* loss over equal shards is the
+//!   gradient of the mean loss over the whole batch (cross-entropy, PixPro's per-image mean).
+//!   Equal up to float summation order.
+//! - Batch norm in training mode normalises with *per-shard* statistics (as DDP without
+//!   SyncBatchNorm does); a model with batch norm therefore computes a different (if similar)
+//!   gradient than one process with the doubled batch. We do not synchronise batch statistics.
+//!   The running statistics are averaged across ranks: exact for `running_mean` (the mean of
+//!   the shard means is the batch mean), not for `running_var` (the mean of the shard
+//!   variances misses the spread of the shard means).
+//! - Other buffers (the momentum encoder's EMA) are computed from the identical parameters and
+//!   stay identical on every rank without communication. Queues (MoCo, DenseCL) would need the
+//!   keys of all ranks enqueued in rank order; that is not implemented, and artifacts with a
+//!   `queue` buffer are refused for N > 1 rather than trained differently.
+//!
+//! # Failure
+//! A rank whose step fails prints the error with its rank and calls `MPI_Abort`, which makes
+//! `mpirun` stop every rank with a message; a rank that dies makes `mpirun` stop the others.
+//! Only rank 0 writes logs and checkpoints; a restarted job resumes from the last checkpoint
+//! on every rank.
+
+use std::sync::{Arc, Barrier, Mutex};
+
+/// Why a communicator could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum DistError {
+    #[error("launched as {size} processes ({var}={size}) but this densa was built without the cargo feature `mpi`; rebuild with `cargo build --release --features mpi` (needs Open MPI and libclang) or run one process")]
+    NotBuiltWithMpi { var: String, size: usize },
+    #[error("{var}={value}: not a process count")]
+    BadEnv { var: String, value: String },
+    #[error("MPI could not be initialised (already initialised in this process?)")]
+    MpiInit,
+    #[error("{var} says {expected} processes but MPI's world has {got}")]
+    SizeMismatch {
+        var: String,
+        expected: usize,
+        got: usize,
+    },
+}
+
+/// Collective operations among the ranks of a data-parallel job. Every rank must call the same
+/// operations in the same order with the same lengths (as with MPI).
+pub trait Communicator {
+    /// This process's rank, from 0.
+    fn rank(&self) -> usize;
+    /// The number of ranks.
+    fn size(&self) -> usize;
+    /// Replaces `data` on every rank by the element-wise sum over ranks.
+    fn all_reduce_sum(&self, data: &mut [f32]);
+    /// Replaces `data` on every rank by `root`'s.
+    fn broadcast(&self, root: usize, data: &mut [f32]);
+    /// The concatenation of every rank's `local` in rank order (all the same length).
+    fn all_gather(&self, local: &[f32]) -> Vec<f32>;
+    /// Waits for every rank.
+    fn barrier(&self);
+    /// Stops the whole job after printing `message` (MPI: `MPI_Abort`).
+    fn abort(&self, message: &str) -> !;
+    /// A short description for logs (`mpi 2 ranks`).
+    fn describe(&self) -> String;
+}
+
+/// One process: every collective is the identity.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SingleProcess;
+
+impl Communicator for SingleProcess {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn size(&self) -> usize {
+        1
+    }
+    fn all_reduce_sum(&self, _data: &mut [f32]) {}
+    fn broadcast(&self, _root: usize, _data: &mut [f32]) {}
+    fn all_gather(&self, local: &[f32]) -> Vec<f32> {
+        local.to_vec()
+    }
+    fn barrier(&self) {}
+    fn abort(&self, message: &str) -> ! {
+        eprintln!("densa: {message}");
+        std::process::exit(1)
+    }
+    fn describe(&self) -> String {
+        "single process".into()
+    }
+}
+
+/// Ranks as threads of one process ([`LocalGroup::new`] gives one handle per rank). Sums run
+/// in rank order, as Open MPI's does for two ranks on one node.
+pub struct LocalGroup {
+    rank: usize,
+    size: usize,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    barrier: Barrier,
+    slots: Mutex<Vec<Vec<f32>>>,
+}
+
+impl LocalGroup {
+    /// `size` handles, one per rank; move each into its own thread.
+    pub fn new(size: usize) -> Vec<LocalGroup> {
+        let shared = Arc::new(Shared {
+            barrier: Barrier::new(size.max(1)),
+            slots: Mutex::new(vec![Vec::new(); size.max(1)]),
+        });
+        (0..size.max(1))
+            .map(|rank| LocalGroup {
+                rank,
+                size: size.max(1),
+                shared: shared.clone(),
+            })
+            .collect()
+    }
+
+    fn slots(&self) -> std::sync::MutexGuard<'_, Vec<Vec<f32>>> {
+        // A rank that panicked while holding the lock poisons it; the data is still usable
+        // and the test that drove it fails anyway.
+        self.shared
+            .slots
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn exchange<T>(&self, mine: &[f32], read: impl FnOnce(&[Vec<f32>]) -> T) -> T {
+        self.slots()[self.rank] = mine.to_vec();
+        self.shared.barrier.wait();
+        let out = read(&self.slots());
+        self.shared.barrier.wait();
+        out
+    }
+}
+
+impl Communicator for LocalGroup {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn size(&self) -> usize {
+        self.size
+    }
+    fn all_reduce_sum(&self, data: &mut [f32]) {
+        let sum = self.exchange(data, |slots| {
+            let mut sum = slots[0].clone();
+            for s in &slots[1..] {
+                for (a, b) in sum.iter_mut().zip(s) {
+                    *a += b;
+                }
+            }
+            sum
+        });
+        data.copy_from_slice(&sum);
+    }
+    fn broadcast(&self, root: usize, data: &mut [f32]) {
+        let v = self.exchange(data, |slots| slots[root].clone());
+        data.copy_from_slice(&v);
+    }
+    fn all_gather(&self, local: &[f32]) -> Vec<f32> {
+        self.exchange(local, |slots| slots.concat())
+    }
+    fn barrier(&self) {
+        self.shared.barrier.wait();
+    }
+    fn abort(&self, message: &str) -> ! {
+        panic!("rank {} of {}: {message}", self.rank, self.size)
+    }
+    fn describe(&self) -> String {
+        format!("{} threads", self.size)
+    }
+}
+
+/// The process count the launcher announced: `OMPI_COMM_WORLD_SIZE` (Open MPI) or `PMI_SIZE`
+/// (MPICH, Slurm), with the variable's name; `None` when not launched by MPI.
+pub fn launched_size() -> Result<Option<(String, usize)>, DistError> {
+    for var in ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"] {
+        if let Ok(value) = std::env::var(var) {
+            let size = value
+                .trim()
+                .parse::<usize>()
+                .map_err(|_| DistError::BadEnv {
+                    var: var.into(),
+                    value: value.clone(),
+                })?;
+            return Ok(Some((var.to_string(), size)));
+        }
+    }
+    Ok(None)
+}
+
+/// The communicator of this launch: MPI's world when started by `mpirun -np N` with N > 1
+/// (cargo feature `mpi`), else [`SingleProcess`]. Call once per process (MPI initialises
+/// once); keep the result alive until the end (dropping it finalises MPI).
+pub fn from_env() -> Result<Arc<dyn Communicator>, DistError> {
+    match launched_size()? {
+        Some((var, size)) if size > 1 => mpi_world(var, size),
+        _ => Ok(Arc::new(SingleProcess)),
+    }
+}
+
+#[cfg(not(feature = "mpi"))]
+fn mpi_world(var: String, size: usize) -> Result<Arc<dyn Communicator>, DistError> {
+    Err(DistError::NotBuiltWithMpi { var, size })
+}
+
+// The MPI world is used from the thread that initialised it (MPI_THREAD_SINGLE), so the Arc
+// is for sharing handles within that thread, not across threads.
+#[cfg(feature = "mpi")]
+#[allow(clippy::arc_with_non_send_sync)]
+fn mpi_world(var: String, size: usize) -> Result<Arc<dyn Communicator>, DistError> {
+    let world = mpi_impl::MpiCommunicator::init()?;
+    if world.size() != size {
+        return Err(DistError::SizeMismatch {
+            var,
+            expected: size,
+            got: world.size(),
+        });
+    }
+    Ok(Arc::new(world))
+}
+
+#[cfg(feature = "mpi")]
+pub use mpi_impl::MpiCommunicator;
+
+#[cfg(feature = "mpi")]
+mod mpi_impl {
+    use mpi::collective::SystemOperation;
+    use mpi::traits::{Communicator as _, CommunicatorCollectives, Root};
+
+    use super::{Communicator, DistError};
+
+    /// MPI's `COMM_WORLD` (Open MPI through the `mpi` crate). Errors inside MPI abort the job
+    /// (MPI's default error handler).
+    pub struct MpiCommunicator {
+        // Dropped last: finalises MPI.
+        world: mpi::topology::SimpleCommunicator,
+        _universe: mpi::environment::Universe,
+    }
+
+    impl MpiCommunicator {
+        /// Initialises MPI (once per process).
+        pub fn init() -> Result<MpiCommunicator, DistError> {
+            let universe = mpi::initialize().ok_or(DistError::MpiInit)?;
+            let world = universe.world();
+            Ok(MpiCommunicator {
+                world,
+                _universe: universe,
+            })
+        }
+    }
+
+    impl Communicator for MpiCommunicator {
+        fn rank(&self) -> usize {
+            self.world.rank() as usize
+        }
+        fn size(&self) -> usize {
+            self.world.size() as usize
+        }
+        fn all_reduce_sum(&self, data: &mut [f32]) {
+            let send = data.to_vec();
+            self.world
+                .all_reduce_into(&send[..], data, SystemOperation::sum());
+        }
+        fn broadcast(&self, root: usize, data: &mut [f32]) {
+            self.world.process_at_rank(root as i32).broadcast_into(data);
+        }
+        fn all_gather(&self, local: &[f32]) -> Vec<f32> {
+            let mut out = vec![0.0f32; local.len() * self.size()];
+            self.world.all_gather_into(local, &mut out[..]);
+            out
+        }
+        fn barrier(&self) {
+            self.world.barrier();
+        }
+        fn abort(&self, message: &str) -> ! {
+            eprintln!(
+                "densa: rank {} of {}: {message}; aborting the job",
+                self.rank(),
+                self.size()
+            );
+            self.world.abort(1)
+        }
+        fn describe(&self) -> String {
+            format!("mpi {} ranks", self.size())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_group_collectives_match_their_definitions() {
+        let handles: Vec<_> = LocalGroup::new(3)
+            .into_iter()
+            .map(|c| {
+                std::thread::spawn(move || {
+                    let r = c.rank() as f32;
+                    let mut v = vec![r, 10.0 * r];
+                    c.all_reduce_sum(&mut v);
+                    let mut b = vec![r + 1.0];
+                    c.broadcast(2, &mut b);
+                    let g = c.all_gather(&[r]);
+                    c.barrier();
+                    (v, b, g)
+                })
+            })
+            .collect();
+        for h in handles {
+            let (v, b, g) = h.join().unwrap();
+            assert_eq!(v, vec![3.0, 30.0]);
+            assert_eq!(b, vec![3.0]);
+            assert_eq!(g, vec![0.0, 1.0, 2.0]);
+        }
+    }
+
+    #[test]
+    fn single_process_is_the_identity() {
+        let c = SingleProcess;
+        let mut v = vec![1.5, -2.0];
+        c.all_reduce_sum(&mut v);
+        assert_eq!(v, vec![1.5, -2.0]);
+        assert_eq!(c.all_gather(&[4.0]), vec![4.0]);
+        assert_eq!((c.rank(), c.size()), (0, 1));
+    }
+}

@@ -1,0 +1,445 @@
+//! End-to-end data-parallel training: `mpirun -np 2 --oversubscribe densa ...` on one machine
+//! (loopback), against one process with the doubled batch.
+//!
+//! Run with `cargo test --features mpi --test distributed` (Open MPI installed). Without
+//! `mpirun` the MPI tests skip with a note, or fail when `DENSA_REQUIRE_MPI=1` (CI). Without the
+//! feature, only the refusal of an MPI launch is tested.
+
+#![cfg_attr(not(feature = "mpi"), allow(dead_code, unused_imports))]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::{densa, stderr};
+use densa::exporter::weights::{load_safetensors, StateDict};
+
+/// A 4-class classifier on 16x16 images without batch norm (the setting where N shards of B
+/// and one batch of N*B give the same gradient; see `densa_runtime::train::distributed`),
+/// AdamW with clipping (an update that is not linear in the gradient), written with its
+/// data-parallel graphs.
+#[cfg(feature = "mpi")]
+fn classifier_artifact(dir: &Path) {
+    use densa::exporter::{DType, GraphBuilder};
+    use densa::models::nn::Conv2dConfig;
+    use densa::models::train_step::{
+        cross_entropy, train_step_artifact, ForwardGraph, OptimizerConfig, TrainStepConfig,
+    };
+    let mut b = GraphBuilder::new("tiny-classifier", 1);
+    let x = b
+        .input(
+            "images",
+            DType::F32,
+            vec!["N".into(), 3.into(), 16.into(), 16.into()],
+        )
+        .unwrap();
+    let conv = Conv2dConfig::new(3, 8, 3)
+        .padding(1)
+        .init(&mut b, "conv")
+        .unwrap();
+    let head = Conv2dConfig::new(8, 4, 1).init(&mut b, "fc").unwrap();
+    let h = conv.forward(&mut b, &x).unwrap();
+    let h = b.relu(&h);
+    let h = head.forward(&mut b, &h).unwrap();
+    let h = b.global_avg_pool(&h).unwrap();
+    let logits = b.flatten(&h, 1);
+    let labels = b.input("labels", DType::I64, vec!["N".into()]).unwrap();
+    let loss = cross_entropy(&mut b, &logits, &labels).unwrap();
+    let mut config = TrainStepConfig::new(OptimizerConfig::adamw(0.01, 0.01));
+    config.clip = Some(densa::exporter::train::clip::ClipConfig {
+        max_norm: 1.0,
+        ..Default::default()
+    });
+    config.data_parallel = true;
+    train_step_artifact(ForwardGraph::new(b, loss), None, &config)
+        .unwrap()
+        .save(dir)
+        .unwrap();
+}
+
+/// `mpirun`, or `None` (with a note) when it is missing; with `DENSA_REQUIRE_MPI=1` a missing
+/// `mpirun` fails the test.
+fn mpirun() -> Option<PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join("mpirun"))
+            .find(|p| p.is_file())
+    });
+    if found.is_none() {
+        if std::env::var("DENSA_REQUIRE_MPI").is_ok_and(|v| v == "1") {
+            panic!("DENSA_REQUIRE_MPI=1 but `mpirun` is not on PATH (apt-get install openmpi-bin)");
+        }
+        eprintln!("note: skipping: `mpirun` is not on PATH (set DENSA_REQUIRE_MPI=1 to fail)");
+    }
+    found
+}
+
+/// Runs `cmd`, killing it after `limit` (a hung job fails the test instead of hanging CI).
+fn output_within(mut cmd: Command, limit: std::time::Duration) -> Output {
+    let dir = tempfile::tempdir().unwrap();
+    let (out, err) = (dir.path().join("stdout"), dir.path().join("stderr"));
+    let mut child = cmd
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
+        .expect("mpirun runs");
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if start.elapsed() > limit {
+            child.kill().unwrap();
+            let _ = child.wait();
+            panic!(
+                "the job did not end within {limit:?}; stderr:\n{}",
+                std::fs::read_to_string(&err).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    Output {
+        status,
+        stdout: std::fs::read(&out).unwrap(),
+        stderr: std::fs::read(&err).unwrap(),
+    }
+}
+
+const LIMIT: std::time::Duration = std::time::Duration::from_secs(180);
+
+/// `mpirun` with root allowed (CI runs as root).
+fn mpirun_command(mpirun: &Path) -> Command {
+    let mut cmd = Command::new(mpirun);
+    cmd.args(["--oversubscribe", "--bind-to", "none"])
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
+    cmd
+}
+
+/// `mpirun -np 2 --oversubscribe densa <args>`.
+fn mpirun_densa(mpirun: &Path, args: &[&str]) -> Output {
+    let mut cmd = mpirun_command(mpirun);
+    cmd.args(["-np", "2", env!("CARGO_BIN_EXE_densa")])
+        .args(args);
+    output_within(cmd, LIMIT)
+}
+
+fn ok(o: &Output, what: &str) -> String {
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        o.status.success(),
+        "{what} failed ({:?}):\nstdout:\n{out}\nstderr:\n{}",
+        o.status,
+        stderr(o)
+    );
+    out
+}
+
+fn final_state(out: &Path) -> StateDict {
+    let ckpt = densa::runtime::train::checkpoint::latest(out)
+        .unwrap()
+        .expect("a checkpoint");
+    load_safetensors(&ckpt.join("state.safetensors")).unwrap()
+}
+
+fn max_diff(a: &StateDict, b: &StateDict) -> f32 {
+    let mut worst = 0.0f32;
+    assert_eq!(a.len(), b.len());
+    for (name, t) in a.iter() {
+        let other = b.get(name).unwrap_or_else(|| panic!("`{name}` missing"));
+        for (p, q) in t.to_f32().iter().zip(other.to_f32().iter()) {
+            worst = worst.max((p - q).abs());
+        }
+    }
+    worst
+}
+
+#[cfg(feature = "mpi")]
+#[test]
+fn two_processes_train_a_classifier_like_one_with_the_doubled_batch_and_resume() {
+    let Some(mpirun) = mpirun() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let artifact = dir.path().join("artifact");
+    classifier_artifact(&artifact);
+    let a = artifact.to_str().unwrap();
+    let common = |out: &str, batch: &str| -> Vec<String> {
+        [
+            "train",
+            "--artifact",
+            a,
+            "--synthetic",
+            "48",
+            "--classes",
+            "4",
+            "--holdout-every",
+            "0",
+            "--steps",
+            "5",
+            "--checkpoint-every",
+            "2",
+            "--backend",
+            "tract",
+            "--batch-size",
+            batch,
+            "--out",
+            out,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let reference = dir.path().join("one");
+    let args = common(reference.to_str().unwrap(), "8");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    ok(
+        &densa().args(&args).output().unwrap(),
+        "one process, batch 8",
+    );
+
+    let dp = dir.path().join("two");
+    let args = common(dp.to_str().unwrap(), "4");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = ok(&mpirun_densa(&mpirun, &args), "mpirun -np 2, batch 4");
+    // Rank 0 alone reports and logs.
+    assert_eq!(out.matches("step 5 (epoch").count(), 1, "{out}");
+    assert!(out.contains("data parallel: 2 ranks"), "{out}");
+    let log = std::fs::read_to_string(dp.join("train_log.jsonl")).unwrap();
+    assert_eq!(log.lines().count(), 5, "{log}");
+
+    let (one, two) = (final_state(&reference), final_state(&dp));
+    let d = max_diff(&one, &two);
+    assert!(d < 1e-5, "data parallel vs doubled batch: max |diff| {d}");
+
+    // A job that dies after step 4 resumes from its checkpoint on every rank and ends where
+    // the uninterrupted run did.
+    let last = densa::runtime::train::checkpoint::latest(&dp)
+        .unwrap()
+        .unwrap();
+    std::fs::remove_dir_all(&last).unwrap();
+    let out = ok(&mpirun_densa(&mpirun, &args), "the resumed job");
+    assert!(out.contains("step 5 (epoch"), "{out}");
+    let resumed = final_state(&dp);
+    assert_eq!(max_diff(&two, &resumed), 0.0);
+}
+
+#[cfg(feature = "mpi")]
+#[test]
+fn a_failing_rank_stops_the_job_with_its_message() {
+    let Some(mpirun) = mpirun() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    // Rank 1 is given a data folder that does not exist (MPMD launch); rank 0 must not wait
+    // for it forever.
+    let mut cmd = mpirun_command(&mpirun);
+    cmd.args(["-np", "1", env!("CARGO_BIN_EXE_densa")])
+        .args([
+            "train",
+            "--synthetic",
+            "32",
+            "--classes",
+            "4",
+            "--image-size",
+            "32",
+        ])
+        .args([
+            "--batch-size",
+            "4",
+            "--steps",
+            "3",
+            "--backend",
+            "tract",
+            "--out",
+        ])
+        .arg(&out)
+        .args([":", "-np", "1", env!("CARGO_BIN_EXE_densa")])
+        .args([
+            "train",
+            "--data",
+            "/nonexistent/densa-images",
+            "--image-size",
+            "32",
+        ])
+        .args([
+            "--batch-size",
+            "4",
+            "--steps",
+            "3",
+            "--backend",
+            "tract",
+            "--out",
+        ])
+        .arg(&out);
+    let o = output_within(cmd, LIMIT);
+    let err = stderr(&o);
+    assert!(!o.status.success(), "the job should fail:\n{err}");
+    assert!(err.contains("rank 1 of 2"), "{err}");
+    assert!(err.contains("/nonexistent/densa-images"), "{err}");
+}
+
+#[cfg(feature = "mpi")]
+#[test]
+fn two_processes_pretrain_pixpro() {
+    let Some(mpirun) = mpirun() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    ok(
+        &densa()
+            .args(["synth", "--images", "8", "--size", "48x48", "--out"])
+            .arg(&data)
+            .output()
+            .unwrap(),
+        "densa synth",
+    );
+    let out = dir.path().join("pixpro");
+    let args = [
+        "pretrain",
+        "--method",
+        "pixpro",
+        "--arch",
+        "resnet-edge",
+        "--data",
+        data.to_str().unwrap(),
+        "--batch",
+        "2",
+        "--steps",
+        "2",
+        "--image-size",
+        "32",
+        "--set",
+        "hidden_dim=16",
+        "--set",
+        "dim=8",
+        "--backend",
+        "tract",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    let stdout = ok(
+        &mpirun_densa(&mpirun, &args),
+        "mpirun -np 2 densa pretrain pixpro",
+    );
+    assert!(stdout.contains("data parallel: 2 ranks"), "{stdout}");
+    assert!(out.join("backbone.safetensors").is_file());
+    let log = std::fs::read_to_string(out.join("train_log.jsonl")).unwrap();
+    assert_eq!(log.lines().count(), 2, "{log}");
+}
+
+/// Without the feature, an `mpirun` launch is refused with the way out, not run N times.
+#[cfg(not(feature = "mpi"))]
+#[test]
+fn an_mpi_launch_of_a_build_without_the_feature_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = densa()
+        .args([
+            "train",
+            "--synthetic",
+            "16",
+            "--classes",
+            "4",
+            "--steps",
+            "1",
+            "--out",
+        ])
+        .arg(dir.path())
+        .env("OMPI_COMM_WORLD_SIZE", "2")
+        .output()
+        .unwrap();
+    let err = common::assert_clean_failure(&o);
+    assert!(err.contains("--features mpi"), "{err}");
+}
+
+#[cfg(feature = "mpi")]
+#[test]
+fn two_processes_finetune_a_detector_and_a_segmenter_and_refuse_queue_methods() {
+    let Some(mpirun) = mpirun() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let p = |rel: &str| dir.path().join(rel).display().to_string();
+    for (name, n, seed) in [("train", "16", "0"), ("val", "4", "1")] {
+        ok(
+            &densa()
+                .args(["synth", "--out", &p(name), "--images", n, "--seed", seed])
+                .args(["--size", "64x64", "--max-objects", "2"])
+                .output()
+                .unwrap(),
+            "densa synth",
+        );
+    }
+    let args = [
+        "finetune",
+        "--task",
+        "detect",
+        "--data",
+        &p("train/annotations.json"),
+        "--val-data",
+        &p("val/annotations.json"),
+        "--image-size",
+        "64",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "2",
+        "--backend",
+        "tract",
+        "--out",
+        &p("run"),
+    ];
+    let out = ok(
+        &mpirun_densa(&mpirun, &args),
+        "mpirun -np 2 densa finetune --task detect",
+    );
+    assert_eq!(out.matches("best: epoch 1").count(), 1, "{out}");
+    let log = std::fs::read_to_string(dir.path().join("run/train_log.jsonl")).unwrap();
+    assert_eq!(log.lines().count(), 4, "16 images / (2 ranks x 2):\n{log}");
+
+    let args = [
+        "finetune",
+        "--task",
+        "segment",
+        "--data",
+        &p("train/annotations.json"),
+        "--val-data",
+        &p("val/annotations.json"),
+        "--image-size",
+        "64",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "2",
+        "--backend",
+        "tract",
+        "--out",
+        &p("seg"),
+    ];
+    let out = ok(
+        &mpirun_densa(&mpirun, &args),
+        "mpirun -np 2 densa finetune --task segment",
+    );
+    assert_eq!(out.matches("best validation mIoU").count(), 1, "{out}");
+    let log = std::fs::read_to_string(dir.path().join("seg/train_log.jsonl")).unwrap();
+    assert_eq!(log.lines().count(), 4, "{log}");
+
+    // DenseCL's queue would need every rank's keys: refused, not trained differently.
+    // (The trainer refuses `queue` buffers too, for artifacts built elsewhere.)
+    let args = [
+        "pretrain",
+        "--method",
+        "densecl",
+        "--data",
+        &p("train"),
+        "--batch",
+        "2",
+        "--steps",
+        "1",
+        "--image-size",
+        "32",
+        "--backend",
+        "tract",
+        "--out",
+        &p("densecl"),
+    ];
+    let o = mpirun_densa(&mpirun, &args);
+    let err = stderr(&o);
+    assert!(!o.status.success(), "{err}");
+    assert!(err.contains("`densecl` on 2 processes"), "{err}");
+}
