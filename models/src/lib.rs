@@ -11,10 +11,10 @@ pub mod neck;
 pub mod nn;
 
 pub use backbone::Arch;
-#[cfg(all(test, feature = "train"))]
-mod data_parallel_tests;
 #[cfg(feature = "train")]
 pub mod adapt;
+#[cfg(all(test, feature = "train"))]
+mod data_parallel_tests;
 #[cfg(feature = "train")]
 pub mod pretext;
 pub mod segment;
