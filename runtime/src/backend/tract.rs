@@ -64,11 +64,19 @@ pub struct TractCudaBackend;
 impl TractCudaBackend {
     /// Checks that CUDA and the libraries tract's kernels need can be loaded (after preloading
     /// them from the `nvidia-*` Python packages, see [`super::cuda_libs`]).
+    ///
+    /// The system's CUDA libraries come first: tract's loader asks for unversioned names
+    /// (`libcudnn.so`) before versioned ones, so preloading the Python packages' copies next to
+    /// an installed CUDA would mix two cuDNN releases (cuDNN then fails with
+    /// `SUBLIBRARY_VERSION_MISMATCH`, as seen on an H200 machine). Only when the system has none
+    /// are the packages' libraries preloaded.
     pub fn new() -> Result<TractCudaBackend, String> {
-        let report = super::cuda_libs::preload();
-        tracing::info!("CUDA libraries: {report}");
         let runtime = cuda_runtime()?;
-        runtime.check().map_err(|e| format!("{e:#}"))?;
+        if runtime.check().is_err() {
+            let report = super::cuda_libs::preload();
+            tracing::info!("CUDA libraries: {report}");
+            runtime.check().map_err(|e| format!("{e:#}"))?;
+        }
         Ok(TractCudaBackend)
     }
 }
