@@ -595,6 +595,57 @@ pub fn adapt(args: &AdaptArgs) -> Result<AdaptReport> {
     Ok(report)
 }
 
+/// The loop every adaptation method shares: each step runs `args.batch` one-image passes
+/// (`one(item, rng, params, grads)` returns the image's loss and adds its gradients), averages
+/// the gradients, takes one AdamW step and calls `after_step` (the consistency teacher's EMA).
+/// Items are drawn without replacement from `items`, reshuffled with `rng` at each pass.
+/// Returns the per-step losses and the seconds the loop took.
+fn adaptation_loop(
+    args: &AdaptArgs,
+    params: &mut BTreeMap<String, ArrayD<f32>>,
+    items: &[usize],
+    rng: &mut ChaCha8Rng,
+    mut one: impl FnMut(
+        usize,
+        &mut ChaCha8Rng,
+        &BTreeMap<String, ArrayD<f32>>,
+        &mut BTreeMap<String, ArrayD<f32>>,
+    ) -> Result<f64>,
+    mut after_step: impl FnMut(&BTreeMap<String, ArrayD<f32>>),
+) -> Result<(Vec<f64>, f64)> {
+    let mut opt = AdamW::new(args.lr);
+    let bar = progress(args.steps, "adapt");
+    let loop_started = Instant::now();
+    let mut losses = Vec::new();
+    let mut order: Vec<usize> = Vec::new();
+    for step in 1..=args.steps {
+        let mut sum = BTreeMap::new();
+        let mut total = 0.0;
+        for _ in 0..args.batch {
+            if order.is_empty() {
+                order = items.to_vec();
+                // Fisher-Yates with `random_range(0..=i)`: the draws the benchmark figures in
+                // README.md were measured with (`SliceRandom::shuffle` draws differently).
+                for i in (1..order.len()).rev() {
+                    let j = rng.random_range(0..=i);
+                    order.swap(i, j);
+                }
+            }
+            let item = order.pop().context("no images to adapt on")?;
+            total += one(item, rng, params, &mut sum)?;
+        }
+        let loss = total / args.batch as f64;
+        apply(&mut opt, params, sum, args.batch, loss, step)?;
+        after_step(params);
+        losses.push(loss);
+        bar.set_message(format!("loss {loss:.4}"));
+        bar.inc(1);
+        check_budget(args.memory_budget)?;
+    }
+    bar.finish_and_clear();
+    Ok((losses, loop_started.elapsed().as_secs_f64()))
+}
+
 fn progress(total: u64, prefix: &str) -> ProgressBar {
     let bar = ProgressBar::new(total);
     bar.set_style(
@@ -668,50 +719,31 @@ fn supervised(
     let mut session = backend.load_model(&graph, "adaptation graph")?;
     let mut samples = DetectSamples::new(coco, subset.to_vec(), &det.config, true);
     let input = det.input_name();
-    let mut opt = AdamW::new(args.lr);
     let mut rng = ChaCha8Rng::seed_from_u64(args.seed ^ 0x5eed);
-    let bar = progress(args.steps, "adapt");
-    let loop_started = Instant::now();
-    let mut losses = Vec::new();
-    let mut order: Vec<usize> = Vec::new();
-    for step in 1..=args.steps {
-        let mut sum = BTreeMap::new();
-        let mut total = 0.0;
-        for _ in 0..args.batch {
-            if order.is_empty() {
-                order = (0..subset.len()).collect();
-                for i in (1..order.len()).rev() {
-                    let j = rng.random_range(0..=i);
-                    order.swap(i, j);
-                }
+    let items: Vec<usize> = (0..subset.len()).collect();
+    let one = |index: usize,
+               rng: &mut ChaCha8Rng,
+               params: &BTreeMap<String, ArrayD<f32>>,
+               sum: &mut BTreeMap<String, ArrayD<f32>>|
+     -> Result<f64> {
+        let sample = samples
+            .sample(index, rng)
+            .with_context(|| format!("reading {}", args.data.display()))?;
+        let mut inputs = param_inputs(params);
+        for (name, t) in sample {
+            if name == names::IMAGES {
+                let x = t.to_f32().into_dimensionality::<ndarray::Ix3>()?;
+                inputs.push((input.clone(), det.image_input(x)));
+            } else {
+                inputs.push((name, Tensor::F32(t.to_f32().insert_axis(Axis(0)))));
             }
-            let index = order.pop().expect("refilled above");
-            let sample = samples
-                .sample(index, &mut rng)
-                .with_context(|| format!("reading {}", args.data.display()))?;
-            let mut inputs = param_inputs(params);
-            for (name, t) in sample {
-                if name == names::IMAGES {
-                    let x = t.to_f32().into_dimensionality::<ndarray::Ix3>()?;
-                    inputs.push((input.clone(), det.image_input(x)));
-                } else {
-                    inputs.push((name, Tensor::F32(t.to_f32().insert_axis(Axis(0)))));
-                }
-            }
-            let outs = session
-                .run(inputs)
-                .context("running the adaptation graph")?;
-            total += grads_of(outs, &mut sum)?;
         }
-        let loss = total / args.batch as f64;
-        apply(&mut opt, params, sum, args.batch, loss, step)?;
-        losses.push(loss);
-        bar.set_message(format!("loss {loss:.4}"));
-        bar.inc(1);
-        check_budget(args.memory_budget)?;
-    }
-    bar.finish_and_clear();
-    Ok((losses, loop_started.elapsed().as_secs_f64()))
+        let outs = session
+            .run(inputs)
+            .context("running the adaptation graph")?;
+        grads_of(outs, sum)
+    };
+    adaptation_loop(args, params, &items, &mut rng, one, |_| {})
 }
 
 /// A strong photometric view of a normalised image `[3, S, S]` (same geometry): brightness,
@@ -764,74 +796,57 @@ fn consistency(
         .context("building the consistency graph")?;
     let mut student = backend.load_model(&graph, "consistency graph")?;
     let mut teacher_session = backend.load_model(&det.raw_graph(trainable)?, "teacher graph")?;
-    let mut teacher = params.clone();
+    let teacher = params.clone();
     let input = det.input_name();
-    let mut opt = AdamW::new(args.lr);
     let mut rng = ChaCha8Rng::seed_from_u64(args.seed ^ 0x7eac);
-    let bar = progress(args.steps, "adapt");
-    let loop_started = Instant::now();
-    let mut losses = Vec::new();
-    let mut order: Vec<usize> = Vec::new();
     let (mean, std) = (det.spec.input.mean, det.spec.input.std);
-    for step in 1..=args.steps {
-        let mut sum = BTreeMap::new();
-        let mut total = 0.0;
-        for _ in 0..args.batch {
-            if order.is_empty() {
-                order = subset.to_vec();
-                for i in (1..order.len()).rev() {
-                    let j = rng.random_range(0..=i);
-                    order.swap(i, j);
-                }
-            }
-            let i = order.pop().expect("refilled above");
-            let sample = source.load(i).with_context(|| {
-                format!(
-                    "reading {}",
-                    source
-                        .image_path(i)
-                        .map(|p| p.display().to_string())
-                        .unwrap_or_else(|| args.data.display().to_string())
-                )
-            })?;
-            let (weak, _) = prepare(&sample.image, &det.spec.input);
-            let strong = perturb(&weak, mean, std, &mut rng);
-            let mut t_in = param_inputs(&teacher);
-            t_in.push((input.clone(), det.image_input(weak)));
-            let t_out = teacher_session.run(t_in).context("running the teacher")?;
-            let get = |name: &str| -> Result<ArrayD<f32>> {
-                t_out
-                    .iter()
-                    .find(|(n, _)| n == name)
-                    .map(|(_, t)| t.to_f32())
-                    .with_context(|| format!("the teacher graph gave no `{name}`"))
-            };
-            let mut s_in = param_inputs(params);
-            s_in.push((input.clone(), det.image_input(strong)));
-            s_in.push((TEACHER_CLS.into(), Tensor::F32(sigmoid(get(&det.raw.cls)?))));
-            s_in.push((TEACHER_CTR.into(), Tensor::F32(sigmoid(get(&det.raw.ctr)?))));
-            s_in.push((TEACHER_BOX.into(), Tensor::F32(get(&det.raw.box_log)?)));
-            let outs = student.run(s_in).context("running the consistency graph")?;
-            total += grads_of(outs, &mut sum)?;
-        }
-        let loss = total / args.batch as f64;
-        apply(&mut opt, params, sum, args.batch, loss, step)?;
-        let m = config.momentum;
-        for (name, t) in teacher.iter_mut() {
+    let teacher = std::cell::RefCell::new(teacher);
+    let one = |i: usize,
+               rng: &mut ChaCha8Rng,
+               params: &BTreeMap<String, ArrayD<f32>>,
+               sum: &mut BTreeMap<String, ArrayD<f32>>|
+     -> Result<f64> {
+        let sample = source.load(i).with_context(|| {
+            format!(
+                "reading {}",
+                source
+                    .image_path(i)
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|| args.data.display().to_string())
+            )
+        })?;
+        let (weak, _) = prepare(&sample.image, &det.spec.input);
+        let strong = perturb(&weak, mean, std, rng);
+        let mut t_in = param_inputs(&teacher.borrow());
+        t_in.push((input.clone(), det.image_input(weak)));
+        let t_out = teacher_session.run(t_in).context("running the teacher")?;
+        let get = |name: &str| -> Result<ArrayD<f32>> {
+            t_out
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, t)| t.to_f32())
+                .with_context(|| format!("the teacher graph gave no `{name}`"))
+        };
+        let mut s_in = param_inputs(params);
+        s_in.push((input.clone(), det.image_input(strong)));
+        s_in.push((TEACHER_CLS.into(), Tensor::F32(sigmoid(get(&det.raw.cls)?))));
+        s_in.push((TEACHER_CTR.into(), Tensor::F32(sigmoid(get(&det.raw.ctr)?))));
+        s_in.push((TEACHER_BOX.into(), Tensor::F32(get(&det.raw.box_log)?)));
+        let outs = student.run(s_in).context("running the consistency graph")?;
+        grads_of(outs, sum)
+    };
+    let m = config.momentum;
+    let ema = |params: &BTreeMap<String, ArrayD<f32>>| {
+        for (name, t) in teacher.borrow_mut().iter_mut() {
             if let Some(s) = params.get(name) {
                 ndarray::Zip::from(t)
                     .and(s)
                     .for_each(|t, &s| *t = m * *t + (1.0 - m) * s);
             }
         }
-        losses.push(loss);
-        bar.set_message(format!("loss {loss:.4}"));
-        bar.inc(1);
-        check_budget(args.memory_budget)?;
-    }
-    bar.finish_and_clear();
+    };
     // The student is the adapted model (the teacher lags it by design).
-    Ok((losses, loop_started.elapsed().as_secs_f64()))
+    adaptation_loop(args, params, subset, &mut rng, one, ema)
 }
 
 /// Supervised adaptation of a segmenter: `finetune --task segment`'s samples (stretched to the
@@ -867,47 +882,28 @@ fn supervised_segmenter(
         mean: seg.mean,
         std: seg.std,
     };
-    let mut opt = AdamW::new(args.lr);
     let mut rng = ChaCha8Rng::seed_from_u64(args.seed ^ 0x5e9);
-    let bar = progress(args.steps, "adapt");
-    let loop_started = Instant::now();
-    let mut losses = Vec::new();
-    let mut order: Vec<usize> = Vec::new();
-    for step in 1..=args.steps {
-        let mut sum = BTreeMap::new();
-        let mut total = 0.0;
-        for _ in 0..args.batch {
-            if order.is_empty() {
-                order = (0..subset.len()).collect();
-                for i in (1..order.len()).rev() {
-                    let j = rng.random_range(0..=i);
-                    order.swap(i, j);
-                }
-            }
-            let index = order.pop().expect("refilled above");
-            let sample = samples
-                .sample(index, &mut rng)
-                .with_context(|| format!("reading {}", args.data.display()))?;
-            let mut inputs = param_inputs(params);
-            for (name, t) in sample {
-                let t = match t {
-                    Tensor::I64(a) => Tensor::I64(a.insert_axis(Axis(0))),
-                    other => Tensor::F32(other.to_f32().insert_axis(Axis(0))),
-                };
-                inputs.push((name, t));
-            }
-            let outs = session
-                .run(inputs)
-                .context("running the adaptation graph")?;
-            total += grads_of(outs, &mut sum)?;
+    let items: Vec<usize> = (0..subset.len()).collect();
+    let one = |index: usize,
+               rng: &mut ChaCha8Rng,
+               params: &BTreeMap<String, ArrayD<f32>>,
+               sum: &mut BTreeMap<String, ArrayD<f32>>|
+     -> Result<f64> {
+        let sample = samples
+            .sample(index, rng)
+            .with_context(|| format!("reading {}", args.data.display()))?;
+        let mut inputs = param_inputs(params);
+        for (name, t) in sample {
+            let t = match t {
+                Tensor::I64(a) => Tensor::I64(a.insert_axis(Axis(0))),
+                other => Tensor::F32(other.to_f32().insert_axis(Axis(0))),
+            };
+            inputs.push((name, t));
         }
-        let loss = total / args.batch as f64;
-        apply(&mut opt, params, sum, args.batch, loss, step)?;
-        losses.push(loss);
-        bar.set_message(format!("loss {loss:.4}"));
-        bar.inc(1);
-        check_budget(args.memory_budget)?;
-    }
-    bar.finish_and_clear();
-    Ok((losses, loop_started.elapsed().as_secs_f64()))
+        let outs = session
+            .run(inputs)
+            .context("running the adaptation graph")?;
+        grads_of(outs, sum)
+    };
+    adaptation_loop(args, params, &items, &mut rng, one, |_| {})
 }
