@@ -286,6 +286,20 @@ impl<'a> Trainer<'a> {
         schedule: impl Schedule + 'a,
         options: TrainOptions,
     ) -> Result<Trainer<'a>, TrainError> {
+        let mut trainer = Trainer::unplaced(artifact, backend, data, schedule, options)?;
+        trainer.place_state()?;
+        Ok(trainer)
+    }
+
+    /// [`Trainer::new`] without handing the state to a session that keeps it: [`Trainer::resume`]
+    /// places the checkpoint's state instead of uploading the initial one first.
+    fn unplaced(
+        artifact: Artifact,
+        backend: &dyn Backend,
+        data: impl DataSource + 'a,
+        schedule: impl Schedule + 'a,
+        options: TrainOptions,
+    ) -> Result<Trainer<'a>, TrainError> {
         let label = format!("{}/{}", artifact.label(), artifact.manifest().graph);
         let mut session = backend.load_model(artifact.graph(), &label)?;
         let resident = session.resident_state().is_some();
@@ -300,7 +314,7 @@ impl<'a> Trainer<'a> {
                 source_name: data.describe(),
             });
         }
-        let mut trainer = Trainer {
+        Ok(Trainer {
             artifact,
             session,
             data: Box::new(data),
@@ -317,9 +331,7 @@ impl<'a> Trainer<'a> {
             resumed: false,
             stop: Arc::new(AtomicBool::new(false)),
             dp: None,
-        };
-        trainer.place_state()?;
-        Ok(trainer)
+        })
     }
 
     /// Hands the host state to a session that keeps it (a no-op otherwise).
@@ -524,7 +536,7 @@ impl<'a> Trainer<'a> {
                 format!("{} ({})", data.batches_per_epoch(), data.describe()),
             ));
         }
-        let mut trainer = Trainer::new(artifact, backend, data, schedule, options)?;
+        let mut trainer = Trainer::unplaced(artifact, backend, data, schedule, options)?;
         let state_path = dir.join(&ckpt.state);
         for (name, slot) in trainer
             .plan
