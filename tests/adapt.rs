@@ -515,3 +515,195 @@ fn bad_input_fails_naming_the_problem() {
         "a failed run wrote its output"
     );
 }
+
+/// Three classes of coloured squares on grey, 32 px; `shifted` swaps red and blue and washes
+/// the colours out (the device's camera): the deployed classifier confuses red and blue there.
+fn squares(root: &Path, per_class: usize, shifted: bool, seed: u64) {
+    let colours = [
+        ("blue", [0.1f32, 0.2, 0.9]),
+        ("green", [0.1, 0.8, 0.1]),
+        ("red", [0.9, 0.1, 0.1]),
+    ];
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    let mut next = move || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((state >> 33) as f32) / (1u64 << 31) as f32
+    };
+    for (name, colour) in colours {
+        std::fs::create_dir_all(root.join(name)).unwrap();
+        for i in 0..per_class {
+            let side = 8 + (next() * 9.0) as u32;
+            let (x0, y0) = (
+                (next() * (32 - side) as f32) as u32,
+                (next() * (32 - side) as f32) as u32,
+            );
+            let gain = 0.7 + 0.3 * next();
+            let img = image::RgbImage::from_fn(32, 32, |x, y| {
+                let inside = (x0..x0 + side).contains(&x) && (y0..y0 + side).contains(&y);
+                let mut px = [0u8; 3];
+                for c in 0..3 {
+                    let c_src = if shifted { 2 - c } else { c };
+                    let mut v = if inside { colour[c_src] * gain } else { 0.5 };
+                    v += (next() - 0.5) * 0.2;
+                    if shifted {
+                        v = v * 0.6 + 0.3;
+                    }
+                    px[c] = (v.clamp(0.0, 1.0) * 255.0) as u8;
+                }
+                image::Rgb(px)
+            });
+            img.save(root.join(name).join(format!("{i:03}.png")))
+                .unwrap();
+        }
+    }
+}
+
+/// A classifier trained by `densa train` (its `model.onnx`), adapted with labels on the
+/// shifted domain: only `fc.*` changes with `--train head`, held-out accuracy on the shifted
+/// domain rises, the adapted model passes `onnx.checker` and gives tract's logits on Python
+/// onnxruntime; `bn-stats` changes exactly the running statistics; labels that are not the
+/// model's classes and COCO labels are refused with a message.
+#[test]
+fn classifier_adaptation_with_labels_fixes_a_shift() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    squares(&dir.join("src"), 24, false, 1);
+    squares(&dir.join("tgt"), 8, true, 2);
+    squares(&dir.join("tgt_val"), 12, true, 3);
+    ok(&[
+        "train",
+        "--data",
+        &s(&dir.join("src")),
+        "--image-size",
+        "32",
+        "--steps",
+        "60",
+        "--batch-size",
+        "16",
+        "--holdout-every",
+        "0",
+        "--out",
+        &s(&dir.join("run")),
+    ]);
+    let model = dir.join("run/model.onnx");
+    let a = load(&model);
+    let meta = |k: &str| {
+        a.metadata_props
+            .iter()
+            .find(|p| p.key == k)
+            .map(|p| p.value.clone())
+    };
+    assert_eq!(meta("densa.task").as_deref(), Some("classify"));
+    assert_eq!(meta("densa.classes").as_deref(), Some("blue,green,red"));
+    assert_eq!(meta("densa.input_size").as_deref(), Some("32x32"));
+
+    let out = dir.join("adapted.onnx");
+    ok(&[
+        "adapt",
+        &s(&model),
+        "--data",
+        &s(&dir.join("tgt")),
+        "--val-data",
+        &s(&dir.join("tgt_val")),
+        "--steps",
+        "60",
+        "--lr",
+        "0.01",
+        "--backend",
+        "tract",
+        "--out",
+        &s(&out),
+    ]);
+    let b = load(&out);
+    let mut got = changed(&a, &b);
+    got.sort();
+    assert_eq!(got, vec!["fc.bias".to_string(), "fc.weight".to_string()]);
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("adapted.report.json")).unwrap())
+            .unwrap();
+    let before = report["before"]["accuracy"].as_f64().unwrap();
+    let after = report["after"]["accuracy"].as_f64().unwrap();
+    assert!(
+        after >= before + 0.2,
+        "accuracy on the shifted domain {before} -> {after}"
+    );
+
+    let mut x = ArrayD::<f32>::zeros(vec![2, 3, 32, 32]);
+    for (i, v) in x.iter_mut().enumerate() {
+        *v = ((i * 7919 % 255) as f32 / 255.0 - 0.45) / 0.22;
+    }
+    let input = vec![("images".to_string(), Tensor::F32(x.clone()))];
+    let tract = tract_backend()
+        .load_model(&b, "adapted")
+        .unwrap()
+        .run(input)
+        .unwrap();
+    if let Some(python) = python_peers() {
+        let xin = dir.join("x.npy");
+        npy::write_npy(&xin, &Tensor::F32(x)).unwrap();
+        let py_out = dir.join("py.npz");
+        python_reference(&python, &out, &[("images", &xin)], &py_out);
+        let py = npy::read_npz(&py_out).unwrap();
+        let d = max_rel_diff(&output(&tract, "logits"), &output(&py, "logits"));
+        assert!(d < 1e-4, "tract vs python onnxruntime logits: {d}");
+    }
+
+    let stats = dir.join("stats.onnx");
+    ok(&[
+        "adapt",
+        &s(&model),
+        "--data",
+        &s(&dir.join("tgt")),
+        "--method",
+        "bn-stats",
+        "--no-eval",
+        "--backend",
+        "tract",
+        "--out",
+        &s(&stats),
+    ]);
+    let mut got = changed(&a, &load(&stats));
+    got.sort();
+    let mut want: Vec<String> = a
+        .graph
+        .as_ref()
+        .unwrap()
+        .initializer
+        .iter()
+        .map(|t| t.name.clone())
+        .filter(|n| n.ends_with(".running_mean") || n.ends_with(".running_var"))
+        .collect();
+    want.sort();
+    assert!(!want.is_empty());
+    assert_eq!(got, want);
+
+    std::fs::create_dir_all(dir.join("tgt/yellow")).unwrap();
+    std::fs::copy(dir.join("tgt/red/000.png"), dir.join("tgt/yellow/000.png")).unwrap();
+    let o = run_densa(&[
+        "adapt",
+        &s(&model),
+        "--data",
+        &s(&dir.join("tgt")),
+        "--out",
+        &s(&dir.join("x.onnx")),
+    ]);
+    let err = assert_clean_failure(&o);
+    assert!(err.contains("`yellow` is not a class"), "{err}");
+    let o = run_densa(&[
+        "adapt",
+        &s(&model),
+        "--data",
+        &s(&dir.join("tgt")),
+        "--labels",
+        "coco",
+        "--out",
+        &s(&dir.join("x.onnx")),
+    ]);
+    let err = assert_clean_failure(&o);
+    assert!(err.contains("is a classifier"), "{err}");
+}

@@ -793,6 +793,39 @@ pub fn eval_with_state(eval: &ModelProto, state: &StateDict) -> Result<ModelProt
     Ok(out)
 }
 
+/// A trained classifier as a deployable model: `eval` (input `images [N, 3, S, S]`, output
+/// `logits [N, C]`) with `state` written in ([`eval_with_state`]) and self-describing
+/// metadata, `densa.task = classify`, `densa.arch`, `densa.classes` (comma-separated, index =
+/// label), `densa.input_size` (`SxS`), `densa.mean` / `densa.std` (the ImageNet normalisation
+/// of `(x / 255 - mean) / std`, images resized to `S x S`). `densa adapt` reads it back.
+pub fn deployed_classifier(
+    eval: &ModelProto,
+    state: &StateDict,
+    arch: &str,
+    classes: &[String],
+    size: u32,
+) -> Result<ModelProto, BuildError> {
+    use densa_exporter::onnx::StringStringEntryProto;
+    let mut out = eval_with_state(eval, state)?;
+    let triple = |v: [f32; 3]| format!("{},{},{}", v[0], v[1], v[2]);
+    let meta = [
+        ("densa.task", "classify".to_string()),
+        ("densa.arch", arch.to_string()),
+        ("densa.classes", classes.join(",")),
+        ("densa.input_size", format!("{size}x{size}")),
+        ("densa.mean", triple(densa_runtime::train::classify::MEAN)),
+        ("densa.std", triple(densa_runtime::train::classify::STD)),
+    ];
+    out.metadata_props
+        .retain(|p| !meta.iter().any(|(k, _)| *k == p.key));
+    out.metadata_props
+        .extend(meta.into_iter().map(|(key, value)| StringStringEntryProto {
+            key: key.to_string(),
+            value,
+        }));
+    Ok(out)
+}
+
 /// Mean cross-entropy of `logits` `[N, C]` against class indices `labels` (int64 `[N]`):
 /// PyTorch's `F.cross_entropy(logits, labels)` (reduction mean, no weights, no smoothing).
 ///

@@ -26,6 +26,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
+use densa_exporter::onnx::ModelProto;
 use densa_exporter::Tensor;
 use densa_models::adapt::{
     bn_stats_graph, with_parameters, AdamW, BatchNormStats, ConsistencyConfig, DeployedDetector,
@@ -57,6 +58,8 @@ pub enum Labels {
     None,
     /// COCO instances JSON.
     Coco,
+    /// Class subfolders named as a classifier's classes (`DIR/<class>/*.png`).
+    Folders,
 }
 
 #[derive(Debug, Args)]
@@ -129,14 +132,13 @@ pub enum Method {
 }
 
 impl Method {
-    fn parse(name: Option<&str>, labeled: bool) -> Result<Method> {
+    /// `how_to_label` completes "give labels: ..." in the error for an unlabeled supervised run.
+    pub(super) fn parse(name: Option<&str>, labeled: bool, how_to_label: &str) -> Result<Method> {
         match name {
             None if labeled => Ok(Method::Supervised),
             None => Ok(Method::Consistency),
             Some("supervised") if !labeled => {
-                bail!(
-                    "--method supervised needs labels: give a COCO JSON as --data (--labels coco)"
-                )
+                bail!("--method supervised needs labels: {how_to_label}")
             }
             Some("supervised") => Ok(Method::Supervised),
             Some("consistency") | Some("mean-teacher") => Ok(Method::Consistency),
@@ -155,13 +157,17 @@ impl Method {
     }
 }
 
-/// COCO AP of a model before or after.
+/// The score of a model before or after: COCO AP for a detector, accuracy for a classifier.
 #[derive(Clone, Debug, Serialize)]
 pub struct Scores {
-    #[serde(rename = "AP")]
-    pub ap: f64,
-    #[serde(rename = "AP50")]
-    pub ap50: f64,
+    /// COCO AP (detectors).
+    #[serde(rename = "AP", skip_serializing_if = "Option::is_none")]
+    pub ap: Option<f64>,
+    #[serde(rename = "AP50", skip_serializing_if = "Option::is_none")]
+    pub ap50: Option<f64>,
+    /// Top-1 accuracy (classifiers).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub accuracy: Option<f64>,
     pub images: usize,
 }
 
@@ -203,7 +209,7 @@ pub fn peak_memory_mb() -> Option<f64> {
     Some(kb / 1024.0)
 }
 
-fn check_budget(budget: Option<f64>) -> Result<()> {
+pub(super) fn check_budget(budget: Option<f64>) -> Result<()> {
     if let (Some(budget), Some(peak)) = (budget, peak_memory_mb()) {
         if peak > budget {
             bail!(
@@ -230,15 +236,17 @@ pub fn run(args: AdaptArgs) -> Result<()> {
             .map_or("?".to_string(), |m| format!("{m:.0}"))
     );
     if let (Some(b), Some(a)) = (&report.before, &report.after) {
-        println!(
-            "AP {:.4} -> {:.4}, AP50 {:.4} -> {:.4} on {} images ({})",
-            b.ap,
-            a.ap,
-            b.ap50,
-            a.ap50,
+        let on = format!(
+            "on {} images ({})",
             a.images,
             report.eval_data.as_deref().unwrap_or("")
         );
+        if let (Some(b_ap), Some(a_ap), Some(b50), Some(a50)) = (b.ap, a.ap, b.ap50, a.ap50) {
+            println!("AP {b_ap:.4} -> {a_ap:.4}, AP50 {b50:.4} -> {a50:.4} {on}");
+        }
+        if let (Some(b_acc), Some(a_acc)) = (b.accuracy, a.accuracy) {
+            println!("accuracy {b_acc:.4} -> {a_acc:.4} {on}");
+        }
     }
     Ok(())
 }
@@ -273,6 +281,15 @@ pub fn adapt(args: &AdaptArgs) -> Result<AdaptReport> {
     let model = densa_exporter::io::load(&args.model)
         .with_context(|| format!("reading {}", args.model.display()))?;
     let label = args.model.display().to_string();
+    if model
+        .metadata_props
+        .iter()
+        .any(|p| p.key == "densa.task" && p.value == "classify")
+    {
+        let report = super::adapt_classify::adapt(args, &model, &label)?;
+        write_outputs(args, &report)?;
+        return Ok(report);
+    }
     let is_json = args
         .data
         .extension()
@@ -289,8 +306,16 @@ pub fn adapt(args: &AdaptArgs) -> Result<AdaptReport> {
             true
         }
         Labels::None => false,
+        Labels::Folders => bail!(
+            "--labels folders: class subfolders label a classifier's images; {label} is not a \
+             classifier (`densa.task = classify`)"
+        ),
     };
-    let method = Method::parse(args.method.as_deref(), labeled)?;
+    let method = Method::parse(
+        args.method.as_deref(),
+        labeled,
+        "give a COCO JSON as --data (--labels coco)",
+    )?;
     let segmenter = model
         .metadata_props
         .iter()
@@ -325,16 +350,7 @@ pub fn adapt(args: &AdaptArgs) -> Result<AdaptReport> {
             .with_context(|| format!("reading {}", args.data.display()))?,
         )
     };
-    let mut subset: Vec<usize> = (0..source.len()).collect();
-    let mut rng = ChaCha8Rng::seed_from_u64(args.seed);
-    if let Some(k) = args.max_images {
-        for i in (1..subset.len()).rev() {
-            let j = rng.random_range(0..=i);
-            subset.swap(i, j);
-        }
-        subset.truncate(k.max(1));
-        subset.sort_unstable();
-    }
+    let subset = choose_subset(source.len(), args.max_images, args.seed);
     if subset.is_empty() {
         bail!("{}: no images", args.data.display());
     }
@@ -383,42 +399,25 @@ pub fn adapt(args: &AdaptArgs) -> Result<AdaptReport> {
     };
 
     let (adapted, losses, trainable, values_count, loop_seconds) = if method == Method::BnStats {
-        let (graph, sites) = bn_stats_graph(&model, &label)?;
         let spec = densa_runtime::infer::ModelSpec::from_model(&model, &label)
             .with_context(|| format!("reading the spec of {label}"))?;
-        let mut session = backend.load_model(&graph, "bn-stats graph")?;
-        let mut stats = BatchNormStats::new(sites);
-        let bar = progress(subset.len() as u64, "bn-stats");
         let input = spec.input.name.clone().unwrap_or_else(|| "images".into());
-        for chunk in subset.chunks(args.batch) {
-            let mut xs = Vec::new();
-            for &i in chunk {
+        let (adapted, names, count) = bn_stats(
+            args,
+            &model,
+            &label,
+            backend.as_ref(),
+            &input,
+            &subset,
+            |i| {
                 let sample = source
                     .load(i)
                     .with_context(|| format!("reading image {i} of {}", args.data.display()))?;
-                xs.push(prepare(&sample.image, &spec.input).0);
-                bar.inc(1);
-            }
-            let views: Vec<_> = xs.iter().map(|x| x.view()).collect();
-            let batch = ndarray::stack(Axis(0), &views)?;
-            let outs = session
-                .run(vec![(input.clone(), Tensor::F32(batch.into_dyn()))])
-                .context("running the bn-stats graph")?;
-            stats.add(&outs, chunk.len())?;
-            check_budget(args.memory_budget)?;
-        }
-        bar.finish_and_clear();
-        let new = stats.finish();
-        let count = new.values().map(|t| t.len()).sum();
-        let names: Vec<String> = new.keys().cloned().collect();
+                Ok(prepare(&sample.image, &spec.input).0)
+            },
+        )?;
         let seconds = started.elapsed().as_secs_f64();
-        (
-            with_parameters(&model, &new)?,
-            Vec::new(),
-            names,
-            count,
-            seconds,
-        )
+        (adapted, Vec::new(), names, count, seconds)
     } else if segmenter {
         let seg = DeployedSegmenter::from_model(&model, &label)?;
         let trainable = seg.trainable(&args.train)?;
@@ -492,8 +491,7 @@ pub fn adapt(args: &AdaptArgs) -> Result<AdaptReport> {
     let seconds = started.elapsed().as_secs_f64();
     // Adaptation's peak, before the evaluation runs anything else.
     let peak = peak_memory_mb();
-    densa_exporter::io::save(&adapted, &args.out)
-        .with_context(|| format!("writing {}", args.out.display()))?;
+    save_model(args, &adapted)?;
 
     let (before, after) = match &eval_set {
         Some((gt, dir, name)) => {
@@ -503,8 +501,9 @@ pub fn adapt(args: &AdaptArgs) -> Result<AdaptReport> {
                 let (run, e) = evaluate_model(m, &spec, backend.as_ref(), gt, dir, 8, what)
                     .with_context(|| format!("scoring the {what} model on {name}"))?;
                 Ok(Scores {
-                    ap: e.stats.ap,
-                    ap50: e.stats.ap50,
+                    ap: Some(e.stats.ap),
+                    ap50: Some(e.stats.ap50),
+                    accuracy: None,
                     images: run.served,
                 })
             };
@@ -545,6 +544,19 @@ pub fn adapt(args: &AdaptArgs) -> Result<AdaptReport> {
         before,
         after,
     };
+    write_outputs(args, &report)?;
+    Ok(report)
+}
+
+/// Writes the adapted model (atomically): before the before/after scoring, so a failure
+/// there loses no adaptation.
+pub(super) fn save_model(args: &AdaptArgs, adapted: &ModelProto) -> Result<()> {
+    densa_exporter::io::save(adapted, &args.out)
+        .with_context(|| format!("writing {}", args.out.display()))
+}
+
+/// Writes the JSON report and the loss curve beside the adapted model.
+fn write_outputs(args: &AdaptArgs, report: &AdaptReport) -> Result<()> {
     let report_path = args.report.clone().unwrap_or_else(|| {
         let stem = args
             .out
@@ -555,11 +567,12 @@ pub fn adapt(args: &AdaptArgs) -> Result<AdaptReport> {
     });
     densa_exporter::io::write_atomic(
         &report_path,
-        serde_json::to_string_pretty(&report)?.as_bytes(),
+        serde_json::to_string_pretty(report)?.as_bytes(),
     )
     .with_context(|| format!("writing {}", report_path.display()))?;
-    if !losses.is_empty() {
-        let records: Vec<StepRecord> = losses
+    if !report.losses.is_empty() {
+        let records: Vec<StepRecord> = report
+            .losses
             .iter()
             .enumerate()
             .map(|(i, &l)| StepRecord {
@@ -587,12 +600,65 @@ pub fn adapt(args: &AdaptArgs) -> Result<AdaptReport> {
         densa_runtime::train::log::plot_loss(
             &records,
             &png,
-            &format!("densa adapt ({method:?}) loss"),
+            &format!("densa adapt ({:?}) loss", report.method),
             (640, 360),
         )
         .with_context(|| format!("writing {}", png.display()))?;
     }
-    Ok(report)
+    Ok(())
+}
+
+/// The images to adapt on: all `n`, or a random subset of `max` (seeded), in order.
+pub(super) fn choose_subset(n: usize, max: Option<usize>, seed: u64) -> Vec<usize> {
+    let mut subset: Vec<usize> = (0..n).collect();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    if let Some(k) = max {
+        for i in (1..subset.len()).rev() {
+            let j = rng.random_range(0..=i);
+            subset.swap(i, j);
+        }
+        subset.truncate(k.max(1));
+        subset.sort_unstable();
+    }
+    subset
+}
+
+/// `--method bn-stats`: runs the batch-statistics graph of `model` over `items` in batches of
+/// `--batch` (`load` prepares one `[3, S, S]` input) and writes the averaged statistics into a
+/// copy of the model. Returns it, the statistic tensors' names and their value count.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn bn_stats(
+    args: &AdaptArgs,
+    model: &ModelProto,
+    label: &str,
+    backend: &dyn Backend,
+    input: &str,
+    items: &[usize],
+    mut load: impl FnMut(usize) -> Result<Array3<f32>>,
+) -> Result<(ModelProto, Vec<String>, usize)> {
+    let (graph, sites) = bn_stats_graph(model, label)?;
+    let mut session = backend.load_model(&graph, "bn-stats graph")?;
+    let mut stats = BatchNormStats::new(sites);
+    let bar = progress(items.len() as u64, "bn-stats");
+    for chunk in items.chunks(args.batch) {
+        let mut xs = Vec::new();
+        for &i in chunk {
+            xs.push(load(i)?);
+            bar.inc(1);
+        }
+        let views: Vec<_> = xs.iter().map(|x| x.view()).collect();
+        let batch = ndarray::stack(Axis(0), &views)?;
+        let outs = session
+            .run(vec![(input.to_string(), Tensor::F32(batch.into_dyn()))])
+            .context("running the bn-stats graph")?;
+        stats.add(&outs, chunk.len())?;
+        check_budget(args.memory_budget)?;
+    }
+    bar.finish_and_clear();
+    let new = stats.finish();
+    let count = new.values().map(|t| t.len()).sum();
+    let names: Vec<String> = new.keys().cloned().collect();
+    Ok((with_parameters(model, &new)?, names, count))
 }
 
 /// The loop every adaptation method shares: each step runs `args.batch` one-image passes
@@ -600,7 +666,7 @@ pub fn adapt(args: &AdaptArgs) -> Result<AdaptReport> {
 /// the gradients, takes one AdamW step and calls `after_step` (the consistency teacher's EMA).
 /// Items are drawn without replacement from `items`, reshuffled with `rng` at each pass.
 /// Returns the per-step losses and the seconds the loop took.
-fn adaptation_loop(
+pub(super) fn adaptation_loop(
     args: &AdaptArgs,
     params: &mut BTreeMap<String, ArrayD<f32>>,
     items: &[usize],
@@ -646,7 +712,7 @@ fn adaptation_loop(
     Ok((losses, loop_started.elapsed().as_secs_f64()))
 }
 
-fn progress(total: u64, prefix: &str) -> ProgressBar {
+pub(super) fn progress(total: u64, prefix: &str) -> ProgressBar {
     let bar = ProgressBar::new(total);
     bar.set_style(
         ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} ({eta})")
@@ -658,7 +724,10 @@ fn progress(total: u64, prefix: &str) -> ProgressBar {
 }
 
 /// Gradients of one run, by parameter name (outputs `grad.<p>`).
-fn grads_of(outs: Vec<(String, Tensor)>, sum: &mut BTreeMap<String, ArrayD<f32>>) -> Result<f64> {
+pub(super) fn grads_of(
+    outs: Vec<(String, Tensor)>,
+    sum: &mut BTreeMap<String, ArrayD<f32>>,
+) -> Result<f64> {
     let mut loss = None;
     for (name, t) in outs {
         if name == names::LOSS {
@@ -678,7 +747,7 @@ fn grads_of(outs: Vec<(String, Tensor)>, sum: &mut BTreeMap<String, ArrayD<f32>>
 
 /// Averages accumulated gradients over `n` images and takes an optimizer step; a non-finite
 /// loss or gradient is an error (the state is not updated).
-fn apply(
+pub(super) fn apply(
     opt: &mut AdamW,
     params: &mut BTreeMap<String, ArrayD<f32>>,
     mut sum: BTreeMap<String, ArrayD<f32>>,
@@ -696,7 +765,7 @@ fn apply(
     Ok(())
 }
 
-fn param_inputs(params: &BTreeMap<String, ArrayD<f32>>) -> Vec<(String, Tensor)> {
+pub(super) fn param_inputs(params: &BTreeMap<String, ArrayD<f32>>) -> Vec<(String, Tensor)> {
     params
         .iter()
         .map(|(n, a)| (n.clone(), Tensor::F32(a.clone())))
@@ -748,7 +817,12 @@ fn supervised(
 
 /// A strong photometric view of a normalised image `[3, S, S]` (same geometry): brightness,
 /// contrast and per-channel gains, Gaussian noise, in pixel space `[0, 1]`.
-fn perturb(x: &Array3<f32>, mean: [f32; 3], std: [f32; 3], rng: &mut ChaCha8Rng) -> Array3<f32> {
+pub(super) fn perturb(
+    x: &Array3<f32>,
+    mean: [f32; 3],
+    std: [f32; 3],
+    rng: &mut ChaCha8Rng,
+) -> Array3<f32> {
     let brightness = 0.6 + 0.8 * rng.random::<f32>();
     let contrast = 0.6 + 0.8 * rng.random::<f32>();
     let gains: Vec<f32> = (0..3).map(|_| 0.85 + 0.3 * rng.random::<f32>()).collect();

@@ -2,6 +2,7 @@
 //! context) and end the process with a non-zero status.
 
 mod adapt;
+mod adapt_classify;
 mod demo;
 mod detect;
 mod distributed;

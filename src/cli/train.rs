@@ -3,7 +3,9 @@
 //! with `--artifact`), checkpoints and automatic resume, and held-out accuracy at the end.
 //!
 //! The output directory holds `artifact/` (the artifact trained, so a resume never depends on
-//! rebuilding it), `checkpoints/`, `train_log.jsonl`, `loss.png` and `eval.json`.
+//! rebuilding it), `checkpoints/`, `train_log.jsonl`, `loss.png`, `eval.json` and `model.onnx`
+//! (the trained classifier with its `densa.*` metadata: what `densa run` serves and `densa
+//! adapt` adapts).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -11,7 +13,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use densa_exporter::Tensor;
-use densa_models::train_step::eval_with_state;
+use densa_models::train_step::{deployed_classifier, eval_with_state};
 use densa_runtime::train::classify::{ImageFolder, Split, SyntheticSquares};
 use densa_runtime::train::{
     checkpoint, Artifact, Communicator, Length, Samples, Shuffled, StopReason, TrainOptions,
@@ -123,6 +125,18 @@ fn classes(args: &TrainArgs) -> Result<usize> {
             .classes()
             .len()),
         None => Ok(args.classes),
+    }
+}
+
+/// The class names, index = label: the folder's subfolders, or `square-<k>` for the
+/// synthetic set.
+fn class_names(args: &TrainArgs) -> Result<Vec<String>> {
+    match &args.data {
+        Some(dir) => Ok(ImageFolder::open(dir, 1, 0, Split::Train)
+            .with_context(|| format!("reading the image folder {}", dir.display()))?
+            .classes()
+            .to_vec()),
+        None => Ok((0..args.classes).map(|k| format!("square-{k}")).collect()),
     }
 }
 
@@ -269,6 +283,22 @@ fn run_rank(args: TrainArgs, comm: &Arc<dyn Communicator>) -> Result<()> {
     if summary.stop == StopReason::Interrupted {
         println!("interrupted; run the same command again to resume");
         return Ok(());
+    }
+    if let Some(eval) = &eval_graph {
+        let classes = class_names(&args)?;
+        let arch = eval
+            .graph
+            .as_ref()
+            .and_then(|g| g.name.strip_prefix("densa-"))
+            .and_then(|n| n.strip_suffix("-classify"))
+            .map(str::to_string)
+            .unwrap_or_else(|| args.arch.name().to_string());
+        let deployed = deployed_classifier(eval, &trainer.state(), &arch, &classes, size)
+            .context("the deployed classifier")?;
+        let path = args.out.join("model.onnx");
+        densa_exporter::io::save(&deployed, &path)
+            .with_context(|| format!("writing {}", path.display()))?;
+        println!("classifier {}", path.display());
     }
     if let (Some(eval), Some(held_out)) = (eval_graph, samples(&args, size, Split::HeldOut)?) {
         let eval = eval_with_state(&eval, &trainer.state()).context("the eval graph")?;

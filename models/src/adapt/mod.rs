@@ -36,6 +36,7 @@
 //! which a deployed model does not record.
 
 mod bn_stats;
+mod classify;
 mod consistency;
 mod graph;
 mod optim;
@@ -44,10 +45,11 @@ mod segment;
 mod tests;
 
 pub use bn_stats::{bn_stats_graph, BatchNormStats};
+pub use classify::{DeployedClassifier, CLASS_LABELS, LOGITS, TEACHER_PROBS};
 pub use consistency::{ConsistencyConfig, TEACHER_BOX, TEACHER_CLS, TEACHER_CTR};
 pub use graph::{parameters_of, with_parameters};
 pub use optim::AdamW;
-pub use segment::{DeployedSegmenter, LABELS};
+pub use segment::{DeployedSegmenter, ImageMeta, LABELS};
 
 use std::collections::{BTreeMap, HashSet};
 
@@ -64,8 +66,12 @@ use crate::detect::{DetectError, DetectorConfig};
 pub enum AdaptError {
     #[error("{model}: metadata `{key}` is missing (not a densa export; adapt needs `densa.task`, `densa.arch` and `densa.spec`)")]
     MissingMetadata { model: String, key: &'static str },
-    #[error("{model}: a `{task}` model; this adaptation needs a detector (`densa.task = detect`)")]
-    WrongTask { model: String, task: String },
+    #[error("{model}: a `{task}` model (`densa.task`), expected a `{expected}` model")]
+    WrongTask {
+        model: String,
+        task: String,
+        expected: &'static str,
+    },
     #[error("{model}: {problem}")]
     Structure { model: String, problem: String },
     #[error("{model}: --train {selection}: {problem}")]
@@ -213,6 +219,7 @@ impl DeployedDetector {
             return Err(AdaptError::WrongTask {
                 model: label.to_string(),
                 task,
+                expected: "detect",
             });
         }
         let arch = meta("densa.arch")?;

@@ -15,25 +15,23 @@ use crate::detect::names;
 /// The segmenter's labels input: int64 `[N, S, S]`, class index per pixel.
 pub const LABELS: &str = "labels";
 
-/// A densa segmenter export, read back for adaptation.
-#[derive(Clone, Debug)]
-pub struct DeployedSegmenter {
-    pub model: ModelProto,
-    pub label: String,
-    /// Class names (`densa.classes`, background first); the logits have one channel each.
-    pub classes: Vec<String>,
-    /// Square input side (`densa.input_size`).
-    pub image_size: u32,
+/// What an image model's metadata says about its input: `densa.input_size` (`SxS`),
+/// `densa.mean`, `densa.std` (segmenters and classifiers; detectors carry `densa.spec`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ImageMeta {
+    /// Square input side.
+    pub size: u32,
     pub mean: [f32; 3],
     pub std: [f32; 3],
-    /// Every parameter (float initializer named `*.weight` / `*.bias`), sorted by name.
-    pub parameters: Vec<String>,
 }
 
-impl DeployedSegmenter {
-    /// Reads a segmenter export: `densa.task = segment`, `densa.classes`, `densa.input_size`
-    /// (`SxS`), `densa.mean`, `densa.std` and a `logits` output.
-    pub fn from_model(model: &ModelProto, label: &str) -> Result<DeployedSegmenter, AdaptError> {
+impl ImageMeta {
+    /// Checks `densa.task == task` and reads `densa.classes` and the input's metadata.
+    pub fn read(
+        model: &ModelProto,
+        label: &str,
+        task: &'static str,
+    ) -> Result<(Vec<String>, ImageMeta), AdaptError> {
         let meta = |key: &'static str| {
             model
                 .metadata_props
@@ -45,11 +43,12 @@ impl DeployedSegmenter {
                     key,
                 })
         };
-        let task = meta("densa.task")?;
-        if task != "segment" {
+        let found = meta("densa.task")?;
+        if found != task {
             return Err(AdaptError::WrongTask {
                 model: label.to_string(),
-                task,
+                task: found,
+                expected: task,
             });
         }
         let structure = |problem: String| AdaptError::Structure {
@@ -77,7 +76,48 @@ impl DeployedSegmenter {
                 .try_into()
                 .map_err(|_| structure(format!("{key} {v:?}: expected three numbers")))
         };
-        let (mean, std) = (triple("densa.mean")?, triple("densa.std")?);
+        Ok((
+            classes,
+            ImageMeta {
+                size: image_size,
+                mean: triple("densa.mean")?,
+                std: triple("densa.std")?,
+            },
+        ))
+    }
+}
+
+/// A densa segmenter export, read back for adaptation.
+#[derive(Clone, Debug)]
+pub struct DeployedSegmenter {
+    pub model: ModelProto,
+    pub label: String,
+    /// Class names (`densa.classes`, background first); the logits have one channel each.
+    pub classes: Vec<String>,
+    /// Square input side (`densa.input_size`).
+    pub image_size: u32,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+    /// Every parameter (float initializer named `*.weight` / `*.bias`), sorted by name.
+    pub parameters: Vec<String>,
+}
+
+impl DeployedSegmenter {
+    /// Reads a segmenter export: `densa.task = segment`, `densa.classes`, `densa.input_size`
+    /// (`SxS`), `densa.mean`, `densa.std` and a `logits` output.
+    pub fn from_model(model: &ModelProto, label: &str) -> Result<DeployedSegmenter, AdaptError> {
+        let (
+            classes,
+            ImageMeta {
+                size: image_size,
+                mean,
+                std,
+            },
+        ) = ImageMeta::read(model, label, "segment")?;
+        let structure = |problem: String| AdaptError::Structure {
+            model: label.to_string(),
+            problem,
+        };
         let graph = model
             .graph
             .as_ref()
