@@ -12,6 +12,8 @@
 #    - supervised head adaptation on 10 labeled shifted images (`--max-images 10`, a seeded
 #      subset of the pool), and the same with `--train all`;
 #    - unlabeled consistency adaptation (momentum teacher) on the 100 unlabeled images;
+#    - unlabeled `--method pixpro` and `--method densecl` (the pretext objectives on the
+#      backbone features, momentum teacher; the backbone trained) on the same images;
 #    - bn-stats (AdaBN) on the 100 unlabeled images, on the same weights exported with
 #      `--keep-batch-norm`, and bn-stats followed by supervised head adaptation;
 #    every adapted model and the deployed one scored with `densa eval detect` on the shifted
@@ -79,15 +81,19 @@ printf '\n| run | seed | AP (shifted val) | AP50 (shifted val) | s/step | peak M
 printf '| deployed, source val (style a) | - | %s | %s | - | - |\n' "$src_ap" "$src_ap50"
 printf '| deployed, shifted val (style b) | - | %s | %s | - | - |\n' "$dep_ap" "$dep_ap50"
 for seed in $SEEDS; do
-  for run in "supervised head 10 labeled" "supervised all 10 labeled" "consistency head 100 unlabeled"; do
+  for run in "supervised head 10 labeled" "supervised all 10 labeled" "consistency head 100 unlabeled" \
+    "pixpro backbone 100 unlabeled" "densecl backbone 100 unlabeled"; do
     read -r method train count _ <<<"$run"
+    # The pretext objectives train the backbone by default (no --train).
+    select=(--train "$train")
+    [[ $train == backbone ]] && select=()
     out="$work/adapted-$method-$train-$seed.onnx"
     if [[ $method == supervised ]]; then
       args=(--data "$work/shift_pool/annotations.json" --max-images 10 --steps "$STEPS" --lr "$LR")
     else
       args=(--data "$work/shift_unlabeled/images" --steps "$USTEPS" --lr "$ULR")
     fi
-    "$DENSA" adapt "$work/det.onnx" "${args[@]}" --method "$method" --train "$train" \
+    "$DENSA" adapt "$work/det.onnx" "${args[@]}" --method "$method" "${select[@]}" \
       --batch "$BATCH" --seed "$seed" --no-eval --backend "$BACKEND" --threads 2 --out "$out" >&2
     read -r a_ap a_ap50 < <(ap "$out" "$work/shift_val/annotations.json")
     rep="${out%.onnx}.report.json"

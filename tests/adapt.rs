@@ -707,3 +707,78 @@ fn classifier_adaptation_with_labels_fixes_a_shift() {
     let err = assert_clean_failure(&o);
     assert!(err.contains("is a classifier"), "{err}");
 }
+
+/// `--method pixpro` / `densecl` (unlabeled, the pretext objectives on the backbone features):
+/// by default exactly the backbone's parameters change; a selection without backbone
+/// parameters and a pretext method without a dense objective are refused with a message.
+#[test]
+fn pretext_objectives_adapt_the_backbone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let det = setup(dir);
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let a = load(&det);
+    let mut want = parameters(&a, |n| !n.starts_with("head.") && !n.starts_with("fpn."));
+    want.sort();
+    assert!(want.contains(&"conv1.weight".to_string()));
+    for method in ["pixpro", "densecl"] {
+        let out = dir.join(format!("{method}.onnx"));
+        let log = ok(&[
+            "adapt",
+            &s(&det),
+            "--data",
+            &s(&dir.join("shift/images")),
+            "--method",
+            method,
+            "--steps",
+            "2",
+            "--batch",
+            "2",
+            "--backend",
+            "tract",
+            "--out",
+            &s(&out),
+        ]);
+        let mut got = changed(&a, &load(&out));
+        got.sort();
+        assert_eq!(got, want, "{method}:\n{log}");
+        let report: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join(format!("{method}.report.json"))).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(report["method"], method);
+        assert_eq!(report["train"], "backbone");
+        let losses = report["losses"].as_array().unwrap();
+        assert_eq!(losses.len(), 2);
+        assert!(losses.iter().all(|l| l.as_f64().unwrap().is_finite()));
+    }
+    let o = run_densa(&[
+        "adapt",
+        &s(&det),
+        "--data",
+        &s(&dir.join("shift/images")),
+        "--method",
+        "densecl",
+        "--train",
+        "head",
+        "--out",
+        &s(&dir.join("x.onnx")),
+    ]);
+    let err = assert_clean_failure(&o);
+    assert!(
+        err.contains("selects no parameter the backbone features"),
+        "{err}"
+    );
+    let o = run_densa(&[
+        "adapt",
+        &s(&det),
+        "--data",
+        &s(&dir.join("shift/images")),
+        "--method",
+        "swav",
+        "--out",
+        &s(&dir.join("x.onnx")),
+    ]);
+    let err = assert_clean_failure(&o);
+    assert!(err.contains("no dense adaptation objective"), "{err}");
+}

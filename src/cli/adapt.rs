@@ -1,5 +1,5 @@
 //! `densa adapt MODEL.onnx --data DIR_OR_COCO.json --out ADAPTED.onnx`: adapts a deployed
-//! detector on the device's CPU, starting from the `.onnx` itself (no training checkpoint),
+//! detector, segmenter or classifier on the device's CPU, starting from the `.onnx` itself (no training checkpoint),
 //! and writes a new `.onnx` the same runtime serves ([`densa_models::adapt`] has the graph
 //! surgery and the objectives).
 //!
@@ -9,8 +9,13 @@
 //!   momentum teacher on the serving view and the student on a photometrically perturbed view.
 //! - Segmenters (`densa.task = segment`): `--method supervised`, per-pixel cross-entropy on the
 //!   COCO file's masks (`densa eval segment` scores them before and after).
+//! - `--method pixpro|densecl` (no labels needed): the pretext method's dense objective on the
+//!   backbone features between two crops of each image, with a momentum teacher; the
+//!   backbone is trained ([`super::adapt_dense`]).
 //! - `--method bn-stats`: re-estimates batch-norm statistics on the device's images, for models
 //!   that kept `BatchNormalization` nodes (densa's exports fold them: then it is an error).
+//! - Classifiers (`densa.task = classify`, `densa train`'s `model.onnx`): images in class
+//!   subfolders, accuracy before and after ([`super::adapt_classify`]).
 //!
 //! Memory is bounded by construction: one image per graph run (gradients accumulated over
 //! `--batch` images on the host), and by default only the head is trainable (the backward graph
@@ -29,8 +34,9 @@ use clap::{Args, ValueEnum};
 use densa_exporter::onnx::ModelProto;
 use densa_exporter::Tensor;
 use densa_models::adapt::{
-    bn_stats_graph, with_parameters, AdamW, BatchNormStats, ConsistencyConfig, DeployedDetector,
-    DeployedSegmenter, TrainSelection, TEACHER_BOX, TEACHER_CLS, TEACHER_CTR,
+    bn_stats_graph, with_parameters, AdamW, BatchNormStats, ConsistencyConfig, DenseObjective,
+    DeployedDetector, DeployedSegmenter, ImageMeta, TrainSelection, TEACHER_BOX, TEACHER_CLS,
+    TEACHER_CTR,
 };
 use densa_models::detect::names;
 use densa_runtime::data::coco::Dataset;
@@ -44,6 +50,8 @@ use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
+use super::adapt_classify::stretch_input;
+use super::adapt_dense::{adapt_dense, DenseTask};
 use super::eval_detect::{evaluate_model, images_dir};
 use super::finetune_detect::DetectSamples;
 use super::finetune_segment::{open_source, SegSamples};
@@ -76,10 +84,13 @@ pub struct AdaptArgs {
     #[arg(long, value_enum, default_value = "auto")]
     pub labels: Labels,
     /// Trainable parameters: head, all, or comma-separated name patterns (`fpn.*,head.*`).
-    #[arg(long, default_value = "head")]
-    pub train: TrainSelection,
-    /// supervised, consistency (unlabeled, momentum teacher) or bn-stats. Default: supervised
-    /// with labels, consistency without.
+    /// Default: head; for the pretext objectives (pixpro, densecl), every parameter the
+    /// backbone features depend on (a selection is narrowed to those).
+    #[arg(long)]
+    pub train: Option<TrainSelection>,
+    /// supervised, consistency (unlabeled, momentum teacher on the predictions), pixpro or
+    /// densecl (unlabeled, the pretext method's dense objective on the backbone features with
+    /// a momentum teacher) or bn-stats. Default: supervised with labels, consistency without.
     #[arg(long)]
     pub method: Option<String>,
     /// Optimizer steps.
@@ -129,6 +140,10 @@ pub enum Method {
     Supervised,
     Consistency,
     BnStats,
+    /// PixPro's pixel-propagation consistency on the backbone features.
+    Pixpro,
+    /// DenseCL's dense InfoNCE on the backbone features.
+    Densecl,
 }
 
 impl Method {
@@ -143,16 +158,47 @@ impl Method {
             Some("supervised") => Ok(Method::Supervised),
             Some("consistency") | Some("mean-teacher") => Ok(Method::Consistency),
             Some("bn-stats") => Ok(Method::BnStats),
+            Some("pixpro") => Ok(Method::Pixpro),
+            Some("densecl") => Ok(Method::Densecl),
             Some(other) => {
                 let pretext = densa_models::pretext::registry::method_info(other).is_ok();
                 if pretext {
                     bail!(
-                        "--method {other}: the pretext method is not available for adaptation \
-                         of a deployed detector yet; use supervised, consistency or bn-stats"
+                        "--method {other}: this pretext method has no dense adaptation objective; \
+                         the pretext objectives for adaptation are {}",
+                        DenseObjective::NAMES.join(", ")
                     )
                 }
-                bail!("--method {other}: unknown; use supervised, consistency or bn-stats")
+                bail!(
+                    "--method {other}: unknown; use supervised, consistency, bn-stats, {}",
+                    DenseObjective::NAMES.join(", ")
+                )
             }
+        }
+    }
+
+    /// The pretext objective of `pixpro` / `densecl`.
+    pub(super) fn dense_objective(self) -> Option<DenseObjective> {
+        match self {
+            Method::Pixpro => DenseObjective::named("pixpro"),
+            Method::Densecl => DenseObjective::named("densecl"),
+            _ => None,
+        }
+    }
+}
+
+impl AdaptArgs {
+    /// `--train`, head when not given (the pretext objectives choose their own default).
+    pub(super) fn selection(&self) -> TrainSelection {
+        self.train.clone().unwrap_or(TrainSelection::Head)
+    }
+
+    /// What the report says was trained.
+    pub(super) fn trained(&self, method: Method) -> String {
+        match (method, &self.train) {
+            (Method::BnStats, _) => "batch-norm statistics".into(),
+            (m, None) if m.dense_objective().is_some() => "backbone".into(),
+            (_, t) => t.clone().unwrap_or(TrainSelection::Head).to_string(),
         }
     }
 }
@@ -418,9 +464,58 @@ pub fn adapt(args: &AdaptArgs) -> Result<AdaptReport> {
         )?;
         let seconds = started.elapsed().as_secs_f64();
         (adapted, Vec::new(), names, count, seconds)
+    } else if let Some(objective) = method.dense_objective() {
+        let source = source.as_ref();
+        let read = |i: usize| {
+            let i = subset[i];
+            source.load(i).with_context(|| {
+                format!(
+                    "reading {}",
+                    source
+                        .image_path(i)
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_else(|| args.data.display().to_string())
+                )
+            })
+        };
+        let (adapted, losses, trainable, count, seconds) = if segmenter {
+            let seg = DeployedSegmenter::from_model(&model, &label)?;
+            let meta = ImageMeta {
+                size: seg.image_size,
+                mean: seg.mean,
+                std: seg.std,
+            };
+            let load = |i: usize| Ok(stretch_input(&read(i)?.image, &meta));
+            let task = DenseTask {
+                model: &model,
+                label: &label,
+                input: "images".into(),
+                mean: seg.mean,
+                std: seg.std,
+                batched: true,
+                items: subset.len(),
+                load: &load,
+            };
+            adapt_dense(args, &task, objective, backend.as_ref())?
+        } else {
+            let det = DeployedDetector::from_model(&model, &label)?;
+            let load = |i: usize| Ok(prepare(&read(i)?.image, &det.spec.input).0);
+            let task = DenseTask {
+                model: &model,
+                label: &label,
+                input: det.input_name(),
+                mean: det.spec.input.mean,
+                std: det.spec.input.std,
+                batched: !det.chw,
+                items: subset.len(),
+                load: &load,
+            };
+            adapt_dense(args, &task, objective, backend.as_ref())?
+        };
+        (adapted, losses, trainable, count, seconds)
     } else if segmenter {
         let seg = DeployedSegmenter::from_model(&model, &label)?;
-        let trainable = seg.trainable(&args.train)?;
+        let trainable = seg.trainable(&args.selection())?;
         let mut params: BTreeMap<String, ArrayD<f32>> = seg
             .values(&trainable)?
             .into_iter()
@@ -448,7 +543,7 @@ pub fn adapt(args: &AdaptArgs) -> Result<AdaptReport> {
         )
     } else {
         let det = DeployedDetector::from_model(&model, &label)?;
-        let trainable = det.trainable(&args.train)?;
+        let trainable = det.trainable(&args.selection())?;
         let mut params: BTreeMap<String, ArrayD<f32>> = det
             .values(&trainable)?
             .into_iter()
@@ -519,11 +614,7 @@ pub fn adapt(args: &AdaptArgs) -> Result<AdaptReport> {
         model: args.model.display().to_string(),
         out: args.out.display().to_string(),
         method,
-        train: if method == Method::BnStats {
-            "batch-norm statistics".into()
-        } else {
-            args.train.to_string()
-        },
+        train: args.trained(method),
         trainable_tensors: trainable.len(),
         trainable_values: values_count,
         images: subset.len(),

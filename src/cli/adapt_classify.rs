@@ -32,6 +32,7 @@ use super::adapt::{
     adaptation_loop, bn_stats, choose_subset, grads_of, param_inputs, peak_memory_mb, perturb,
     save_model, AdaptArgs, AdaptReport, Labels, Method, Scores,
 };
+use super::adapt_dense::{adapt_dense, DenseTask};
 
 /// One image of the device's data and its class index in the model (when labeled).
 #[derive(Clone, Debug)]
@@ -104,8 +105,21 @@ pub(super) fn adapt(args: &AdaptArgs, model: &ModelProto, label: &str) -> Result
         )?;
         let seconds = started.elapsed().as_secs_f64();
         (adapted, Vec::new(), names, count, seconds)
+    } else if let Some(objective) = method.dense_objective() {
+        let load_item = |i: usize| load(&subset[i]);
+        let task = DenseTask {
+            model,
+            label,
+            input: clf.input.clone(),
+            mean: meta.mean,
+            std: meta.std,
+            batched: true,
+            items: subset.len(),
+            load: &load_item,
+        };
+        adapt_dense(args, &task, objective, backend.as_ref())?
     } else {
-        let trainable = clf.trainable(&args.train)?;
+        let trainable = clf.trainable(&args.selection())?;
         let mut params: BTreeMap<String, ArrayD<f32>> = clf
             .values(&trainable)?
             .into_iter()
@@ -131,7 +145,9 @@ pub(super) fn adapt(args: &AdaptArgs, model: &ModelProto, label: &str) -> Result
                 &subset,
                 &load,
             )?,
-            Method::BnStats => unreachable!("handled above"),
+            Method::BnStats | Method::Pixpro | Method::Densecl => {
+                unreachable!("handled above")
+            }
         };
         let new: BTreeMap<String, Tensor> = params
             .into_iter()
@@ -167,11 +183,7 @@ pub(super) fn adapt(args: &AdaptArgs, model: &ModelProto, label: &str) -> Result
         model: args.model.display().to_string(),
         out: args.out.display().to_string(),
         method,
-        train: if method == Method::BnStats {
-            "batch-norm statistics".into()
-        } else {
-            args.train.to_string()
-        },
+        train: args.trained(method),
         trainable_tensors: trainable.len(),
         trainable_values: values_count,
         images: subset.len(),
@@ -196,7 +208,7 @@ pub(super) fn adapt(args: &AdaptArgs, model: &ModelProto, label: &str) -> Result
 
 /// The image as the classifier's input `[3, S, S]`: resized to `S x S` (bilinear, aspect not
 /// kept, as `densa train`), `(x / 255 - mean) / std`.
-fn stretch_input(img: &image::RgbImage, meta: &ImageMeta) -> Array3<f32> {
+pub(super) fn stretch_input(img: &image::RgbImage, meta: &ImageMeta) -> Array3<f32> {
     let size = meta.size;
     let img = if img.dimensions() == (size, size) {
         img.clone()

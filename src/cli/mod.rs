@@ -3,6 +3,7 @@
 
 mod adapt;
 mod adapt_classify;
+mod adapt_dense;
 mod demo;
 mod detect;
 mod distributed;

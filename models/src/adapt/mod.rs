@@ -1,6 +1,6 @@
-//! On-device adaptation of a deployed detector `.onnx` (densa issue 9): the inference graph is
-//! turned back into a trainable one, trained on the device's images, and the new parameter
-//! values are written into a copy of the deployed model.
+//! On-device adaptation of a deployed detector, segmenter or classifier `.onnx` (densa issue
+//! 9): the inference graph is turned back into a trainable one, trained on the device's
+//! images, and the new parameter values are written into a copy of the deployed model.
 //!
 //! What the literature calls *test-time* or *on-device adaptation*; the unlabeled objective is
 //! a Mean-Teacher-style prediction consistency (Tarvainen & Valpola 2017; Unbiased Teacher,
@@ -25,7 +25,9 @@
 //!   over `batch` images (gradient accumulation), so memory is one image's forward and
 //!   backward whatever the batch.
 //! - Segmenters ([`DeployedSegmenter`]): the same surgery with the per-pixel cross-entropy on
-//!   the `logits` output.
+//!   the `logits` output; classifiers ([`DeployedClassifier`]) with the cross-entropy on theirs.
+//! - The pretext objectives ([`dense_consistency_graph`]: PixPro, DenseCL) work on any of them:
+//!   the loss is appended to the backbone's last-stage features instead of the head.
 //! - [`with_parameters`] writes new values into the deployed model: same inputs, outputs,
 //!   nodes and metadata; only the named initializers differ.
 //!
@@ -38,6 +40,7 @@
 mod bn_stats;
 mod classify;
 mod consistency;
+mod dense;
 mod graph;
 mod optim;
 mod segment;
@@ -47,6 +50,10 @@ mod tests;
 pub use bn_stats::{bn_stats_graph, BatchNormStats};
 pub use classify::{DeployedClassifier, CLASS_LABELS, LOGITS, TEACHER_PROBS};
 pub use consistency::{ConsistencyConfig, TEACHER_BOX, TEACHER_CLS, TEACHER_CTR};
+pub use dense::{
+    backbone_feature, dense_consistency_graph, feature_graph, upstream_parameters, DenseObjective,
+    POSITIVES, TEACHER_KEYS,
+};
 pub use graph::{parameters_of, with_parameters};
 pub use optim::AdamW;
 pub use segment::{DeployedSegmenter, ImageMeta, LABELS};
@@ -345,7 +352,7 @@ impl DeployedDetector {
 
 /// The parameters of `parameters` that `selection` picks (order kept); an error naming the
 /// model (`label`) when none match.
-pub(crate) fn select(
+pub fn select(
     parameters: &[String],
     selection: &TrainSelection,
     label: &str,

@@ -466,3 +466,255 @@ fn unfolded_batch_norm_gives_the_folded_loss() {
         "{losses:?}"
     );
 }
+
+/// The pretext objectives (`--method pixpro|densecl`): the trainable parameters are exactly the
+/// backbone's (upstream of its last stage), and each loss equals a direct host computation
+/// from the student's features and the teacher's keys, with gradients matching central
+/// differences.
+#[test]
+fn dense_objectives_match_the_host_and_finite_differences() {
+    let config = tiny_config();
+    let (model, _) = deployed(&config);
+    let feature = backbone_feature(&model, "m.onnx").unwrap();
+    let all: Vec<String> = parameters_of(&model).unwrap().into_keys().collect();
+    let trainable = upstream_parameters(&model, &feature, &all);
+    assert!(trainable.contains(&"conv1.weight".to_string()));
+    assert!(trainable.iter().any(|p| p.starts_with("layer4.")));
+    assert!(
+        trainable
+            .iter()
+            .all(|p| !p.starts_with("head.") && !p.starts_with("fpn.")),
+        "{trainable:?}"
+    );
+    let backend = open_backend(BackendKind::Tract, &BackendOptions::default()).unwrap();
+    let params: BTreeMap<String, Tensor> = parameters_of(&model)
+        .unwrap()
+        .into_iter()
+        .filter(|(n, _)| trainable.contains(n))
+        .collect();
+    let (x, _) = sample(&config, 7);
+    let image = Tensor::F32(x.insert_axis(ndarray::Axis(0)).into_dyn());
+    let mut feat_session = backend
+        .load_model(
+            &feature_graph(&model, "m.onnx", &trainable, &feature).unwrap(),
+            "features",
+        )
+        .unwrap();
+    let mut inputs = vec![("images".to_string(), image.clone())];
+    inputs.extend(params.clone());
+    let f = output(&feat_session.run(inputs).unwrap(), &feature);
+    let (c, h, w) = (f.shape()[1], f.shape()[2], f.shape()[3]);
+    let s = h * w;
+    assert!(s >= 4, "a {h}x{w} feature map");
+    let mut rng = ChaCha8Rng::seed_from_u64(21);
+    let keys = ArrayD::from_shape_fn(vec![1, c, s], |_| rng.random::<f32>() * 2.0 - 1.0);
+
+    // Host: cells as f64 unit vectors.
+    let cell = |a: &ArrayD<f32>, j: usize, four: bool| -> Vec<f64> {
+        let v: Vec<f64> = (0..c)
+            .map(|k| {
+                if four {
+                    a[[0, k, j / w, j % w]] as f64
+                } else {
+                    a[[0, k, j]] as f64
+                }
+            })
+            .collect();
+        let n = v.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-12);
+        v.into_iter().map(|x| x / n).collect()
+    };
+    let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
+    let xs: Vec<Vec<f64>> = (0..s).map(|j| cell(&f, j, true)).collect();
+    let ks: Vec<Vec<f64>> = (0..s).map(|j| cell(&keys, j, false)).collect();
+
+    for objective in [
+        DenseObjective::named("pixpro").unwrap(),
+        DenseObjective::named("densecl").unwrap(),
+    ] {
+        let mut pos = ArrayD::<f32>::zeros(vec![1, s, s]);
+        match objective {
+            DenseObjective::PixPro { .. } => {
+                for i in 0..s {
+                    for j in 0..s {
+                        pos[[0, i, j]] = f32::from((i * 3 + j) % 3 == 0);
+                    }
+                }
+            }
+            DenseObjective::DenseCl { .. } => {
+                for i in 0..s {
+                    pos[[0, i, (i * 5 + 1) % s]] = 1.0;
+                }
+            }
+        }
+        let host = match objective {
+            DenseObjective::PixPro { gamma, .. } => {
+                let mut sum = 0.0;
+                for i in 0..s {
+                    let mut y = vec![0.0; c];
+                    for j in 0..s {
+                        let a = dot(&xs[i], &xs[j]).max(0.0).powf(gamma as f64);
+                        for k in 0..c {
+                            y[k] += a * xs[j][k];
+                        }
+                    }
+                    let n = dot(&y, &y).sqrt();
+                    for j in 0..s {
+                        sum += pos[[0, i, j]] as f64 * dot(&y, &ks[j]) / n;
+                    }
+                }
+                -sum / (pos.sum() as f64 + 1e-6)
+            }
+            DenseObjective::DenseCl { tau } => {
+                let mut sum = 0.0;
+                for i in 0..s {
+                    let l: Vec<f64> = (0..s).map(|j| dot(&xs[i], &ks[j]) / tau as f64).collect();
+                    let m = l.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let lse = m + l.iter().map(|v| (v - m).exp()).sum::<f64>().ln();
+                    for j in 0..s {
+                        sum += pos[[0, i, j]] as f64 * (l[j] - lse);
+                    }
+                }
+                -sum / s as f64
+            }
+        };
+        let graph =
+            dense_consistency_graph(&model, "m.onnx", &trainable, &feature, [c, h, w], objective)
+                .unwrap();
+        let mut session = backend.load_model(&graph, "dense").unwrap();
+        let mut run = |p: &BTreeMap<String, Tensor>| {
+            let mut inputs = vec![
+                ("images".to_string(), image.clone()),
+                (TEACHER_KEYS.to_string(), Tensor::F32(keys.clone())),
+                (POSITIVES.to_string(), Tensor::F32(pos.clone())),
+            ];
+            inputs.extend(p.clone());
+            session.run(inputs).unwrap()
+        };
+        let outs = run(&params);
+        let loss = output(&outs, "loss")[[]] as f64;
+        assert!(
+            (loss - host).abs() <= 1e-4 * host.abs().max(1e-3),
+            "{objective:?}: graph {loss}, host {host}"
+        );
+        let name = trainable
+            .iter()
+            .rev()
+            .find(|p| p.ends_with(".weight"))
+            .unwrap()
+            .clone();
+        let grad = output(&outs, &format!("grad.{name}"));
+        let mut drng = ChaCha8Rng::seed_from_u64(5);
+        let dir = grad.mapv(|_| drng.random::<f32>() - 0.5);
+        let eps = 2e-3f32;
+        let mut at = |sign: f32| {
+            let mut p = params.clone();
+            let v = p[&name].to_f32() + &(&dir * (sign * eps));
+            p.insert(name.clone(), Tensor::F32(v));
+            output(&run(&p), "loss")[[]] as f64
+        };
+        let fd = (at(1.0) - at(-1.0)) / (2.0 * eps as f64);
+        let analytic: f64 = grad
+            .iter()
+            .zip(dir.iter())
+            .map(|(g, d)| (g * d) as f64)
+            .sum();
+        assert!(
+            analytic.abs() > 1e-3,
+            "{objective:?}: a gradient this small tests nothing: {analytic}"
+        );
+        assert!(
+            (fd - analytic).abs() <= 3e-2 * analytic.abs(),
+            "{objective:?} on {name}: finite differences {fd}, gradient {analytic}"
+        );
+    }
+}
+
+/// A deployed classifier (`densa train`'s `model.onnx`): `head` is `fc`, the supervised loss is
+/// the host cross-entropy of its logits and the consistency loss the host soft cross-entropy
+/// against given teacher probabilities.
+#[test]
+fn classifier_losses_match_the_host() {
+    let mut config = crate::train_step::ClassifierConfig::new(crate::Arch::Edge, 3);
+    config.image_size = 32;
+    let weights = crate::export::WeightOptions {
+        state_dict: None,
+        strip_prefix: None,
+    };
+    let (eval, _) = crate::train_step::classifier_graph(&config, &weights, false).unwrap();
+    let eval = eval.builder.finish();
+    let classes: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
+    let model = crate::train_step::deployed_classifier(
+        &eval,
+        &densa_exporter::weights::StateDict::new(),
+        "resnet-edge",
+        &classes,
+        32,
+    )
+    .unwrap();
+    let clf = DeployedClassifier::from_model(&model, "c.onnx").unwrap();
+    assert_eq!(clf.classes, classes);
+    assert_eq!(clf.image.size, 32);
+    let head = clf.trainable(&TrainSelection::Head).unwrap();
+    assert_eq!(head, vec!["fc.bias".to_string(), "fc.weight".to_string()]);
+    let backend = open_backend(BackendKind::Tract, &BackendOptions::default()).unwrap();
+    let params = clf.values(&head).unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let x = ArrayD::from_shape_fn(vec![2, 3, 32, 32], |_| rng.random::<f32>() * 2.0 - 1.0);
+    let with = |extra: Vec<(String, Tensor)>| {
+        let mut inputs = vec![(clf.input.clone(), Tensor::F32(x.clone()))];
+        inputs.extend(params.clone());
+        inputs.extend(extra);
+        inputs
+    };
+    let logits = output(
+        &backend
+            .load_model(&clf.logits_graph(&head).unwrap(), "logits")
+            .unwrap()
+            .run(with(vec![]))
+            .unwrap(),
+        LOGITS,
+    );
+    let log_softmax = |n: usize, k: usize| {
+        let row: Vec<f64> = (0..3).map(|j| logits[[n, j]] as f64).collect();
+        let m = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        row[k] - m - row.iter().map(|v| (v - m).exp()).sum::<f64>().ln()
+    };
+    let labels = [2i64, 0];
+    let sup = output(
+        &backend
+            .load_model(&clf.supervised_graph(&head).unwrap(), "sup")
+            .unwrap()
+            .run(with(vec![(
+                CLASS_LABELS.into(),
+                Tensor::I64(ArrayD::from_shape_vec(vec![2], labels.to_vec()).unwrap()),
+            )]))
+            .unwrap(),
+        "loss",
+    )[[]] as f64;
+    let host_sup = -(log_softmax(0, 2) + log_softmax(1, 0)) / 2.0;
+    assert!(
+        (sup - host_sup).abs() <= 1e-5 * host_sup.abs().max(1.0),
+        "{sup} vs {host_sup}"
+    );
+    let p = ArrayD::from_shape_vec(vec![2, 3], vec![0.2f32, 0.5, 0.3, 0.7, 0.1, 0.2]).unwrap();
+    let cons = output(
+        &backend
+            .load_model(&clf.consistency_graph(&head).unwrap(), "cons")
+            .unwrap()
+            .run(with(vec![(TEACHER_PROBS.into(), Tensor::F32(p.clone()))]))
+            .unwrap(),
+        "loss",
+    )[[]] as f64;
+    let host_cons = -(0..2)
+        .map(|n| {
+            (0..3)
+                .map(|k| p[[n, k]] as f64 * log_softmax(n, k))
+                .sum::<f64>()
+        })
+        .sum::<f64>()
+        / 2.0;
+    assert!(
+        (cons - host_cons).abs() <= 1e-5 * host_cons.abs().max(1.0),
+        "{cons} vs {host_cons}"
+    );
+}
