@@ -192,6 +192,65 @@ fn accumulation_over_consumers() {
     );
 }
 
+/// Static slices that tile a value (a multi-crop batch cut into its crops): the gradient is
+/// one `Concat` of the slices' gradients, not a sum of full-size zero-padded copies; with a
+/// gap, one `Pad` per contiguous run.
+#[test]
+fn tiling_slices_concatenate_their_gradients() {
+    for (cuts, pads) in [
+        (vec![(0, 2), (2, 4), (4, 6)], 0),
+        (vec![(0, 2), (3, 4), (4, 6)], 2),
+    ] {
+        let mut rng = Gen::new(7);
+        let mut net = Net::new(DType::F64);
+        let x = net.rand_input(&mut rng, "x", &[3, 6], -1.0, 1.0);
+        let axes = net.ints(&[1]);
+        let mut outs = Vec::new();
+        for (k, &(b, e)) in cuts.iter().enumerate() {
+            let (st, en) = (net.ints(&[b]), net.ints(&[e]));
+            let sl = net.node("Slice", &[&x, &st, &en, &axes], vec![]);
+            let c = net.init(tensor(DType::F64, &[], vec![2.0 + k as f64]));
+            outs.push(net.node("Mul", &[&sl, &c], vec![]));
+        }
+        let refs: Vec<&str> = outs.iter().map(String::as_str).collect();
+        let y = net.node("Concat", &refs, vec![int("axis", 1)]);
+        check("tiling slices", &net, &y, &["x"], &mut rng, &Check::f64());
+        let m = net.model(&y);
+        let g = gradients(m.graph.as_ref().unwrap(), &GradRequest::new(&y, &["x"])).unwrap();
+        let count = |op: &str| g.nodes.iter().filter(|n| n.op_type == op).count();
+        assert_eq!(count("Pad"), pads, "{cuts:?}");
+        assert!(count("Concat") >= 1, "{cuts:?}");
+        assert_eq!(count("Sum"), usize::from(pads > 0), "{cuts:?}");
+    }
+}
+
+/// GridSample on a small map with more channels than cells (a backbone's last stage sampled on
+/// a lattice): the input gradient is a product with the sampling weights, no scatter.
+#[test]
+fn grid_sample_on_a_small_map_multiplies_by_the_sampling_weights() {
+    let mut rng = Gen::new(8);
+    let mut net = Net::new(DType::F32);
+    let x = net.rand_input(&mut rng, "x", &[2, 8, 2, 2], -1.0, 1.0);
+    let grid = net.init(tensor(
+        DType::F32,
+        &[2, 3, 3, 2],
+        (0..36).map(|i| -0.83 + 0.047 * i as f64).collect(),
+    ));
+    let y = net.node("GridSample", &[&x, &grid], vec![]);
+    check(
+        "GridSample 2x2 map",
+        &net,
+        &y,
+        &["x"],
+        &mut rng,
+        &Check::f32_linear(),
+    );
+    let m = net.model(&y);
+    let g = gradients(m.graph.as_ref().unwrap(), &GradRequest::new(&y, &["x"])).unwrap();
+    assert!(g.nodes.iter().any(|n| n.op_type == "MatMul"));
+    assert!(!g.nodes.iter().any(|n| n.op_type == "ScatterElements"));
+}
+
 /// The seed as a graph input (split forward/backward): the gradient of a non-scalar output
 /// for a seed s equals the gradient of sum(y · s).
 #[test]

@@ -145,9 +145,11 @@ proptest! {
     }
 
     /// GridSample: bilinear (input and grid gradients) and nearest (input gradient), zeros and
-    /// border padding, both align_corners.
+    /// border padding, both align_corners; few channels (the input gradient scattered) and
+    /// more channels than map cells (the input gradient as a product with sampling weights).
     #[test]
     fn grid_sample(
+        channels in prop::sample::select(vec![2usize, 40]),
         h in 2usize..6,
         w in 2usize..6,
         oh in 1usize..4,
@@ -159,7 +161,7 @@ proptest! {
     ) {
         let mut rng = Gen::new(seed);
         let mut net = Net::new(DType::F32);
-        let x = net.rand_input(&mut rng, "x", &[2, 2, h, w], -1.0, 1.0);
+        let x = net.rand_input(&mut rng, "x", &[2, channels, h, w], -1.0, 1.0);
         // Grid points away from pixel boundaries (where bilinear weights have kinks) and from
         // nearest-rounding ties, so finite differences see a smooth function.
         let ng = 2 * oh * ow * 2;
@@ -180,7 +182,7 @@ proptest! {
             string("padding_mode", if border { "border" } else { "zeros" }),
             int("align_corners", align as i64),
         ]);
-        let label = format!("GridSample bilinear={bilinear} border={border} align={align}");
+        let label = format!("GridSample C={channels} {h}x{w} bilinear={bilinear} border={border} align={align}");
         check(&label, &net, &y, &["x"], &mut rng, &Check::f32_linear());
         if bilinear {
             check(&label, &net, &y, &["grid"], &mut rng, &Check::f32_smooth().with_eps(1e-3));

@@ -168,6 +168,45 @@ proptest! {
         check(&label, &net, &y, &["a", "b"], &mut rng, &Check::f64());
     }
 
+    /// Several static slices of one value along one axis (tiling it, with gaps, or
+    /// overlapping), each scaled differently, plus a full-size use: the slice gradients are
+    /// concatenated instead of summed as zero-padded copies when they are disjoint.
+    #[test]
+    fn slices_of_one_value(
+        rows in 1usize..4, cols in 4usize..9,
+        cuts in prop::collection::vec((0i64..9, 1i64..5), 2..5),
+        full_use in any::<bool>(),
+        dynamic in any::<bool>(),
+        seed in any::<u64>(),
+    ) {
+        let mut rng = Gen::new(seed);
+        let mut net = Net::new(DType::F64);
+        let x = net.rand_input(&mut rng, "x", &[rows, cols], -1.0, 1.0);
+        let x = if dynamic {
+            // The same values through an op whose output shape the rules cannot see.
+            let shape = net.node("Shape", &[&x], vec![]);
+            net.node("Reshape", &[&x, &shape], vec![])
+        } else {
+            x
+        };
+        let axes = net.ints(&[1]);
+        let mut outs = Vec::new();
+        for (k, &(begin, len)) in cuts.iter().enumerate() {
+            let begin = begin % cols as i64;
+            let end = (begin + len).min(cols as i64);
+            let (st, en) = (net.ints(&[begin]), net.ints(&[end]));
+            let sl = net.node("Slice", &[&x, &st, &en, &axes], vec![]);
+            let c = net.init(tensor(DType::F64, &[], vec![1.0 + k as f64]));
+            outs.push(net.node("Mul", &[&sl, &c], vec![]));
+        }
+        if full_use {
+            outs.push(net.node("Tanh", &[&x], vec![]));
+        }
+        let refs: Vec<&str> = outs.iter().map(String::as_str).collect();
+        let y = net.node("Concat", &refs, vec![int("axis", 1)]);
+        check(&format!("slices {cuts:?} of [{rows}, {cols}] full={full_use} dynamic={dynamic}"), &net, &y, &["x"], &mut rng, &Check::f64());
+    }
+
     /// Gather (index ranks 0-2, negative and repeated indices), GatherElements, GatherND, TopK.
     #[test]
     fn indexing(shape in prop::collection::vec(2usize..5, 2..4), axis in 0usize..3, qrank in 0usize..3, seed in any::<u64>()) {

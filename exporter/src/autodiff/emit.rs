@@ -19,6 +19,22 @@ pub(crate) struct Emitter {
     scope: String,
     /// The opset of the default domain the emitted nodes must belong to.
     pub opset: i64,
+    /// Gradients of static one-axis slices (a `Pad` of the slice's gradient), by output name:
+    /// [`super::accumulate`] concatenates those that tile their input instead of summing
+    /// zero-padded full-size copies.
+    pub slice_grads: HashMap<String, SliceGrad>,
+}
+
+/// The gradient of `Slice(x)[begin..end]` along `axis` (`x` has `dim` there): `dy` placed at
+/// `begin` in zeros shaped like `x`.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct SliceGrad {
+    pub dy: String,
+    pub axis: usize,
+    pub rank: usize,
+    pub begin: i64,
+    pub end: i64,
+    pub dim: i64,
 }
 
 impl Emitter {
@@ -31,6 +47,7 @@ impl Emitter {
             constants: HashMap::new(),
             scope: "grad".into(),
             opset,
+            slice_grads: HashMap::new(),
         }
     }
 

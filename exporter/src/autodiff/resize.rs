@@ -355,7 +355,33 @@ pub(crate) fn grid_sample(cx: &mut Ctx, s: &Step) -> Grads {
         valid.push(e.reshape_const(&v, &[0, 1, -1]));
     }
     let dyr = e.reshape_const(&dy, &[0, 0, -1]);
-    if s.need(0) {
+    // Small static input maps (a backbone's last stage sampled at many points): the input
+    // gradient as `dy [N, C, L] x W [N, L, H*W]`, W the sampling weights of each output point
+    // (one-hot corners times their bilinear weights), instead of scattering `N*C*4L` updates.
+    let small_map = match (xs[1].fixed(), xs[2].fixed(), xs[3].fixed()) {
+        (Some(c), Some(h), Some(w)) => h * w <= 256 && h * w <= c,
+        _ => false,
+    };
+    if s.need(0) && small_map {
+        let hw = xs[2].fixed().unwrap_or(0) * xs[3].fixed().unwrap_or(0);
+        let cells = e.constant(Tensor::I64(
+            ndarray::ArrayD::from_shape_vec(vec![1, 1, hw as usize], (0..hw).collect())
+                .expect("[1, 1, HW]"),
+        ));
+        let mut terms = Vec::new();
+        for ((fi, v), (_, _, w)) in flat.iter().zip(&valid).zip(&corners) {
+            let col = e.reshape_const(fi, &[0, -1, 1]);
+            let hit = e.op("Equal", &[&col, &cells], vec![]);
+            let hit = e.cast(&hit, dtype);
+            let wr = e.reshape_const(w, &[0, -1, 1]);
+            let vr = e.reshape_const(v, &[0, -1, 1]);
+            let wv = e.mul(&wr, &vr);
+            terms.push(e.mul(&hit, &wv));
+        }
+        let weights = e.sum(&terms);
+        let g = e.op("MatMul", &[&dyr, &weights], vec![]);
+        out[0] = Some(e.reshape_like(&g, x));
+    } else if s.need(0) {
         let mut idx = Vec::new();
         let mut upd = Vec::new();
         for ((fi, v), (_, _, w)) in flat.iter().zip(&valid).zip(&corners) {

@@ -206,7 +206,25 @@ pub(crate) fn slice(cx: &mut Ctx, s: &Step) -> Grads {
             }
             if ok {
                 let p = cx.e.i64s(&pads);
-                out[0] = Some(cx.e.op("Pad", &[&dy, &p], vec![]));
+                let g = cx.e.op("Pad", &[&dy, &p], vec![]);
+                if let [axis] = ax.as_slice() {
+                    let a = norm_axis(*axis, rank);
+                    if let Some(d) = xs[a].fixed() {
+                        let (b, e) = slice_bounds(st[0], en[0], 1, d);
+                        cx.e.slice_grads.insert(
+                            g.clone(),
+                            super::emit::SliceGrad {
+                                dy: dy.clone(),
+                                axis: a,
+                                rank,
+                                begin: b,
+                                end: e.max(b),
+                                dim: d,
+                            },
+                        );
+                    }
+                }
+                out[0] = Some(g);
                 return Ok(out);
             }
         }
