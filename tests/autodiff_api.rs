@@ -194,12 +194,15 @@ fn accumulation_over_consumers() {
 
 /// Static slices that tile a value (a multi-crop batch cut into its crops): the gradient is
 /// one `Concat` of the slices' gradients, not a sum of full-size zero-padded copies; with a
-/// gap, one `Pad` per contiguous run.
+/// gap, one `Pad` per contiguous run; slices taken twice, two concatenations summed.
 #[test]
 fn tiling_slices_concatenate_their_gradients() {
-    for (cuts, pads) in [
-        (vec![(0, 2), (2, 4), (4, 6)], 0),
-        (vec![(0, 2), (3, 4), (4, 6)], 2),
+    // (slices, Pads, Sum inputs): a tiling, a gap, and a tiling whose slices are all taken
+    // twice (two concatenations, summed).
+    for (cuts, pads, sums) in [
+        (vec![(0, 2), (2, 4), (4, 6)], 0, 0),
+        (vec![(0, 2), (3, 4), (4, 6)], 2, 2),
+        (vec![(0, 3), (3, 6), (0, 3), (3, 6)], 0, 2),
     ] {
         let mut rng = Gen::new(7);
         let mut net = Net::new(DType::F64);
@@ -220,7 +223,13 @@ fn tiling_slices_concatenate_their_gradients() {
         let count = |op: &str| g.nodes.iter().filter(|n| n.op_type == op).count();
         assert_eq!(count("Pad"), pads, "{cuts:?}");
         assert!(count("Concat") >= 1, "{cuts:?}");
-        assert_eq!(count("Sum"), usize::from(pads > 0), "{cuts:?}");
+        let sum_inputs: usize = g
+            .nodes
+            .iter()
+            .filter(|n| n.op_type == "Sum")
+            .map(|n| n.input.len())
+            .sum();
+        assert_eq!(sum_inputs, sums, "{cuts:?}");
     }
 }
 

@@ -580,60 +580,73 @@ fn accumulate(
     parts.first().cloned()
 }
 
-/// Rewrites the gradient parts that come from disjoint slices of one value along one axis
-/// (`Pad(dy_i)` of [`emit::SliceGrad`]) as concatenations of the `dy_i`: one `Concat` per
-/// contiguous run of slices (padded once if the run does not cover the axis) instead of one
-/// full-size zero-padded tensor per slice, all summed. The same values: each position receives
-/// the one slice gradient that covers it, or zero. Overlapping slices are left to the sum.
+/// Rewrites the gradient parts that come from static slices of one value along one axis
+/// (`Pad(dy_i)` of [`emit::SliceGrad`]) as concatenations of the `dy_i`: the slices are dealt
+/// into as few sets of pairwise disjoint ones as possible (a crop sliced twice lands in two
+/// sets), and each contiguous run of a set becomes one `Concat` (padded once if it does not
+/// cover the axis), instead of one full-size zero-padded tensor per slice, all summed. The
+/// same values: each position of a set receives the one slice gradient that covers it, or
+/// zero, and the sets are summed.
 fn concat_slice_grads(e: &mut Emitter, parts: &[String]) -> Vec<String> {
     let mut slices: Vec<emit::SliceGrad> = Vec::new();
     let mut rest: Vec<String> = Vec::new();
     for p in parts {
         match e.slice_grads.get(p) {
-            Some(g) => slices.push(g.clone()),
-            None => rest.push(p.clone()),
+            Some(g) if g.end > g.begin => slices.push(g.clone()),
+            _ => rest.push(p.clone()),
         }
     }
     let first = match slices.first() {
         Some(f) if slices.len() > 1 => f.clone(),
         _ => return parts.to_vec(),
     };
-    let same_frame = slices
+    if !slices
         .iter()
-        .all(|g| (g.axis, g.rank, g.dim) == (first.axis, first.rank, first.dim));
-    slices.sort_by_key(|g| (g.begin, g.end));
-    let disjoint = slices.windows(2).all(|w| w[0].end <= w[1].begin);
-    if !same_frame || !disjoint {
+        .all(|g| (g.axis, g.rank, g.dim) == (first.axis, first.rank, first.dim))
+    {
         return parts.to_vec();
     }
     let (axis, rank, dim) = (first.axis, first.rank, first.dim);
-    let mut runs: Vec<Vec<emit::SliceGrad>> = Vec::new();
-    for g in slices.into_iter().filter(|g| g.end > g.begin) {
-        match runs.last_mut() {
-            Some(run) if run.last().is_some_and(|l| l.end == g.begin) => run.push(g),
-            _ => runs.push(vec![g]),
+    slices.sort_by_key(|g| (g.begin, g.end));
+    let mut sets: Vec<Vec<emit::SliceGrad>> = Vec::new();
+    for g in slices {
+        match sets
+            .iter_mut()
+            .find(|set| set.last().is_some_and(|l| l.end <= g.begin))
+        {
+            Some(set) => set.push(g),
+            None => sets.push(vec![g]),
         }
     }
-    for run in runs {
-        let pieces: Vec<&str> = run.iter().map(|g| g.dy.as_str()).collect();
-        let block = if pieces.len() == 1 {
-            pieces[0].to_string()
-        } else {
-            e.op(
-                "Concat",
-                &pieces,
-                vec![crate::builder::attr::int("axis", axis as i64)],
-            )
-        };
-        let (begin, end) = (run[0].begin, run[run.len() - 1].end);
-        if begin == 0 && end == dim {
-            rest.push(block);
-        } else {
-            let mut pads = vec![0i64; 2 * rank];
-            pads[axis] = begin;
-            pads[rank + axis] = dim - end;
-            let p = e.i64s(&pads);
-            rest.push(e.op("Pad", &[&block, &p], vec![]));
+    for set in sets {
+        let mut runs: Vec<Vec<emit::SliceGrad>> = Vec::new();
+        for g in set {
+            match runs.last_mut() {
+                Some(run) if run.last().is_some_and(|l| l.end == g.begin) => run.push(g),
+                _ => runs.push(vec![g]),
+            }
+        }
+        for run in runs {
+            let pieces: Vec<&str> = run.iter().map(|g| g.dy.as_str()).collect();
+            let block = if pieces.len() == 1 {
+                pieces[0].to_string()
+            } else {
+                e.op(
+                    "Concat",
+                    &pieces,
+                    vec![crate::builder::attr::int("axis", axis as i64)],
+                )
+            };
+            let (begin, end) = (run[0].begin, run[run.len() - 1].end);
+            if begin == 0 && end == dim {
+                rest.push(block);
+            } else {
+                let mut pads = vec![0i64; 2 * rank];
+                pads[axis] = begin;
+                pads[rank + axis] = dim - end;
+                let p = e.i64s(&pads);
+                rest.push(e.op("Pad", &[&block, &p], vec![]));
+            }
         }
     }
     rest
