@@ -351,7 +351,7 @@ fn an_mpi_launch_of_a_build_without_the_feature_is_refused() {
 
 #[cfg(feature = "mpi")]
 #[test]
-fn two_processes_finetune_a_detector_and_a_segmenter_and_refuse_queue_methods() {
+fn two_processes_finetune_and_pretrain_with_a_queue_and_refuse_sinkhorn() {
     let Some(mpirun) = mpirun() else { return };
     let dir = tempfile::tempdir().unwrap();
     let p = |rel: &str| dir.path().join(rel).display().to_string();
@@ -419,12 +419,42 @@ fn two_processes_finetune_a_detector_and_a_segmenter_and_refuse_queue_methods() 
     let log = std::fs::read_to_string(dir.path().join("seg/train_log.jsonl")).unwrap();
     assert_eq!(log.lines().count(), 4, "{log}");
 
-    // DenseCL's queue would need every rank's keys: refused, not trained differently.
-    // (The trainer refuses `queue` buffers too, for artifacts built elsewhere.)
+    // DenseCL's queues gather every rank's keys (`queues_gather_every_ranks_keys` checks the
+    // arithmetic): it trains on 2 processes.
     let args = [
         "pretrain",
         "--method",
         "densecl",
+        "--data",
+        &p("train"),
+        "--batch",
+        "2",
+        "--steps",
+        "2",
+        "--image-size",
+        "32",
+        "--set",
+        "queue_size=16",
+        "--set",
+        "hidden_dim=16",
+        "--set",
+        "dim=8",
+        "--backend",
+        "tract",
+        "--out",
+        &p("densecl"),
+    ];
+    let out = ok(
+        &mpirun_densa(&mpirun, &args),
+        "mpirun -np 2 densa pretrain densecl",
+    );
+    assert!(out.contains("data parallel: 2 ranks"), "{out}");
+    // SwAV's Sinkhorn sums would have to be all-reduced inside the step: refused, not trained
+    // differently.
+    let args = [
+        "pretrain",
+        "--method",
+        "swav",
         "--data",
         &p("train"),
         "--batch",
@@ -436,10 +466,10 @@ fn two_processes_finetune_a_detector_and_a_segmenter_and_refuse_queue_methods() 
         "--backend",
         "tract",
         "--out",
-        &p("densecl"),
+        &p("swav"),
     ];
     let o = mpirun_densa(&mpirun, &args);
     let err = stderr(&o);
     assert!(!o.status.success(), "{err}");
-    assert!(err.contains("`densecl` on 2 processes"), "{err}");
+    assert!(err.contains("`swav` on 2 processes"), "{err}");
 }

@@ -49,12 +49,21 @@ impl Samples for Noisy {
 /// AdamW with gradient clipping: an update that is not linear in the gradient, so only
 /// averaging the gradients (not the updated parameters) reproduces the doubled batch.
 fn artifact(batch_norm: bool) -> Artifact {
+    build_artifact(batch_norm, None)
+}
+
+/// With `queue: Some(batch)` (a graph built for that batch, as pretext artifacts are): MoCo's
+/// structure in miniature. The normalised logits (stop-gradient) are the step's keys, enqueued
+/// into a 16-row `queue` buffer; the loss has the queue's similarities as extra negative
+/// classes, so it depends on what earlier steps enqueued.
+fn build_artifact(batch_norm: bool, queue: Option<usize>) -> Artifact {
     let mut b = GraphBuilder::new("tiny", 3);
+    let n = queue.map_or(densa_exporter::Dim::from("N"), |n| n.into());
     let x = b
         .input(
             "images",
             DType::F32,
-            vec!["N".into(), 3.into(), 8.into(), 8.into()],
+            vec![n.clone(), 3.into(), 8.into(), 8.into()],
         )
         .unwrap();
     let conv = Conv2dConfig::new(3, 6, 3)
@@ -72,9 +81,26 @@ fn artifact(batch_norm: bool) -> Artifact {
     let h = head.forward(&mut b, &h).unwrap();
     let h = b.global_avg_pool(&h).unwrap();
     let logits = b.flatten(&h, 1);
-    let labels = b.input("labels", DType::I64, vec!["N".into()]).unwrap();
+    let labels = b.input("labels", DType::I64, vec![n]).unwrap();
+    let mut state = mode.into_state();
+    let mut stopped = None;
+    let logits = if queue.is_some() {
+        use crate::pretext::ops;
+        let q = ops::queue(&mut b, "queue", 16, 4).unwrap();
+        let keys = ops::l2_normalize(&mut b, &logits, 1).unwrap();
+        let qt = ops::transpose(&mut b, &q, &[1, 0]).unwrap();
+        let sims = ops::matmul(&mut b, &logits, &qt).unwrap();
+        ops::enqueue(&mut b, &q, &keys, &mut state).unwrap();
+        stopped = Some(keys);
+        b.concat(&[&logits, &sims], 1).unwrap()
+    } else {
+        logits
+    };
     let loss = cross_entropy(&mut b, &logits, &labels).unwrap();
-    let forward = ForwardGraph::new(b, loss).norm_state(mode.into_state());
+    let mut forward = ForwardGraph::new(b, loss).norm_state(state);
+    if let Some(keys) = &stopped {
+        forward = forward.stop_gradient(keys);
+    }
     let mut config = TrainStepConfig::new(OptimizerConfig::adamw(0.02, 0.01));
     config.clip = Some(densa_exporter::train::clip::ClipConfig {
         max_norm: 0.5,
@@ -177,6 +203,29 @@ fn two_ranks_of_batch_4_train_like_one_process_of_batch_8() {
     let single = one_process(&artifact, 4, 6);
     let d = max_diff(&reference, &single, "conv");
     assert!(d > 1e-3, "batch 4 vs 8 differ by only {d}");
+}
+
+/// A queue of keys (MoCo, DenseCL): each rank's keys are gathered and enqueued in rank order,
+/// so the queue, and with it every later loss, is the doubled batch's.
+#[test]
+fn queues_gather_every_ranks_keys() {
+    let (whole, shard) = (
+        build_artifact(false, Some(8)),
+        build_artifact(false, Some(4)),
+    );
+    let reference = one_process(&whole, 8, 5);
+    let dp = ranks(&shard, 2, 4, 5);
+    assert_eq!(max_diff(&dp[0], &dp[1], ""), 0.0);
+    let init = whole.state();
+    assert_eq!(max_diff(init, shard.state(), ""), 0.0, "same initial state");
+    let moved = max_diff(&reference, init, "queue");
+    assert!(moved > 0.1, "the queue did not change ({moved})");
+    for state in &dp {
+        let q = max_diff(&reference, state, "queue");
+        assert!(q < 2e-6, "queue: data parallel vs doubled batch {q}");
+        let d = max_diff(&reference, state, "");
+        assert!(d < 2e-6, "data parallel vs doubled batch: max |diff| {d}");
+    }
 }
 
 #[test]

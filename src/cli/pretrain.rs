@@ -87,9 +87,10 @@ pub const SPEC_FILE: &str = "pretrain.json";
 pub const BACKBONE_FILE: &str = "backbone.safetensors";
 
 /// Methods whose data-parallel run is the doubled-batch run up to batch norm (see
-/// `densa_runtime::train::distributed`): the loss is a mean of per-image terms and the only
-/// cross-step state is the momentum teacher, identical on every rank.
-const DATA_PARALLEL_METHODS: [&str; 1] = ["pixpro"];
+/// `densa_runtime::train::distributed`): the loss is a mean of per-image terms, the momentum
+/// teacher is identical on every rank, and the only other cross-step state is a queue of
+/// keys, which the trainer gathers from every rank (MoCo's `concat_all_gather`).
+const DATA_PARALLEL_METHODS: [&str; 3] = ["densecl", "mocov2", "pixpro"];
 
 fn overrides(args: &PretrainArgs) -> Result<Vec<(String, String)>> {
     let mut out = Vec::new();
@@ -142,9 +143,10 @@ fn run_rank(args: PretrainArgs, comm: &Arc<dyn Communicator>) -> Result<()> {
     if ranks > 1 && !DATA_PARALLEL_METHODS.contains(&spec.method.as_str()) {
         bail!(
             "`{}` on {ranks} processes: data-parallel pretraining is implemented for {} (a \
-             per-image loss and a momentum teacher). `{}` couples the images of a batch (a \
-             queue of keys, in-batch negatives or Sinkhorn sums), which would have to be \
-             gathered or all-reduced across ranks; run it on one process",
+             per-image loss, a momentum teacher, queues gathered from every rank). `{}` couples \
+             the images of a batch (in-batch negatives, Sinkhorn sums or batch-wide regions), \
+             which would have to be gathered or all-reduced inside the step; run it on one \
+             process",
             spec.method,
             DATA_PARALLEL_METHODS.join(", "),
             spec.method

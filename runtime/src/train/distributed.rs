@@ -31,9 +31,14 @@
 //!   the shard means is the batch mean), not for `running_var` (the mean of the shard
 //!   variances misses the spread of the shard means).
 //! - Other buffers (the momentum encoder's EMA) are computed from the identical parameters and
-//!   stay identical on every rank without communication. Queues (MoCo, DenseCL) would need the
-//!   keys of all ranks enqueued in rank order; that is not implemented, and artifacts with a
-//!   `queue` buffer are refused for N > 1 rather than trained differently.
+//!   stay identical on every rank without communication.
+//! - Queues (MoCo, DenseCL; buffers named `*queue*`, `[K, D]` FIFOs with the step's keys in
+//!   front): each rank's new keys are all-gathered and enqueued in rank order, the global
+//!   batch order, as MoCo's `concat_all_gather` before `_dequeue_and_enqueue`; the queue is
+//!   then the one-process queue of the N-times batch (tested exactly without batch norm).
+//! - Not exchanged: in-batch negatives, SwAV's Sinkhorn sums and other batch-wide terms
+//!   computed inside the step (`densa pretrain` refuses those methods for N > 1), and MoCo's
+//!   shuffled batch norm (the key encoder normalises per shard, like the query encoder).
 //!
 //! # Failure
 //! A rank whose step fails prints the error with its rank and calls `MPI_Abort`, which makes

@@ -271,6 +271,8 @@ struct DataParallel {
     grads: Vec<(String, Vec<usize>)>,
     /// State indices of the buffers averaged across ranks (batch-norm running statistics).
     averaged: Vec<usize>,
+    /// State indices of the key queues ([`gather_queue`]).
+    queues: Vec<usize>,
     /// For each state input: its `next` output name.
     next_names: Vec<String>,
     stats: CommStats,
@@ -403,18 +405,6 @@ impl<'a> Trainer<'a> {
             ));
         };
         let manifest = self.artifact.manifest();
-        if let Some(q) = manifest
-            .inputs
-            .iter()
-            .find(|e| e.role == InputRole::Buffer && e.name.contains("queue"))
-            .filter(|_| comm.size() > 1)
-        {
-            return Err(fail(format!(
-                "buffer `{}` is a queue; enqueueing the keys of every rank is not implemented, \
-                 so this method trains on one process only",
-                q.name
-            )));
-        }
         let label = self.artifact.label();
         let grad = backend.load_model(&graphs.grad, &format!("{label}/{}", entry.grad_graph))?;
         let update =
@@ -430,6 +420,7 @@ impl<'a> Trainer<'a> {
             grads.push((g.grad.clone(), shape));
         }
         let mut averaged = Vec::new();
+        let mut queues = Vec::new();
         let mut next_names = Vec::new();
         for (k, name) in self.plan.state_names.iter().enumerate() {
             let e = manifest
@@ -440,6 +431,15 @@ impl<'a> Trainer<'a> {
                 && (name.ends_with("running_mean") || name.ends_with("running_var"))
             {
                 averaged.push(k);
+            }
+            if e.role == InputRole::Buffer && name.contains("queue") {
+                if self.state[k].shape().len() != 2 {
+                    return Err(fail(format!(
+                        "queue `{name}` is {:?}, expected [K, D]",
+                        self.state[k].shape()
+                    )));
+                }
+                queues.push(k);
             }
         }
         // Every input of the two graphs must be fed from the batch, the state, the
@@ -476,6 +476,7 @@ impl<'a> Trainer<'a> {
             update,
             grads,
             averaged,
+            queues,
             next_names,
         });
         Ok(self)
@@ -1002,6 +1003,19 @@ impl<'a> Trainer<'a> {
         if *rest.last().expect("the stop flag") > 0.0 {
             self.stop.store(true, Ordering::SeqCst);
         }
+        // Queues: every rank's new keys, enqueued in rank order (MoCo's gather before enqueue).
+        for &k in &dp.queues {
+            let name = &dp.next_names[k];
+            let local = take(&grad_out, name)?.to_f32();
+            let old = self.state[k].to_f32();
+            let new = gather_queue(dp.comm.as_ref(), &old, &local).map_err(|problem| {
+                TrainError::DataParallel {
+                    artifact: self.artifact.label(),
+                    problem: format!("queue `{}`: {problem}", self.plan.state_names[k]),
+                }
+            })?;
+            grad_out.insert(name.clone(), Tensor::F32(new));
+        }
 
         // Update (skipped when the averaged loss or gradients are not finite).
         let mut problem = (!loss.is_finite()).then(|| format!("loss is {loss}"));
@@ -1279,4 +1293,54 @@ fn all_finite(t: &Tensor) -> bool {
         Tensor::BF16(a) => a.iter().all(|v| v.is_finite()),
         _ => true,
     }
+}
+
+/// The queue one process with the whole global batch would hold after this step: each rank's
+/// graph enqueued its own keys at the front (`next = [keys; old[..K - m]]`, `m` keys); the
+/// ranks' keys are gathered in rank order, which is the global batch order of the sharding,
+/// and enqueued together: `[keys_0; keys_1; ...; old[..K - N m]]`. `m` is found by matching
+/// the kept rows against the old queue (they are copies). The same on every rank.
+fn gather_queue(
+    comm: &dyn Communicator,
+    old: &ndarray::ArrayD<f32>,
+    local_next: &ndarray::ArrayD<f32>,
+) -> Result<ndarray::ArrayD<f32>, String> {
+    let (k, d) = (old.shape()[0], old.shape()[1]);
+    if local_next.shape() != old.shape() {
+        return Err(format!(
+            "the new queue is {:?}, the old one {:?}",
+            local_next.shape(),
+            old.shape()
+        ));
+    }
+    let old = old
+        .view()
+        .into_shape_with_order((k, d))
+        .map_err(|e| e.to_string())?;
+    let next = local_next
+        .view()
+        .into_shape_with_order((k, d))
+        .map_err(|e| e.to_string())?;
+    let m = (1..=k)
+        .find(|&m| (m..k).all(|r| next.row(r) == old.row(r - m)))
+        .ok_or("the new queue is not the old one with keys in front")?;
+    let keys: Vec<f32> = next.slice(ndarray::s![..m, ..]).iter().copied().collect();
+    let all = comm.all_gather(&keys);
+    let n = all.len() / d;
+    if n * d != all.len() || n % comm.size() != 0 || n != m * comm.size() {
+        return Err(format!(
+            "ranks enqueued different numbers of keys ({} values gathered, {m} keys here)",
+            all.len()
+        ));
+    }
+    if n > k {
+        return Err(format!(
+            "{n} keys per step across {} ranks exceed the queue's {k} rows: lengthen the queue",
+            comm.size()
+        ));
+    }
+    let mut out = Vec::with_capacity(k * d);
+    out.extend_from_slice(&all);
+    out.extend(old.slice(ndarray::s![..k - n, ..]).iter().copied());
+    ndarray::ArrayD::from_shape_vec(vec![k, d], out).map_err(|e| e.to_string())
 }
