@@ -277,6 +277,22 @@ pub fn dino_loss(
     student_temp: f64,
     batch: usize,
 ) -> Result<Value, BuildError> {
+    Ok(dino_loss_and_entropy(b, student, teacher, center, teacher_temp, student_temp, batch)?.0)
+}
+
+/// [`dino_loss`] and the teacher targets' entropy averaged over the same pairs: the loss minus
+/// the entropy is the mean `KL(teacher || student)`, the part of the loss the student can
+/// lower (centring moves the entropy, not the student).
+#[allow(clippy::too_many_arguments)]
+pub fn dino_loss_and_entropy(
+    b: &mut GraphBuilder,
+    student: &Value,
+    teacher: &Value,
+    center: Option<&Value>,
+    teacher_temp: &Value,
+    student_temp: f64,
+    batch: usize,
+) -> Result<(Value, Value), BuildError> {
     let (ds, dt) = (ops::dims(b, student)?, ops::dims(b, teacher)?);
     let (v, t) = (ds[0] / batch, dt[0] / batch);
     let centred = match center {
@@ -284,12 +300,25 @@ pub fn dino_loss(
         None => teacher.clone(),
     };
     let probs = softmax_t(b, &centred, teacher_temp, false)?;
+    let log_probs = softmax_t(b, &centred, teacher_temp, true)?;
     let st = b.const_f32(student_temp as f32);
     let logp = softmax_t(b, student, &st, true)?;
     let mut total: Option<Value> = None;
+    let mut entropy: Option<Value> = None;
     let mut n = 0usize;
     for iq in 0..t {
         let q = ops::slice(b, &probs, 0, iq * batch, (iq + 1) * batch)?;
+        let pairs = (0..v).filter(|&iv| iv != iq).count();
+        if pairs > 0 {
+            let lq = ops::slice(b, &log_probs, 0, iq * batch, (iq + 1) * batch)?;
+            let h = cross_entropy(b, &q, &lq)?;
+            let w = b.const_f32(pairs as f32);
+            let h = b.mul(&h, &w)?;
+            entropy = Some(match entropy {
+                Some(x) => b.add(&x, &h)?,
+                None => h,
+            });
+        }
         for iv in (0..v).filter(|&iv| iv != iq) {
             let s = ops::slice(b, &logp, 0, iv * batch, (iv + 1) * batch)?;
             let ce = cross_entropy(b, &q, &s)?;
@@ -302,7 +331,8 @@ pub fn dino_loss(
     }
     let w = b.const_f32(1.0 / n.max(1) as f32);
     let total = total.ok_or_else(|| b.op_error("dino_loss", "no crop pairs".to_string()))?;
-    b.mul(&total, &w)
+    let entropy = entropy.ok_or_else(|| b.op_error("dino_loss", "no crop pairs".to_string()))?;
+    Ok((b.mul(&total, &w)?, b.mul(&entropy, &w)?))
 }
 
 /// The centre's next value `center * m + mean_n(teacher) * (1 - m)` (DINO's `update_center`).
@@ -548,13 +578,15 @@ impl Pretext for Scfs {
         let ptg = pooled(&mut b, &tg.c5)?;
         let w_t = tea.dino.last_weight(&mut b, &lg, &mut frozen)?;
         let t_out = tea.dino.forward(&mut b, &ptg, &w_t)?;
-        let l_dino = dino_loss(&mut b, &s_out, &t_out, Some(&c_dino), &tt, st, bsz)?;
+        let (l_dino, h_dino) =
+            dino_loss_and_entropy(&mut b, &s_out, &t_out, Some(&c_dino), &tt, st, bsz)?;
         let next = center_update(&mut b, &c_dino, &t_out, cm)?;
         norm.update(c_dino.name(), next);
 
         // Feature search per stage.
         let half = b.const_f32(0.5);
         let mut loss = l_dino.clone();
+        let mut entropy = h_dino;
         let mut metrics = vec![("loss_dino".to_string(), l_dino)];
         let stage_maps = [
             (&sg.c3, &sl.c3, &tg.c3),
@@ -572,7 +604,8 @@ impl Pretext for Scfs {
                 };
             let s_g = embed(&mut b, head_s, smap_g)?;
             let t_g = embed(&mut b, head_t, tmap_g)?;
-            let l_glob = dino_loss(&mut b, &s_g, &t_g, Some(&c_stage[k]), &tt, st, bsz)?;
+            let (l_glob, h_glob) =
+                dino_loss_and_entropy(&mut b, &s_g, &t_g, Some(&c_stage[k]), &tt, st, bsz)?;
             let next = center_update(&mut b, &c_stage[k], &t_g, cm)?;
             norm.update(c_stage[k].name(), next);
             let first = ops::slice(&mut b, tmap_g, 0, 0, bsz)?;
@@ -585,11 +618,19 @@ impl Pretext for Scfs {
             let logq = softmax_t(&mut b, &s_l, &stc, true)?;
             // Mean over the crops of the per-crop batch means = mean over all rows.
             let l_loc = cross_entropy(&mut b, &p, &logq)?;
+            let logp_t = softmax_t(&mut b, &t_l, &tt, true)?;
+            let h_loc = cross_entropy(&mut b, &p, &logp_t)?;
             let both = b.add(&l_glob, &l_loc)?;
             let l_stage = b.mul(&both, &half)?;
             loss = b.add(&loss, &l_stage)?;
+            let h_both = b.add(&h_glob, &h_loc)?;
+            let h_stage = b.mul(&h_both, &half)?;
+            entropy = b.add(&entropy, &h_stage)?;
             metrics.push((format!("loss_layer{}", k + 2), l_stage));
         }
+        // The loss minus the targets' entropy: mean KL(teacher || student) over every term.
+        let kl = b.sub(&loss, &entropy)?;
+        metrics.push(("kl".to_string(), kl));
         let loss = b.reshape(&loss, &[1])?;
         norm.extend(twin.ema);
         norm.extend(hyper);
