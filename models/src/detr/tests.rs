@@ -1,0 +1,1 @@
+//! Tests of the DETR graph pieces against direct host computations.

@@ -1,0 +1,1 @@
+//! The DETR training step driver.
