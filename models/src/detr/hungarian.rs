@@ -155,7 +155,7 @@ fn solve_tall(cost: impl Fn(usize, usize) -> f64, n: usize, m: usize) -> Vec<(us
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// A small deterministic generator (xorshift64*), so the cases are reproducible.
