@@ -1,0 +1,136 @@
+//! The DETR-family detector end to end: the split train step (forward, host Hungarian
+//! matching, backward) on tract and ONNX Runtime agreeing; the exported inference graph on
+//! tract, ONNX Runtime (Rust) and ONNX Runtime from Python after `onnx.checker`.
+
+mod common;
+
+use common::{max_rel_diff, ort_backend, python_peers, python_reference, tract_backend};
+use densa::exporter::Tensor;
+use densa::models::detr::matcher::xyxy_to_cxcywh;
+use densa::models::detr::train::{step_graphs, DetrTrainer};
+use densa::models::detr::{DetrConfig, ImageTargets};
+use densa::models::train_step::{OptimizerConfig, TrainStepConfig};
+use densa::models::Arch;
+use densa::runtime::npy::{read_npz, write_npy};
+use ndarray::{ArrayD, IxDyn};
+
+fn tiny() -> DetrConfig {
+    let mut c = DetrConfig::new(Arch::Edge, vec!["square".into(), "bar".into()]);
+    c.image_size = 64;
+    c.d_model = 16;
+    c.heads = 2;
+    c.encoder_layers = 1;
+    c.decoder_layers = 2;
+    c.ffn_dim = 32;
+    c.num_queries = 6;
+    c
+}
+
+/// Two 64 px scenes: noise with bright rectangles, and their normalised cxcywh targets.
+fn scenes() -> (Tensor, Vec<ImageTargets>) {
+    let s = 64usize;
+    let rects: [&[([usize; 4], usize)]; 2] = [
+        &[([8, 10, 30, 32], 0), ([40, 36, 60, 44], 1)],
+        &[([20, 20, 48, 50], 0)],
+    ];
+    let mut x: Vec<f32> = (0..2 * 3 * s * s)
+        .map(|i| ((i * 7919 % 101) as f32 / 101.0) * 0.2 - 1.0)
+        .collect();
+    let mut targets = Vec::new();
+    for (n, list) in rects.iter().enumerate() {
+        let mut t = ImageTargets::default();
+        for &([x1, y1, x2, y2], label) in list.iter() {
+            for c in 0..3 {
+                for y in y1..y2 {
+                    for xx in x1..x2 {
+                        x[((n * 3 + c) * s + y) * s + xx] = if label == 0 { 1.5 } else { 0.8 };
+                    }
+                }
+            }
+            let f = |v: usize| v as f32 / s as f32;
+            t.boxes.push(xyxy_to_cxcywh([f(x1), f(y1), f(x2), f(y2)]));
+            t.labels.push(label);
+        }
+        targets.push(t);
+    }
+    (
+        Tensor::F32(ArrayD::from_shape_vec(IxDyn(&[2, 3, s, s]), x).unwrap()),
+        targets,
+    )
+}
+
+#[test]
+fn split_steps_agree_on_tract_and_onnx_runtime_and_the_export_serves_on_both() {
+    let c = tiny();
+    let train = TrainStepConfig::new(OptimizerConfig::adamw(2e-3, 1e-4));
+    let graphs = step_graphs(&c, 2, &train, 0).unwrap();
+    let (images, targets) = scenes();
+    let tract = tract_backend();
+    let mut t = DetrTrainer::new(&c, &graphs, 2, tract.as_ref()).unwrap();
+    let tract_losses: Vec<f32> = (0..3)
+        .map(|_| t.step(images.clone(), &targets, &[]).unwrap().loss)
+        .collect();
+    if let Some(ort) = ort_backend() {
+        let mut o = DetrTrainer::new(&c, &graphs, 2, ort.as_ref()).unwrap();
+        for (k, &tl) in tract_losses.iter().enumerate() {
+            let ol = o.step(images.clone(), &targets, &[]).unwrap().loss;
+            assert!(
+                (ol - tl).abs() <= 1e-3 * tl.abs(),
+                "step {k}: ort loss {ol}, tract {tl}"
+            );
+        }
+        let (a, b) = (
+            o.state().get("class_embed.weight").unwrap().to_f32(),
+            t.state().get("class_embed.weight").unwrap().to_f32(),
+        );
+        assert!(max_rel_diff(&a, &b) < 1e-3);
+    }
+
+    // Export the trained state (optimizer slots are ignored by name) and serve it.
+    let model = c.inference_graph(Some(t.state()), 6, &[]).unwrap();
+    let tract_out = tract
+        .load_model(&model, "detr")
+        .unwrap()
+        .run(vec![("images".into(), images.clone())])
+        .unwrap();
+    let get = |outs: &[(String, Tensor)], name: &str| {
+        outs.iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, t)| t.clone())
+            .unwrap()
+    };
+    let boxes = get(&tract_out, "boxes").to_f32();
+    assert_eq!(boxes.shape(), &[2, 6, 4]);
+    if let Some(ort) = ort_backend() {
+        let ort_out = ort
+            .load_model(&model, "detr")
+            .unwrap()
+            .run(vec![("images".into(), images.clone())])
+            .unwrap();
+        for name in ["boxes", "scores"] {
+            let d = max_rel_diff(
+                &get(&ort_out, name).to_f32(),
+                &get(&tract_out, name).to_f32(),
+            );
+            assert!(d < 1e-4, "{name}: ort vs tract differ by {d}");
+        }
+        assert_eq!(get(&ort_out, "labels"), get(&tract_out, "labels"));
+    }
+    if let Some(python) = python_peers() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = dir.path().join("detr.onnx");
+        densa::exporter::io::save(&model, &m).unwrap();
+        let x = dir.path().join("images.npy");
+        write_npy(&x, &images).unwrap();
+        let out = dir.path().join("out.npz");
+        python_reference(&python, &m, &[("images", &x)], &out);
+        let py = read_npz(&out).unwrap();
+        for name in ["boxes", "scores"] {
+            let d = max_rel_diff(&get(&py, name).to_f32(), &get(&tract_out, name).to_f32());
+            assert!(
+                d < 1e-4,
+                "{name}: Python ONNX Runtime vs tract differ by {d}"
+            );
+        }
+    }
+}
