@@ -20,6 +20,15 @@ pub enum Task {
     Segment,
 }
 
+/// Which detector `--task detect` trains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DetectorKind {
+    /// FCOS-style dense one-stage detector on an FPN.
+    Fcos,
+    /// DETR-family detector: transformer encoder/decoder, object queries, Hungarian matching.
+    Detr,
+}
+
 #[derive(Debug, Args)]
 pub struct FinetuneArgs {
     /// What to train.
@@ -28,6 +37,9 @@ pub struct FinetuneArgs {
     /// Backbone architecture: resnet18, resnet34, resnet50 or resnet-edge.
     #[arg(long, default_value = "resnet-edge")]
     pub arch: Arch,
+    /// The detector of `--task detect`: `fcos` (dense) or `detr` (`detr-<arch>`).
+    #[arg(long, value_enum, default_value = "fcos")]
+    pub detector: DetectorKind,
     /// Training annotations, COCO instances JSON (`densa synth` writes one).
     #[arg(long)]
     pub data: PathBuf,
@@ -90,6 +102,12 @@ pub struct FinetuneArgs {
 pub fn run(args: FinetuneArgs) -> Result<()> {
     let comm = super::distributed::communicator()?;
     let result = match args.task {
+        Task::Detect if args.detector == DetectorKind::Detr => {
+            if comm.size() > 1 {
+                bail!("--detector detr trains on one process only (host matching per batch)");
+            }
+            super::finetune_detr::run(&args)
+        }
         Task::Detect => super::finetune_detect::run(&args, &comm),
         Task::Segment => super::finetune_segment::run(&args, &comm),
     };
