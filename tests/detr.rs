@@ -134,3 +134,124 @@ fn split_steps_agree_on_tract_and_onnx_runtime_and_the_export_serves_on_both() {
         }
     }
 }
+
+/// `densa finetune --task detect --detector detr` -> resume -> `densa export detector` ->
+/// `densa eval detect` and `densa detect`, CI-sized (24 images of 64 px, 3 epochs).
+#[test]
+fn detr_finetunes_resumes_exports_and_serves_through_the_cli() {
+    use common::{assert_clean_failure, run_densa, stderr};
+    let tmp = tempfile::tempdir().unwrap();
+    let p = |rel: &str| tmp.path().join(rel).display().to_string();
+    let ok = |args: &[&str]| {
+        let o = run_densa(args);
+        assert!(o.status.success(), "densa {args:?} failed:\n{}", stderr(&o));
+        (String::from_utf8_lossy(&o.stdout).into_owned(), stderr(&o))
+    };
+    for (dir, n, seed) in [("train", "24", "0"), ("val", "8", "1")] {
+        ok(&[
+            "synth",
+            "--out",
+            &p(dir),
+            "--images",
+            n,
+            "--seed",
+            seed,
+            "--size",
+            "64x64",
+            "--max-objects",
+            "2",
+        ]);
+    }
+    let finetune = |epochs: &str| {
+        ok(&[
+            "finetune",
+            "--task",
+            "detect",
+            "--detector",
+            "detr",
+            "--data",
+            &p("train/annotations.json"),
+            "--val-data",
+            &p("val/annotations.json"),
+            "--image-size",
+            "64",
+            "--epochs",
+            epochs,
+            "--val-every",
+            "1",
+            "--batch-size",
+            "4",
+            "--out",
+            &p("run"),
+            "--backend",
+            "tract",
+        ])
+    };
+    let (_, log) = finetune("2");
+    assert!(log.contains("epoch 2/2 step 12"), "{log}");
+    let (_, log) = finetune("3");
+    assert!(log.contains("resuming after epoch 2 (step 12)"), "{log}");
+    assert!(log.contains("epoch 3/3 step 18"), "{log}");
+    let val = std::fs::read_to_string(tmp.path().join("run/val.jsonl")).unwrap();
+    assert_eq!(val.lines().count(), 3, "{val}");
+    let (_, log) = ok(&[
+        "export",
+        "detector",
+        "--ckpt",
+        &p("run"),
+        "--out",
+        &p("detr.onnx"),
+        "--top-k",
+        "10",
+    ]);
+    assert!(log.contains("DETR on resnet-edge"), "{log}");
+    let model = densa::exporter::io::load(std::path::Path::new(&p("detr.onnx"))).unwrap();
+    let spec = model
+        .metadata_props
+        .iter()
+        .find(|m| m.key == "densa.spec")
+        .map(|m| m.value.clone())
+        .expect("densa.spec metadata");
+    assert!(spec.contains("host_nms = false"), "{spec}");
+    let (out, _) = ok(&[
+        "eval",
+        "detect",
+        &p("detr.onnx"),
+        "--data",
+        &p("val/annotations.json"),
+        "--json",
+        "--backend",
+        "tract",
+    ]);
+    let line = out
+        .lines()
+        .find(|l| l.starts_with('{'))
+        .expect("a JSON line");
+    let stats: serde_json::Value = serde_json::from_str(line).unwrap();
+    assert_eq!(stats["images"].as_u64(), Some(8));
+    ok(&[
+        "detect",
+        &p("detr.onnx"),
+        &p("val/images"),
+        "--json",
+        &p("dets.json"),
+        "--score-threshold",
+        "0",
+        "--backend",
+        "tract",
+    ]);
+    let dets: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(tmp.path().join("dets.json")).unwrap())
+            .unwrap();
+    assert_eq!(dets.len(), 8 * 10, "top 10 per image, no NMS");
+    let e = assert_clean_failure(&run_densa(&[
+        "export",
+        "detector",
+        "--ckpt",
+        &p("run"),
+        "--out",
+        &p("x.onnx"),
+        "--nms-in-graph",
+    ]));
+    assert!(e.contains("DETR") && e.contains("--nms-in-graph"), "{e}");
+}

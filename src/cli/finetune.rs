@@ -109,6 +109,9 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
             super::finetune_detr::run(&args)
         }
         Task::Detect => super::finetune_detect::run(&args, &comm),
+        Task::Segment if args.detector == DetectorKind::Detr => {
+            bail!("--detector detr goes with --task detect, not --task segment")
+        }
         Task::Segment => super::finetune_segment::run(&args, &comm),
     };
     super::distributed::or_abort(&comm, result)
