@@ -310,7 +310,7 @@ pub fn run(args: &FinetuneArgs) -> Result<()> {
     }
     let batches_per_epoch = (subset.len() / args.batch_size) as u64;
     let total_steps = batches_per_epoch * args.epochs;
-    let warmup = (total_steps / 10).min(100).max(1);
+    let warmup = (total_steps / 10).clamp(1, 100);
     let input = detr_spec(&config).input;
     let best_dir = args.out.join(BEST_DIR);
     let mut best: Option<ValRecord> = std::fs::read_to_string(best_dir.join("metrics.json"))
