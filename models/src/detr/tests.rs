@@ -430,3 +430,114 @@ fn inference_graph_gives_top_k_boxes_in_pixels() {
     };
     assert!(labels.iter().all(|&l| l == 0 || l == 1));
 }
+
+/// Fixed matched targets for the tiny config (2 images, 5 queries, 2 classes).
+fn training_inputs(c: &DetrConfig) -> Vec<(String, Tensor)> {
+    let q = c.num_queries;
+    let mut rng = Rng::new(21);
+    let x: Vec<f32> = (0..2 * 3 * 64 * 64)
+        .map(|_| rng.next_f64() as f32 * 2.0 - 1.0)
+        .collect();
+    let mut inputs = vec![(names::IMAGES.to_string(), f32s(&[2, 3, 64, 64], x))];
+    for l in 0..c.decoder_layers {
+        // Image 0: query l -> class 0, query 3 -> class 1; image 1: query 1 -> class 1.
+        let mut classes = vec![2i64; 2 * q];
+        let mut mask = vec![0f32; 2 * q];
+        let mut boxes = vec![0.5f32; 2 * q * 4];
+        for (slot, class, bx) in [
+            (l, 0, [0.3, 0.3, 0.2, 0.25]),
+            (3, 1, [0.7, 0.6, 0.3, 0.2]),
+            (q + 1, 1, [0.5, 0.45, 0.4, 0.3]),
+        ] {
+            classes[slot] = class;
+            mask[slot] = 1.0;
+            boxes[slot * 4..slot * 4 + 4].copy_from_slice(&bx);
+        }
+        inputs.push((
+            names::classes(l),
+            Tensor::I64(ArrayD::from_shape_vec(IxDyn(&[2, q]), classes).unwrap()),
+        ));
+        inputs.push((names::boxes(l), f32s(&[2, q, 4], boxes)));
+        inputs.push((names::mask(l), f32s(&[2, q], mask)));
+    }
+    inputs.push((
+        names::NUM_BOXES.to_string(),
+        Tensor::F32(ArrayD::from_elem(IxDyn(&[]), 3.0)),
+    ));
+    inputs
+}
+
+#[test]
+fn whole_training_graph_gradients_match_finite_differences() {
+    let mut c = tiny();
+    c.train_batch_norm = false;
+    let (mut b, t) = c.training_forward(0, Some(2)).unwrap();
+    b.output(&t.loss, names::LOSS).unwrap();
+    let model = b.finish();
+    let wrt = [
+        "class_embed.bias",
+        "bbox_embed.layers.2.bias",
+        "query_embed.weight",
+        "transformer.decoder.layers.0.cross_attn.q_proj.bias",
+        "transformer.encoder.layers.0.norm1.weight",
+        "input_proj.bias",
+    ];
+    let train = with_gradients(&model, &GradRequest::new(names::LOSS, &wrt)).unwrap();
+    let inputs = training_inputs(&c);
+    let out = run(&train, inputs.clone());
+    let loss = out[names::LOSS].to_f32().iter().next().copied().unwrap() as f64;
+    assert!(loss.is_finite() && loss > 0.0, "{loss}");
+    let init = model.graph.as_ref().unwrap();
+    let mut checked = 0;
+    for name in wrt {
+        let grad = out[&format!("grad.{name}")].to_f32();
+        let value = init
+            .initializer
+            .iter()
+            .find(|t| t.name == name)
+            .map(|t| Tensor::from_proto(t).unwrap().to_f32())
+            .unwrap();
+        // The parameter becomes a graph input, so one loaded model serves every perturbation.
+        let mut m = model.clone();
+        let g = m.graph.as_mut().unwrap();
+        let pos = g.initializer.iter().position(|t| t.name == name).unwrap();
+        g.initializer.remove(pos);
+        g.input.push(densa_exporter::onnx::ValueInfoProto {
+            name: name.to_string(),
+            r#type: Some(densa_exporter::builder::tensor_type(
+                DType::F32,
+                &value
+                    .shape()
+                    .iter()
+                    .map(|&d| Dim::from(d))
+                    .collect::<Vec<_>>(),
+            )),
+            ..Default::default()
+        });
+        // tract refuses a node named like the prefix of an input (`input_proj` and
+        // `input_proj.bias`); node names carry no meaning.
+        for (i, n) in g.node.iter_mut().enumerate() {
+            n.name = format!("node{i}");
+        }
+        let mut session = TractBackend::new().load_model(&m, "fd").unwrap();
+        for k in [0, 1, value.len() - 1] {
+            let eps = 3e-3f32;
+            let mut at = |delta: f32| {
+                let mut v = value.clone();
+                v.as_slice_mut().unwrap()[k] += delta;
+                let mut feed = inputs.clone();
+                feed.push((name.to_string(), Tensor::F32(v)));
+                let out = session.run(feed).unwrap();
+                out[0].1.to_f32().iter().next().copied().unwrap() as f64
+            };
+            let fd = (at(eps) - at(-eps)) / (2.0 * eps as f64);
+            let ad = grad.as_slice().unwrap()[k] as f64;
+            assert!(
+                (ad - fd).abs() <= 2e-3 + 2e-2 * fd.abs(),
+                "{name}[{k}]: autodiff {ad}, finite differences {fd}"
+            );
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 18);
+}
