@@ -462,19 +462,45 @@ mod tests {
     }
 
     #[test]
-    fn a_few_steps_on_tiny_scenes_lower_the_loss() {
+    fn a_hundred_steps_fit_two_tiny_scenes_and_the_export_finds_their_objects() {
         let c = tiny();
-        let train = TrainStepConfig::new(OptimizerConfig::adamw(2e-3, 1e-4));
+        let train = TrainStepConfig::new(OptimizerConfig::adamw(1e-3, 1e-4));
         let graphs = step_graphs(&c, 2, &train, 0).unwrap();
         let mut t = DetrTrainer::new(&c, &graphs, 2, &TractBackend::new()).unwrap();
         let (images, targets) = scenes();
-        let losses: Vec<f32> = (0..30)
+        let losses: Vec<f32> = (0..100)
             .map(|_| t.step(images.clone(), &targets, &[]).unwrap().loss)
             .collect();
-        let first = losses[..3].iter().sum::<f32>() / 3.0;
-        let last = losses[losses.len() - 3..].iter().sum::<f32>() / 3.0;
-        assert!(last < 0.7 * first, "losses {losses:?}");
-        assert_eq!(t.steps(), 30);
+        // Measured: 11.65 at step 0, 0.90 at step 100 (AdamW 1e-3, seed 0).
+        assert!(losses[99] < 0.2 * losses[0], "losses {losses:?}");
+        assert_eq!(t.steps(), 100);
+        // The exported model (last decoder layer, top 3 queries) finds every object: the
+        // matching, the losses and the decoding agree on what a box and a class are.
+        let model = c.inference_graph(Some(t.state()), 3, &[]).unwrap();
+        let out: HashMap<String, Tensor> = TractBackend::new()
+            .load_model(&model, "fitted")
+            .unwrap()
+            .run(vec![("images".into(), images.clone())])
+            .unwrap()
+            .into_iter()
+            .collect();
+        let (boxes, scores, labels) = (
+            out["boxes"].to_f32(),
+            out["scores"].to_f32(),
+            out["labels"].to_f32(),
+        );
+        for (n, tg) in targets.iter().enumerate() {
+            for (tb, &label) in tg.boxes.iter().zip(&tg.labels) {
+                let want = super::super::matcher::cxcywh_to_xyxy(tb.map(|v| v * 64.0));
+                let found = (0..3).any(|k| {
+                    let b = [0, 1, 2, 3].map(|i| boxes[[n, k, i]]);
+                    // GIoU <= IoU, so GIoU > 0.7 means IoU > 0.7.
+                    let giou = super::super::matcher::generalized_iou(b, want);
+                    scores[[n, k]] > 0.5 && labels[[n, k]] as usize == label && giou > 0.7
+                });
+                assert!(found, "image {n}: no detection of {want:?} (class {label}): {boxes:?} {scores:?} {labels:?}");
+            }
+        }
         let e = t.step(images, &targets[..1], &[]).unwrap_err().to_string();
         assert!(e.contains("batch of 2"), "{e}");
     }
