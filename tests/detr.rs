@@ -255,3 +255,57 @@ fn detr_finetunes_resumes_exports_and_serves_through_the_cli() {
     ]));
     assert!(e.contains("DETR") && e.contains("--nms-in-graph"), "{e}");
 }
+
+/// `MultiHeadAttention` with an additive mask and the sine positional encoding against
+/// PyTorch 1.13 (`nn.MultiheadAttention`, DETR's `PositionEmbeddingSine`), fixtures made by
+/// `tests/fixtures/detr/make_fixtures.py`.
+#[test]
+fn attention_and_positional_encoding_match_pytorch() {
+    use densa::exporter::{DType, Dim, GraphBuilder};
+    use densa::models::detr::transformer::{sine_position_encoding, MultiHeadAttention};
+    let fx = read_npz(&common::fixture("detr/mha.npz")).unwrap();
+    let get = |name: &str| {
+        fx.iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, t)| t.clone())
+            .unwrap_or_else(|| panic!("fixture has no `{name}`"))
+    };
+    let mut b = GraphBuilder::new("mha", 0);
+    let dims = |t: &Tensor| t.shape().iter().map(|&d| Dim::from(d)).collect::<Vec<_>>();
+    let q = b.input("q", DType::F32, dims(&get("q"))).unwrap();
+    let k = b.input("k", DType::F32, dims(&get("k"))).unwrap();
+    let v = b.input("v", DType::F32, dims(&get("v"))).unwrap();
+    let mask = b.input("mask", DType::F32, dims(&get("mask"))).unwrap();
+    let attn = MultiHeadAttention::new(&mut b, "attn", 8, 2).unwrap();
+    for proj in ["q_proj", "k_proj", "v_proj", "out_proj"] {
+        for part in ["weight", "bias"] {
+            b.set_initializer(
+                &format!("attn.{proj}.{part}"),
+                get(&format!("{proj}_{part}")),
+            )
+            .unwrap();
+        }
+    }
+    let y = attn.forward(&mut b, &q, &k, &v, Some(&mask)).unwrap();
+    b.output(&y, "y").unwrap();
+    let model = b.finish();
+    let feed: Vec<(String, Tensor)> = ["q", "k", "v", "mask"]
+        .iter()
+        .map(|n| (n.to_string(), get(n)))
+        .collect();
+    let mut backends = vec![tract_backend()];
+    backends.extend(ort_backend());
+    for backend in backends {
+        let out = backend
+            .load_model(&model, "mha")
+            .unwrap()
+            .run(feed.clone())
+            .unwrap();
+        let d = max_rel_diff(&out[0].1.to_f32(), &get("y").to_f32());
+        assert!(d < 1e-5, "{}: differs from PyTorch by {d}", backend.name());
+    }
+    let pos = read_npz(&common::fixture("detr/pos.npz")).unwrap();
+    let ours = sine_position_encoding(2, 3, 8, 10000.0).to_f32();
+    let d = max_rel_diff(&ours, &pos[0].1.to_f32());
+    assert!(d < 1e-6, "positional encoding differs from DETR's by {d}");
+}
