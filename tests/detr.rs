@@ -244,6 +244,36 @@ fn detr_finetunes_resumes_exports_and_serves_through_the_cli() {
         serde_json::from_str(&std::fs::read_to_string(tmp.path().join("dets.json")).unwrap())
             .unwrap();
     assert_eq!(dets.len(), 8 * 10, "top 10 per image, no NMS");
+    // A whole DETR initialises another fine-tuning.
+    let (_, log) = ok(&[
+        "finetune",
+        "--task",
+        "detect",
+        "--detector",
+        "detr",
+        "--data",
+        &p("train/annotations.json"),
+        "--val-data",
+        &p("val/annotations.json"),
+        "--image-size",
+        "64",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+        "--init",
+        &p("run"),
+        "--out",
+        &p("run2"),
+        "--backend",
+        "tract",
+    ]);
+    let loaded = log
+        .lines()
+        .find(|l| l.starts_with("init: loaded"))
+        .unwrap_or_else(|| panic!("{log}"));
+    let counts: Vec<&str> = loaded.split_whitespace().collect();
+    assert_eq!(counts[2], counts[4], "every tensor loaded: {loaded}");
     let e = assert_clean_failure(&run_densa(&[
         "export",
         "detector",

@@ -61,7 +61,8 @@ pub struct FinetuneArgs {
     /// Backbone initialisation: `random`, a weights file (safetensors, .pth; torchvision
     /// parameter names, a key prefix such as `module.` or `backbone.` is detected), or a
     /// directory holding `backbone.safetensors` (what `densa pretrain` writes). Only the
-    /// backbone is loaded; the FPN and heads start random.
+    /// backbone is loaded; the FPN and heads start random. With `--detector detr`, also a
+    /// directory holding a whole DETR (`detr.json` + `state.safetensors`, or its `best/`).
     #[arg(long, default_value = "random")]
     pub init: String,
     /// Train on this fraction of the labelled images (deterministic per --seed), e.g. 0.1.

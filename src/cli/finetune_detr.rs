@@ -295,6 +295,27 @@ pub fn run(args: &FinetuneArgs) -> Result<()> {
             .with_context(|| format!("resuming from {}", state_path.display()))?;
         start_epoch = p.epoch;
         eprintln!("resuming after epoch {} (step {})", p.epoch, p.step);
+    } else if let Some((init_config, state, from)) = match args.init.as_str() {
+        "random" => None,
+        dir if Path::new(dir).is_dir() => load_detr_checkpoint(Path::new(dir))?,
+        _ => None,
+    } {
+        // A whole DETR (a pretraining method's or another fine-tuning's): every tensor whose
+        // name and shape fit; the class head of another label set starts random.
+        let mut fitting = StateDict::new();
+        let fresh = config.initial_state(0)?;
+        for (name, t) in state.iter() {
+            if fresh.get(name).is_some_and(|f| f.shape() == t.shape()) {
+                fitting.insert(name.to_string(), t.clone());
+            }
+        }
+        let n = trainer.load_state(&fitting)?;
+        eprintln!(
+            "init: loaded {n} of {} DETR tensors from {from} (detr-{}, {} classes)",
+            fresh.len(),
+            init_config.arch,
+            init_config.classes.len()
+        );
     } else if let Some(init) = load_backbone_init(&args.init, args.arch)? {
         let mut tensors = StateDict::new();
         for (name, t) in init.tensors.iter() {
