@@ -14,6 +14,7 @@
 //! - Small defaults ([`DetrConfig::new`]): d_model 64, 4 heads, 2 encoder and 2 decoder
 //!   layers, feed-forward 256, 30 queries (DETR: 256, 8, 6, 6, 2048, 100); all selectable.
 //! - A square input of fixed size (the token count is fixed at build time), no padding mask.
+//! - The transformer reads C5 (DETR) or, for small inputs, C4 ([`DetrConfig::feature_stride`]).
 //! - Backbone parameter names as torchvision's at the root (as the dense detector), so a
 //!   pretrained backbone checkpoint initialises it; the transformer is `transformer.*`.
 //! - Batch norm as the dense detector: batch statistics while training by default
@@ -65,6 +66,9 @@ pub enum DetrError {
     },
     #[error("state: parameter `{name}` {problem}")]
     State { name: String, problem: String },
+    #[cfg(feature = "train")]
+    #[error(transparent)]
+    TrainStep(#[from] crate::train_step::TrainStepError),
     #[error("DETR step: {0}")]
     Step(String),
 }
@@ -117,6 +121,10 @@ pub struct DetrConfig {
     /// Train the backbone's batch norms with batch statistics. Default true.
     #[serde(default = "default_true")]
     pub train_batch_norm: bool,
+    /// Stride of the backbone features the transformer reads: 32 (C5, DETR) or 16 (C4, more
+    /// tokens for small inputs; DETR-DC5 reaches stride 16 by dilation instead). Default 32.
+    #[serde(default = "default_stride")]
+    pub feature_stride: u32,
     /// Give the decoder's self-attention an additive mask input `decoder.self_attn_mask`
     /// `[Q, Q]` (UP-DETR's query groups). Default false.
     #[serde(default)]
@@ -125,6 +133,10 @@ pub struct DetrConfig {
 
 fn default_true() -> bool {
     true
+}
+
+fn default_stride() -> u32 {
+    32
 }
 
 /// The names of the graphs' inputs and outputs.
@@ -175,6 +187,7 @@ impl DetrConfig {
             mean: crate::export::IMAGENET_MEAN,
             std: crate::export::IMAGENET_STD,
             train_batch_norm: true,
+            feature_stride: 32,
             self_attn_mask: false,
         }
     }
@@ -191,12 +204,14 @@ impl DetrConfig {
         })
     }
 
-    /// Side of the C5 feature map (torchvision's stride-2 steps: `s -> (s - 1) / 2 + 1`).
+    /// Side of the feature map (C5, or C4 with `feature_stride` 16; torchvision's stride-2
+    /// steps: `s -> (s - 1) / 2 + 1`).
     pub fn feature_size(&self) -> usize {
-        (0..5).fold(self.image_size as usize, |s, _| (s - 1) / 2 + 1)
+        let steps = if self.feature_stride == 16 { 4 } else { 5 };
+        (0..steps).fold(self.image_size as usize, |s, _| (s - 1) / 2 + 1)
     }
 
-    /// Encoder tokens: the C5 map's cells.
+    /// Encoder tokens: the feature map's cells.
     pub fn tokens(&self) -> usize {
         self.feature_size() * self.feature_size()
     }
@@ -221,6 +236,12 @@ impl DetrConfig {
                 format!("{} does not divide d_model {}", self.heads, self.d_model),
             );
         }
+        if self.feature_stride != 16 && self.feature_stride != 32 {
+            return bad(
+                "feature_stride",
+                format!("{} is neither 16 (C4) nor 32 (C5)", self.feature_stride),
+            );
+        }
         if self.decoder_layers == 0 || self.num_queries == 0 || self.ffn_dim == 0 {
             return bad(
                 "decoder_layers/num_queries/ffn_dim",
@@ -237,9 +258,10 @@ impl DetrConfig {
         self.check()?;
         let backbone_config = self.backbone()?.config();
         let backbone = backbone_config.init(b)?;
-        let c5 = backbone_config.out_channels()[3];
+        let level = if self.feature_stride == 16 { 2 } else { 3 };
+        let channels = backbone_config.out_channels()[level];
         let d = self.d_model;
-        let input_proj = Conv2dConfig::new(c5, d, 1).init(b, "input_proj")?;
+        let input_proj = Conv2dConfig::new(channels, d, 1).init(b, "input_proj")?;
         let (encoder, decoder, decoder_norm) = b.scoped("transformer", |b| {
             let encoder = (0..self.encoder_layers)
                 .map(|i| {
@@ -349,7 +371,12 @@ impl Detr {
         let d = self.config.d_model as i64;
         let t = self.config.tokens() as i64;
         let q = self.config.num_queries;
-        let proj = self.input_proj.forward(b, &stages.c5)?;
+        let features = if self.config.feature_stride == 16 {
+            &stages.c4
+        } else {
+            &stages.c5
+        };
+        let proj = self.input_proj.forward(b, features)?;
         let flat = b.reshape(&proj, &[0, d, t])?;
         let tokens = transformer::transpose(b, &flat, &[0, 2, 1]);
         let mut memory = tokens;

@@ -365,6 +365,17 @@ fn config_checks_and_sizes() {
     let c = tiny();
     assert_eq!(c.feature_size(), 2);
     assert_eq!(c.tokens(), 4);
+    let mut c4 = tiny();
+    c4.feature_stride = 16;
+    assert_eq!(c4.tokens(), 16);
+    let s4 = c4.initial_state(0).unwrap();
+    assert_eq!(
+        s4.get("input_proj.weight").unwrap().shape(),
+        &[16, 64, 1, 1]
+    );
+    c4.feature_stride = 8;
+    let e = c4.initial_state(0).unwrap_err().to_string();
+    assert!(e.contains("feature_stride"), "{e}");
     let mut bad = tiny();
     bad.heads = 3;
     let e = bad.initial_state(0).unwrap_err().to_string();

@@ -49,15 +49,14 @@ pub fn step_graphs(
             .metric(&format!("loss_bbox.{l}"), bbox)
             .metric(&format!("loss_giou.{l}"), giou);
     }
-    let whole = build_train_step(fwd, train).map_err(|e| DetrError::Step(e.to_string()))?;
+    let whole = build_train_step(fwd, train)?;
     let host_in: Vec<&str> = t.host_inputs.iter().map(String::as_str).collect();
     let host_out: Vec<&str> = t
         .predictions
         .iter()
         .flat_map(|(a, b)| [a.as_str(), b.as_str()])
         .collect();
-    let split = split_train_step(&whole, &host_in, &host_out)
-        .map_err(|e| DetrError::Step(e.to_string()))?;
+    let split = split_train_step(&whole, &host_in, &host_out)?;
     Ok(DetrStepGraphs {
         whole,
         split,
