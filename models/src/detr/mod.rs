@@ -66,11 +66,19 @@ pub enum DetrError {
     },
     #[error("state: parameter `{name}` {problem}")]
     State { name: String, problem: String },
+    /// Boxed: the train-step error is large and rare.
     #[cfg(feature = "train")]
     #[error(transparent)]
-    TrainStep(#[from] crate::train_step::TrainStepError),
+    TrainStep(Box<crate::train_step::TrainStepError>),
     #[error("DETR step: {0}")]
     Step(String),
+}
+
+#[cfg(feature = "train")]
+impl From<crate::train_step::TrainStepError> for DetrError {
+    fn from(e: crate::train_step::TrainStepError) -> Self {
+        DetrError::TrainStep(Box::new(e))
+    }
 }
 
 impl From<densa_exporter::passes::PassError> for DetrError {
