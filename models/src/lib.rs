@@ -6,6 +6,7 @@
 
 pub mod backbone;
 pub mod detect;
+pub mod detr;
 pub mod export;
 pub mod neck;
 pub mod nn;

@@ -176,6 +176,7 @@ pub fn run_plan(out: &Path, plan: &DemoPlan) -> Result<()> {
         label_fraction: Some(plan.label_fraction),
         shots: None,
         freeze_backbone: false,
+        detector: super::finetune::DetectorKind::Fcos,
         epochs: plan.epochs,
         batch_size: plan.batch_size,
         lr: None,

@@ -160,6 +160,26 @@ pub fn run(args: ExportDetectorArgs) -> Result<()> {
     if !(args.nms_iou > 0.0 && args.nms_iou <= 1.0) {
         bail!("--nms-iou {}: must be in (0, 1]", args.nms_iou);
     }
+    if let Some((config, state, from)) = super::finetune_detr::load_detr_checkpoint(&args.ckpt)? {
+        if args.nms_in_graph || args.keep_batch_norm {
+            bail!("{from}: a DETR detector needs no NMS and folds its batch norms; drop --nms-in-graph/--keep-batch-norm");
+        }
+        let model = super::finetune_detr::detr_model(&config, &state, args.top_k)
+            .with_context(|| format!("exporting the DETR detector of {from}"))?;
+        densa_exporter::io::save(&model, &args.out)
+            .with_context(|| format!("writing {}", args.out.display()))?;
+        eprintln!(
+            "densa: wrote {} (DETR on {}, {} classes, {}x{} input, top {} of {} queries, no NMS, from {from})",
+            args.out.display(),
+            config.arch,
+            config.classes.len(),
+            config.image_size,
+            config.image_size,
+            args.top_k.clamp(1, config.num_queries),
+            config.num_queries,
+        );
+        return Ok(());
+    }
     let (config, state, from) = load_checkpoint(&args.ckpt)?;
     let model = if args.keep_batch_norm {
         let spec = if args.nms_in_graph {

@@ -20,6 +20,15 @@ pub enum Task {
     Segment,
 }
 
+/// Which detector `--task detect` trains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DetectorKind {
+    /// FCOS-style dense one-stage detector on an FPN.
+    Fcos,
+    /// DETR-family detector: transformer encoder/decoder, object queries, Hungarian matching.
+    Detr,
+}
+
 #[derive(Debug, Args)]
 pub struct FinetuneArgs {
     /// What to train.
@@ -28,6 +37,9 @@ pub struct FinetuneArgs {
     /// Backbone architecture: resnet18, resnet34, resnet50 or resnet-edge.
     #[arg(long, default_value = "resnet-edge")]
     pub arch: Arch,
+    /// The detector of `--task detect`: `fcos` (dense) or `detr` (`detr-<arch>`).
+    #[arg(long, value_enum, default_value = "fcos")]
+    pub detector: DetectorKind,
     /// Training annotations, COCO instances JSON (`densa synth` writes one).
     #[arg(long)]
     pub data: PathBuf,
@@ -49,7 +61,8 @@ pub struct FinetuneArgs {
     /// Backbone initialisation: `random`, a weights file (safetensors, .pth; torchvision
     /// parameter names, a key prefix such as `module.` or `backbone.` is detected), or a
     /// directory holding `backbone.safetensors` (what `densa pretrain` writes). Only the
-    /// backbone is loaded; the FPN and heads start random.
+    /// backbone is loaded; the FPN and heads start random. With `--detector detr`, also a
+    /// directory holding a whole DETR (`detr.json` + `state.safetensors`, or its `best/`).
     #[arg(long, default_value = "random")]
     pub init: String,
     /// Train on this fraction of the labelled images (deterministic per --seed), e.g. 0.1.
@@ -90,7 +103,16 @@ pub struct FinetuneArgs {
 pub fn run(args: FinetuneArgs) -> Result<()> {
     let comm = super::distributed::communicator()?;
     let result = match args.task {
+        Task::Detect if args.detector == DetectorKind::Detr => {
+            if comm.size() > 1 {
+                bail!("--detector detr trains on one process only (host matching per batch)");
+            }
+            super::finetune_detr::run(&args)
+        }
         Task::Detect => super::finetune_detect::run(&args, &comm),
+        Task::Segment if args.detector == DetectorKind::Detr => {
+            bail!("--detector detr goes with --task detect, not --task segment")
+        }
         Task::Segment => super::finetune_segment::run(&args, &comm),
     };
     super::distributed::or_abort(&comm, result)

@@ -16,6 +16,7 @@ mod export_segmenter;
 mod export_train;
 mod finetune;
 mod finetune_detect;
+mod finetune_detr;
 mod finetune_segment;
 mod inspect;
 mod methods;

@@ -1,0 +1,554 @@
+//! The DETR graph pieces against direct host computations (f64) on small hand-made cases:
+//! the set criterion's value and its gradient (central finite differences of the host
+//! reference), multi-head attention with a mask, the positional encoding, the detector's
+//! interface.
+
+use std::collections::HashMap;
+
+use densa_exporter::autodiff::{with_gradients, GradRequest};
+use densa_runtime::backend::tract::TractBackend;
+use densa_runtime::backend::Backend;
+use ndarray::{ArrayD, IxDyn};
+
+use super::hungarian::tests::Rng;
+use super::*;
+
+fn run(model: &ModelProto, inputs: Vec<(String, Tensor)>) -> HashMap<String, Tensor> {
+    let mut s = TractBackend::new().load_model(model, "test").unwrap();
+    s.run(inputs).unwrap().into_iter().collect()
+}
+
+fn f32s(shape: &[usize], v: Vec<f32>) -> Tensor {
+    Tensor::F32(ArrayD::from_shape_vec(IxDyn(shape), v).unwrap())
+}
+
+const N: usize = 2;
+const Q: usize = 3;
+const C: usize = 2;
+const K: usize = C + 1;
+
+/// The case: logits, predicted boxes, matched classes / boxes / mask, num_boxes.
+struct Case {
+    logits: Vec<f64>,
+    boxes: Vec<f64>,
+    classes: Vec<i64>,
+    tboxes: Vec<f64>,
+    mask: Vec<f64>,
+    num_boxes: f64,
+}
+
+fn case() -> Case {
+    let mut rng = Rng::new(3);
+    let logits = (0..N * Q * K).map(|_| rng.next_f64() * 4.0 - 2.0).collect();
+    let mut boxes = Vec::new();
+    for _ in 0..N * Q {
+        boxes.extend([
+            0.3 + 0.4 * rng.next_f64(),
+            0.3 + 0.4 * rng.next_f64(),
+            0.1 + 0.3 * rng.next_f64(),
+            0.1 + 0.3 * rng.next_f64(),
+        ]);
+    }
+    // Image 0: queries 0 and 2 matched (classes 1, 0); image 1: query 1 (class 1).
+    let classes = vec![1, 2, 0, 2, 1, 2];
+    let mask = vec![1.0, 0.0, 1.0, 0.0, 1.0, 0.0];
+    let tboxes = vec![
+        0.5, 0.4, 0.3, 0.2, //
+        0.5, 0.5, 1.0, 1.0, //
+        0.35, 0.6, 0.2, 0.3, //
+        0.5, 0.5, 1.0, 1.0, //
+        0.6, 0.55, 0.25, 0.15, //
+        0.5, 0.5, 1.0, 1.0,
+    ];
+    Case {
+        logits,
+        boxes,
+        classes,
+        tboxes,
+        mask,
+        num_boxes: 3.0,
+    }
+}
+
+fn giou64(p: &[f64], t: &[f64]) -> f64 {
+    let xy = |b: &[f64]| {
+        [
+            b[0] - b[2] / 2.0,
+            b[1] - b[3] / 2.0,
+            b[0] + b[2] / 2.0,
+            b[1] + b[3] / 2.0,
+        ]
+    };
+    let (a, b) = (xy(p), xy(t));
+    let area = |x: [f64; 4]| (x[2] - x[0]) * (x[3] - x[1]);
+    let iw = (a[2].min(b[2]) - a[0].max(b[0])).max(0.0);
+    let ih = (a[3].min(b[3]) - a[1].max(b[1])).max(0.0);
+    let inter = iw * ih;
+    let union = area(a) + area(b) - inter;
+    let enclose = (a[2].max(b[2]) - a[0].min(b[0])) * (a[3].max(b[3]) - a[1].min(b[1]));
+    inter / union - (enclose - union) / enclose
+}
+
+/// Host reference of the set criterion: `[total, ce, bbox, giou]`.
+fn reference(c: &Case, logits: &[f64], boxes: &[f64], cfg: &LossConfig) -> [f64; 4] {
+    let (mut wnll, mut wsum, mut l1, mut g) = (0.0, 0.0, 0.0, 0.0);
+    for i in 0..N * Q {
+        let row = &logits[i * K..(i + 1) * K];
+        let m = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let lse = m + row.iter().map(|x| (x - m).exp()).sum::<f64>().ln();
+        let cls = c.classes[i] as usize;
+        let w = if cls == C { cfg.eos_coef as f64 } else { 1.0 };
+        wnll += w * (lse - row[cls]);
+        wsum += w;
+        if c.mask[i] > 0.0 {
+            let p = &boxes[i * 4..i * 4 + 4];
+            let t = &c.tboxes[i * 4..i * 4 + 4];
+            l1 += p.iter().zip(t).map(|(a, b)| (a - b).abs()).sum::<f64>();
+            g += 1.0 - giou64(p, t);
+        }
+    }
+    let ce = wnll / wsum;
+    let bbox = l1 / c.num_boxes;
+    let giou = g / c.num_boxes;
+    let total =
+        cfg.weight_ce as f64 * ce + cfg.weight_bbox as f64 * bbox + cfg.weight_giou as f64 * giou;
+    [total, ce, bbox, giou]
+}
+
+/// The loss graph (outputs `loss`, `ce`, `bbox`, `giou`) and its gradient graph (`loss`,
+/// `grad.logits`, `grad.boxes`).
+fn loss_model(cfg: &LossConfig) -> (ModelProto, ModelProto) {
+    let mut b = GraphBuilder::new("set-loss", 0);
+    let d = |s: &[usize]| s.iter().map(|&x| Dim::from(x)).collect::<Vec<_>>();
+    let logits = b.input("logits", DType::F32, d(&[N, Q, K])).unwrap();
+    let boxes = b.input("boxes", DType::F32, d(&[N, Q, 4])).unwrap();
+    let targets = LayerTargets {
+        classes: b.input("classes", DType::I64, d(&[N, Q])).unwrap(),
+        boxes: b.input("tboxes", DType::F32, d(&[N, Q, 4])).unwrap(),
+        mask: b.input("mask", DType::F32, d(&[N, Q])).unwrap(),
+    };
+    let num = b.input("num_boxes", DType::F32, vec![]).unwrap();
+    let l = loss::set_loss(&mut b, &logits, &boxes, &targets, &num, C, cfg).unwrap();
+    b.output(&l.total, "loss").unwrap();
+    b.output(&l.ce, "ce").unwrap();
+    b.output(&l.bbox, "bbox").unwrap();
+    b.output(&l.giou, "giou").unwrap();
+    let m = b.finish();
+    let g = with_gradients(&m, &GradRequest::new("loss", &["logits", "boxes"])).unwrap();
+    (m, g)
+}
+
+fn feed(c: &Case) -> Vec<(String, Tensor)> {
+    let f = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<_>>();
+    vec![
+        ("logits".into(), f32s(&[N, Q, K], f(&c.logits))),
+        ("boxes".into(), f32s(&[N, Q, 4], f(&c.boxes))),
+        (
+            "classes".into(),
+            Tensor::I64(ArrayD::from_shape_vec(IxDyn(&[N, Q]), c.classes.clone()).unwrap()),
+        ),
+        ("tboxes".into(), f32s(&[N, Q, 4], f(&c.tboxes))),
+        ("mask".into(), f32s(&[N, Q], f(&c.mask))),
+        (
+            "num_boxes".into(),
+            Tensor::F32(ArrayD::from_elem(IxDyn(&[]), c.num_boxes as f32)),
+        ),
+    ]
+}
+
+#[test]
+fn set_loss_and_its_gradient_equal_a_direct_computation() {
+    let cfg = LossConfig::default();
+    let c = case();
+    let (plain, with_grads) = loss_model(&cfg);
+    let mut out = run(&plain, feed(&c));
+    out.extend(run(&with_grads, feed(&c)));
+    let want = reference(&c, &c.logits, &c.boxes, &cfg);
+    for (name, w) in ["loss", "ce", "bbox", "giou"].iter().zip(want) {
+        let got = out[*name].to_f32().iter().next().copied().unwrap() as f64;
+        assert!(
+            (got - w).abs() <= 1e-5 * (1.0 + w.abs()),
+            "{name}: graph {got}, host {w}"
+        );
+    }
+    // The terms are all active: a loss that ignored the mask or the weights would differ.
+    assert!(want[2] > 0.05 && want[3] > 0.1, "{want:?}");
+    // Gradient vs central finite differences of the host reference.
+    let eps = 1e-6;
+    for (input, grad_name, values) in [
+        ("logits", "grad.logits", &c.logits),
+        ("boxes", "grad.boxes", &c.boxes),
+    ] {
+        let g = out
+            .get(grad_name)
+            .unwrap_or_else(|| panic!("no `{grad_name}` in {:?}", out.keys()))
+            .to_f32();
+        for (k, &gk) in g.iter().enumerate() {
+            let at = |d: f64| {
+                let mut v = values.clone();
+                v[k] += d;
+                if input == "logits" {
+                    reference(&c, &v, &c.boxes, &cfg)[0]
+                } else {
+                    reference(&c, &c.logits, &v, &cfg)[0]
+                }
+            };
+            let fd = (at(eps) - at(-eps)) / (2.0 * eps);
+            assert!(
+                (gk as f64 - fd).abs() <= 1e-4 + 1e-3 * fd.abs(),
+                "{input}[{k}]: graph {gk}, finite differences {fd}"
+            );
+        }
+    }
+    // Unmatched queries get no box gradient; their class gradient pushes to "no object".
+    let gb = out["grad.boxes"].to_f32();
+    assert!(gb.as_slice().unwrap()[4..8].iter().all(|&v| v == 0.0));
+}
+
+/// Host multi-head attention in f64 with the builder's parameter values.
+#[allow(clippy::too_many_arguments)]
+fn attention_reference(
+    params: &HashMap<String, Vec<f32>>,
+    q_in: &[f32],
+    k_in: &[f32],
+    v_in: &[f32],
+    mask: &[f32],
+    (n, tq, tk, d, h): (usize, usize, usize, usize, usize),
+) -> Vec<f64> {
+    let lin = |name: &str, x: &[f32], t: usize| -> Vec<f64> {
+        let w = &params[&format!("{name}.weight")];
+        let bias = &params[&format!("{name}.bias")];
+        let mut y = vec![0.0; n * t * d];
+        for r in 0..n * t {
+            for o in 0..d {
+                let mut s = bias[o] as f64;
+                for i in 0..d {
+                    s += w[o * d + i] as f64 * x[r * d + i] as f64;
+                }
+                y[r * d + o] = s;
+            }
+        }
+        y
+    };
+    let q = lin("attn.q_proj", q_in, tq);
+    let k = lin("attn.k_proj", k_in, tk);
+    let v = lin("attn.v_proj", v_in, tk);
+    let dh = d / h;
+    let mut heads = vec![0.0; n * tq * d];
+    for b in 0..n {
+        for hh in 0..h {
+            for i in 0..tq {
+                let logits: Vec<f64> = (0..tk)
+                    .map(|j| {
+                        let dot: f64 = (0..dh)
+                            .map(|e| {
+                                q[(b * tq + i) * d + hh * dh + e]
+                                    * k[(b * tk + j) * d + hh * dh + e]
+                            })
+                            .sum();
+                        dot / (dh as f64).sqrt() + mask[i * tk + j] as f64
+                    })
+                    .collect();
+                let m = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = logits.iter().map(|x| (x - m).exp()).collect();
+                let s: f64 = e.iter().sum();
+                for f in 0..dh {
+                    heads[(b * tq + i) * d + hh * dh + f] = (0..tk)
+                        .map(|j| e[j] / s * v[(b * tk + j) * d + hh * dh + f])
+                        .sum();
+                }
+            }
+        }
+    }
+    let heads32: Vec<f32> = heads.iter().map(|&x| x as f32).collect();
+    // out_proj on the f64 values (rounded once to f32 is below the tolerance).
+    lin("attn.out_proj", &heads32, tq)
+}
+
+#[test]
+fn multi_head_attention_with_a_mask_equals_a_direct_computation() {
+    let (n, tq, tk, d, h) = (2, 3, 4, 8, 2);
+    let mut b = GraphBuilder::new("mha", 11);
+    let dims = |s: &[usize]| s.iter().map(|&x| Dim::from(x)).collect::<Vec<_>>();
+    let qv = b.input("q", DType::F32, dims(&[n, tq, d])).unwrap();
+    let kv = b.input("k", DType::F32, dims(&[n, tk, d])).unwrap();
+    let vv = b.input("v", DType::F32, dims(&[n, tk, d])).unwrap();
+    let mv = b.input("mask", DType::F32, dims(&[tq, tk])).unwrap();
+    let attn = transformer::MultiHeadAttention::new(&mut b, "attn", d, h).unwrap();
+    let y = attn.forward(&mut b, &qv, &kv, &vv, Some(&mv)).unwrap();
+    b.output(&y, "y").unwrap();
+    let params: HashMap<String, Vec<f32>> = b
+        .params()
+        .iter()
+        .filter(|p| p.kind == ParamKind::Param)
+        .map(|p| {
+            let t = b.initializer_value(&p.name).unwrap().to_f32();
+            (p.name.clone(), t.iter().copied().collect())
+        })
+        .collect();
+    assert_eq!(params.len(), 8);
+    let model = b.finish();
+    let mut rng = Rng::new(5);
+    let mut draw = |len: usize| -> Vec<f32> {
+        (0..len)
+            .map(|_| rng.next_f64() as f32 * 2.0 - 1.0)
+            .collect()
+    };
+    let (q, k, v) = (draw(n * tq * d), draw(n * tk * d), draw(n * tk * d));
+    // Block pattern: query 0 sees keys 0-1 only, the others every key.
+    let mut mask = vec![0.0f32; tq * tk];
+    mask[2] = -1e9;
+    mask[3] = -1e9;
+    let out = run(
+        &model,
+        vec![
+            ("q".into(), f32s(&[n, tq, d], q.clone())),
+            ("k".into(), f32s(&[n, tk, d], k.clone())),
+            ("v".into(), f32s(&[n, tk, d], v.clone())),
+            ("mask".into(), f32s(&[tq, tk], mask.clone())),
+        ],
+    );
+    let got = out["y"].to_f32();
+    let want = attention_reference(&params, &q, &k, &v, &mask, (n, tq, tk, d, h));
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert!((*g as f64 - w).abs() < 1e-5, "y[{i}]: graph {g}, host {w}");
+    }
+    // The mask matters: keys 2-3 hidden from query 0 change its output.
+    let unmasked = attention_reference(&params, &q, &k, &v, &[0.0; 12], (n, tq, tk, d, h));
+    assert!((0..d).any(|i| (unmasked[i] - want[i]).abs() > 1e-3));
+}
+
+#[test]
+fn sine_position_encoding_follows_detr() {
+    let (h, w, d) = (2, 3, 8);
+    let pe = transformer::sine_position_encoding(h, w, d, 10000.0).to_f32();
+    assert_eq!(pe.shape(), &[6, 8]);
+    let two_pi = 2.0 * std::f64::consts::PI;
+    // Token (row 1, col 2) = index 5: y = 2 / 2 * 2π, x = 3 / 3 * 2π (up to eps).
+    let y = 2.0 / (2.0 + 1e-6) * two_pi;
+    let x = 3.0 / (3.0 + 1e-6) * two_pi;
+    let f1 = 10000f64.powf(2.0 / 4.0);
+    let row = pe.index_axis(ndarray::Axis(0), 5);
+    let expect = [
+        y.sin(),
+        y.cos(),
+        (y / f1).sin(),
+        (y / f1).cos(),
+        x.sin(),
+        x.cos(),
+        (x / f1).sin(),
+        (x / f1).cos(),
+    ];
+    for (i, e) in expect.iter().enumerate() {
+        assert!(
+            (row[i] as f64 - e).abs() < 1e-5,
+            "channel {i}: {} vs {e}",
+            row[i]
+        );
+    }
+}
+
+fn tiny() -> DetrConfig {
+    let mut c = DetrConfig::new(Arch::Edge, vec!["disk".into(), "square".into()]);
+    c.image_size = 64;
+    c.d_model = 16;
+    c.heads = 2;
+    c.encoder_layers = 1;
+    c.decoder_layers = 2;
+    c.ffn_dim = 32;
+    c.num_queries = 5;
+    c
+}
+
+#[test]
+fn config_checks_and_sizes() {
+    let c = tiny();
+    assert_eq!(c.feature_size(), 2);
+    assert_eq!(c.tokens(), 4);
+    let mut c4 = tiny();
+    c4.feature_stride = 16;
+    assert_eq!(c4.tokens(), 16);
+    let s4 = c4.initial_state(0).unwrap();
+    assert_eq!(
+        s4.get("input_proj.weight").unwrap().shape(),
+        &[16, 64, 1, 1]
+    );
+    c4.feature_stride = 8;
+    let e = c4.initial_state(0).unwrap_err().to_string();
+    assert!(e.contains("feature_stride"), "{e}");
+    let mut bad = tiny();
+    bad.heads = 3;
+    let e = bad.initial_state(0).unwrap_err().to_string();
+    assert!(e.contains("heads"), "{e}");
+    let mut bad = tiny();
+    bad.arch = "vgg".into();
+    assert!(bad
+        .initial_state(0)
+        .unwrap_err()
+        .to_string()
+        .contains("vgg"));
+    let s = c.initial_state(0).unwrap();
+    for name in [
+        "conv1.weight",
+        "input_proj.weight",
+        "transformer.encoder.layers.0.self_attn.q_proj.weight",
+        "transformer.decoder.layers.1.cross_attn.out_proj.bias",
+        "transformer.decoder.norm.weight",
+        "query_embed.weight",
+        "class_embed.weight",
+        "bbox_embed.layers.2.bias",
+    ] {
+        assert!(s.get(name).is_some(), "no `{name}`");
+    }
+    assert_eq!(s.get("class_embed.weight").unwrap().shape(), &[3, 16]);
+}
+
+#[test]
+fn inference_graph_gives_top_k_boxes_in_pixels() {
+    let c = tiny();
+    let model = c
+        .inference_graph(None, 3, &[("densa.input_size", "64")])
+        .unwrap();
+    let meta: HashMap<&str, &str> = model
+        .metadata_props
+        .iter()
+        .map(|p| (p.key.as_str(), p.value.as_str()))
+        .collect();
+    assert_eq!(meta["densa.task"], "detect");
+    assert_eq!(meta["densa.classes"], "disk,square");
+    let mut rng = Rng::new(9);
+    let x: Vec<f32> = (0..2 * 3 * 64 * 64)
+        .map(|_| rng.next_f64() as f32)
+        .collect();
+    let out = run(&model, vec![("images".into(), f32s(&[2, 3, 64, 64], x))]);
+    let boxes = out["boxes"].to_f32();
+    let scores = out["scores"].to_f32();
+    assert_eq!(boxes.shape(), &[2, 3, 4]);
+    assert_eq!(scores.shape(), &[2, 3]);
+    assert!(boxes.iter().all(|&v| (0.0..=64.0).contains(&v)));
+    for n in 0..2 {
+        for k in 0..3 {
+            assert!(boxes[[n, k, 2]] >= boxes[[n, k, 0]] && boxes[[n, k, 3]] >= boxes[[n, k, 1]]);
+            assert!(scores[[n, k]] > 0.0 && scores[[n, k]] < 1.0);
+            if k > 0 {
+                assert!(scores[[n, k]] <= scores[[n, k - 1]]);
+            }
+        }
+    }
+    let labels = match &out["labels"] {
+        Tensor::I64(a) => a.clone(),
+        other => panic!("labels are {:?}", other.dtype()),
+    };
+    assert!(labels.iter().all(|&l| l == 0 || l == 1));
+}
+
+/// Fixed matched targets for the tiny config (2 images, 5 queries, 2 classes).
+fn training_inputs(c: &DetrConfig) -> Vec<(String, Tensor)> {
+    let q = c.num_queries;
+    let mut rng = Rng::new(21);
+    let x: Vec<f32> = (0..2 * 3 * 64 * 64)
+        .map(|_| rng.next_f64() as f32 * 2.0 - 1.0)
+        .collect();
+    let mut inputs = vec![(names::IMAGES.to_string(), f32s(&[2, 3, 64, 64], x))];
+    for l in 0..c.decoder_layers {
+        // Image 0: query l -> class 0, query 3 -> class 1; image 1: query 1 -> class 1.
+        let mut classes = vec![2i64; 2 * q];
+        let mut mask = vec![0f32; 2 * q];
+        let mut boxes = vec![0.5f32; 2 * q * 4];
+        for (slot, class, bx) in [
+            (l, 0, [0.3, 0.3, 0.2, 0.25]),
+            (3, 1, [0.7, 0.6, 0.3, 0.2]),
+            (q + 1, 1, [0.5, 0.45, 0.4, 0.3]),
+        ] {
+            classes[slot] = class;
+            mask[slot] = 1.0;
+            boxes[slot * 4..slot * 4 + 4].copy_from_slice(&bx);
+        }
+        inputs.push((
+            names::classes(l),
+            Tensor::I64(ArrayD::from_shape_vec(IxDyn(&[2, q]), classes).unwrap()),
+        ));
+        inputs.push((names::boxes(l), f32s(&[2, q, 4], boxes)));
+        inputs.push((names::mask(l), f32s(&[2, q], mask)));
+    }
+    inputs.push((
+        names::NUM_BOXES.to_string(),
+        Tensor::F32(ArrayD::from_elem(IxDyn(&[]), 3.0)),
+    ));
+    inputs
+}
+
+#[test]
+fn whole_training_graph_gradients_match_finite_differences() {
+    let mut c = tiny();
+    c.train_batch_norm = false;
+    let (mut b, t) = c.training_forward(0, Some(2)).unwrap();
+    b.output(&t.loss, names::LOSS).unwrap();
+    let model = b.finish();
+    let wrt = [
+        "class_embed.bias",
+        "bbox_embed.layers.2.bias",
+        "query_embed.weight",
+        "transformer.decoder.layers.0.cross_attn.q_proj.bias",
+        "transformer.encoder.layers.0.norm1.weight",
+        "input_proj.bias",
+    ];
+    let train = with_gradients(&model, &GradRequest::new(names::LOSS, &wrt)).unwrap();
+    let inputs = training_inputs(&c);
+    let out = run(&train, inputs.clone());
+    let loss = out[names::LOSS].to_f32().iter().next().copied().unwrap() as f64;
+    assert!(loss.is_finite() && loss > 0.0, "{loss}");
+    let init = model.graph.as_ref().unwrap();
+    let mut checked = 0;
+    for name in wrt {
+        let grad = out[&format!("grad.{name}")].to_f32();
+        let value = init
+            .initializer
+            .iter()
+            .find(|t| t.name == name)
+            .map(|t| Tensor::from_proto(t).unwrap().to_f32())
+            .unwrap();
+        // The parameter becomes a graph input, so one loaded model serves every perturbation.
+        let mut m = model.clone();
+        let g = m.graph.as_mut().unwrap();
+        let pos = g.initializer.iter().position(|t| t.name == name).unwrap();
+        g.initializer.remove(pos);
+        g.input.push(densa_exporter::onnx::ValueInfoProto {
+            name: name.to_string(),
+            r#type: Some(densa_exporter::builder::tensor_type(
+                DType::F32,
+                &value
+                    .shape()
+                    .iter()
+                    .map(|&d| Dim::from(d))
+                    .collect::<Vec<_>>(),
+            )),
+            ..Default::default()
+        });
+        // tract refuses a node named like the prefix of an input (`input_proj` and
+        // `input_proj.bias`); node names carry no meaning.
+        for (i, n) in g.node.iter_mut().enumerate() {
+            n.name = format!("node{i}");
+        }
+        let mut session = TractBackend::new().load_model(&m, "fd").unwrap();
+        for k in [0, 1, value.len() - 1] {
+            let eps = 3e-3f32;
+            let mut at = |delta: f32| {
+                let mut v = value.clone();
+                v.as_slice_mut().unwrap()[k] += delta;
+                let mut feed = inputs.clone();
+                feed.push((name.to_string(), Tensor::F32(v)));
+                let out = session.run(feed).unwrap();
+                out[0].1.to_f32().iter().next().copied().unwrap() as f64
+            };
+            let fd = (at(eps) - at(-eps)) / (2.0 * eps as f64);
+            let ad = grad.as_slice().unwrap()[k] as f64;
+            assert!(
+                (ad - fd).abs() <= 2e-3 + 2e-2 * fd.abs(),
+                "{name}[{k}]: autodiff {ad}, finite differences {fd}"
+            );
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 18);
+}
