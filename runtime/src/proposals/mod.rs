@@ -368,6 +368,25 @@ pub fn filter_proposals(proposals: &[Proposal], filter: &ProposalFilter) -> Vec<
     kept
 }
 
+/// Draws the proposals' boxes (2 px outlines, a colour per rank from the detector palette).
+pub fn draw_proposals(img: &mut RgbImage, proposals: &[Proposal]) {
+    use imageproc::drawing::draw_hollow_rect_mut;
+    use imageproc::rect::Rect;
+    for p in proposals {
+        let colour = crate::infer::draw::class_colour(p.rank);
+        for inset in 0..2u32 {
+            let w = p.width() as i64 - 2 * inset as i64;
+            let h = p.height() as i64 - 2 * inset as i64;
+            if w <= 0 || h <= 0 {
+                break;
+            }
+            let rect = Rect::at(p.x0 as i32 + inset as i32, p.y0 as i32 + inset as i32)
+                .of_size(w as u32, h as u32);
+            draw_hollow_rect_mut(img, rect, colour);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -506,6 +525,15 @@ mod tests {
         for (p, d) in props.iter().zip(&direct) {
             assert_eq!(p.xyxy(), d.xyxy().map(|v| v * 2.0));
         }
+    }
+
+    #[test]
+    fn drawing_outlines_the_box() {
+        let mut img = RgbImage::new(10, 8);
+        draw_proposals(&mut img, &[proposal([2.0, 1.0, 8.0, 7.0], 0)]);
+        let lit = |x, y| img.get_pixel(x, y).0 != [0, 0, 0];
+        assert!(lit(2, 1) && lit(7, 6) && lit(3, 2) && lit(5, 1));
+        assert!(!lit(5, 4) && !lit(1, 1) && !lit(8, 7));
     }
 
     #[test]
