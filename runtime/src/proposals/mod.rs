@@ -181,14 +181,13 @@ impl Proposal {
 
 /// The ranked hierarchy boxes of one (colour image, k, strategy) run: `(value, box)`.
 fn ranked_hierarchy(
-    bins: &grouping::PixelBins,
-    seg: &Segmentation,
+    initial: &(Vec<grouping::Region>, Vec<Vec<u32>>),
+    pixels: u64,
     strategy: Strategy,
     seed: u64,
     run: u64,
 ) -> Vec<(f64, [u32; 4])> {
-    let (regions, adjacency) = grouping::initial_regions(seg, bins);
-    let pixels = (seg.width * seg.height) as u64;
+    let (regions, adjacency) = initial.clone();
     let hierarchy = grouping::hierarchical_grouping(regions, adjacency, strategy, pixels);
     let mut key = [0u8; 32];
     key[..8].copy_from_slice(&seed.to_le_bytes());
@@ -243,12 +242,14 @@ pub fn selective_search(
                     min_size: config.min_size,
                 },
             );
+            let initial = grouping::initial_regions(&seg, bins);
+            let pixels = (seg.width * seg.height) as u64;
             let runs: Vec<_> = strategies
                 .iter()
                 .enumerate()
                 .flat_map(|(j, &strategy)| {
                     let run = ((s * ks.len() + k) * strategies.len() + j) as u64;
-                    ranked_hierarchy(bins, &seg, strategy, config.seed, run)
+                    ranked_hierarchy(&initial, pixels, strategy, config.seed, run)
                 })
                 .collect();
             runs.into_iter()
@@ -455,6 +456,12 @@ mod tests {
         let a = selective_search(&img, &config).unwrap();
         let b = selective_search(&img, &config).unwrap();
         assert_eq!(a, b);
+        let one_thread = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap()
+            .install(|| selective_search(&img, &config).unwrap());
+        assert_eq!(a, one_thread, "the thread count does not change the result");
         let boxes: HashSet<[u32; 4]> = a.iter().map(|p| p.xyxy().map(|v| v as u32)).collect();
         assert_eq!(boxes.len(), a.len());
         assert!(a.iter().enumerate().all(|(i, p)| p.rank == i));
