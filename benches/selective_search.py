@@ -15,8 +15,9 @@ Data:
 Reports, per data set and peer: images/s and proposals per image (selective search time
 only, images already decoded; densa's per-image time comes from its JSON), and the recall of
 ground-truth boxes at IoU 0.5 and 0.7 among the top 100, top 300 and all proposals; then the
-ratio densa / OpenCV. densa runs twice: one rayon thread (as OpenCV's selective search, which
-is single-threaded) and all cores.
+ratio densa / OpenCV. densa runs three times: one rayon thread (OpenCV's selective search runs
+its hierarchies one after the other), all cores, and one thread with OpenCV's 4-connected
+segmentation graph (`--connectivity 4`; densa's default is the paper's 8).
 
     pip install opencv-contrib-python-headless scikit-image
     cargo build --release
@@ -92,13 +93,14 @@ def run_opencv(paths):
     return times, boxes
 
 
-def run_densa(densa, paths, work, threads):
+def run_densa(densa, paths, work, threads, connectivity=8):
     """`densa proposals --json` over all images in one process; per-image seconds and boxes."""
-    out = Path(work) / f"densa_{threads or 'all'}.json"
+    out = Path(work) / f"densa_{threads or 'all'}_{connectivity}.json"
     env = dict(os.environ)
     if threads:
         env["RAYON_NUM_THREADS"] = str(threads)
-    cmd = [str(densa), "proposals", *map(str, paths), "--mode", "fast", "--json", str(out)]
+    cmd = [str(densa), "proposals", *map(str, paths), "--mode", "fast", "--json", str(out),
+           "--connectivity", str(connectivity)]
     subprocess.run(cmd, check=True, env=env, stderr=subprocess.DEVNULL)
     data = json.loads(out.read_text())
     by_file = {e["file"]: e for e in data["images"]}
@@ -199,6 +201,7 @@ def main():
             peers = {
                 "densa 1 thread": run_densa(densa, paths, work, 1),
                 f"densa {os.cpu_count()} threads": run_densa(densa, paths, work, None),
+                "densa 4-conn 1 thr": run_densa(densa, paths, work, 1, connectivity=4),
                 "OpenCV fast": run_opencv(paths),
             }
             report(name, paths, gts, peers)

@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use densa_runtime::data::image::read_rgb;
 use densa_runtime::proposals::{
-    draw_proposals, selective_search, Mode, Proposal, SelectiveSearchConfig,
+    draw_proposals, selective_search, Connectivity, Mode, Proposal, SelectiveSearchConfig,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
@@ -45,6 +45,9 @@ pub struct ProposalsArgs {
     /// Smallest initial region (pixels).
     #[arg(long, default_value_t = 100)]
     pub min_size: usize,
+    /// Segmentation graph: 8 (the paper's) or 4 (OpenCV's) neighbours per pixel.
+    #[arg(long, default_value = "8")]
+    pub connectivity: Connectivity,
     /// Seed of the ranking's random values.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -81,6 +84,7 @@ pub fn run(args: ProposalsArgs) -> Result<()> {
         inc_k: args.inc_k,
         sigma: args.sigma,
         min_size: args.min_size,
+        connectivity: args.connectivity,
         seed: args.seed,
     };
     config.validate()?;

@@ -11,9 +11,34 @@
 //! the smoothed image (as OpenCV's `ximgproc::segmentation::GraphSegmentation`; the paper's
 //! code segments each channel separately and intersects); the smoothing kernel has radius
 //! `ceil(4 sigma)` with clamped borders (the paper's code); ties between equal weights are
-//! broken by pixel index, so the result is deterministic.
+//! broken by pixel index, so the result is deterministic. The graph is 8-connected as in the
+//! paper by default; [`Connectivity::Four`] builds OpenCV's 4-connected one.
+
+use serde::{Deserialize, Serialize};
 
 use super::image::Planes;
+
+/// Which pixels the graph joins.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Connectivity {
+    /// Left/right and up/down neighbours (OpenCV's `GraphSegmentation`).
+    Four,
+    /// Also the diagonals (the paper's).
+    #[default]
+    Eight,
+}
+
+impl std::str::FromStr for Connectivity {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "4" | "four" => Ok(Connectivity::Four),
+            "8" | "eight" => Ok(Connectivity::Eight),
+            other => Err(format!("unknown connectivity {other:?} (expected 4 or 8)")),
+        }
+    }
+}
 
 /// Parameters of the segmentation.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -27,6 +52,8 @@ pub struct GraphSegmentConfig {
     /// Components smaller than this (in pixels) are merged into a neighbour. Default 100
     /// (OpenCV's default; the paper's demo uses 20).
     pub min_size: usize,
+    /// Default [`Connectivity::Eight`] (the paper's).
+    pub connectivity: Connectivity,
 }
 
 impl Default for GraphSegmentConfig {
@@ -35,6 +62,7 @@ impl Default for GraphSegmentConfig {
             k: 300.0,
             sigma: 0.8,
             min_size: 100,
+            connectivity: Connectivity::Eight,
         }
     }
 }
@@ -125,8 +153,9 @@ pub fn smooth(planes: &Planes, sigma: f32) -> Planes {
     }
 }
 
-/// The 8-neighbour graph of an image, edges sorted by `(weight, a, b)`.
-pub(crate) fn sorted_edges(smoothed: &Planes) -> Vec<Edge> {
+/// The pixel graph of an image, edges sorted by `(weight, a, b)`.
+pub(crate) fn sorted_edges(smoothed: &Planes, connectivity: Connectivity) -> Vec<Edge> {
+    let diagonals = connectivity == Connectivity::Eight;
     let (w, h) = (smoothed.width, smoothed.height);
     let dist = |p: usize, q: usize| {
         smoothed
@@ -151,11 +180,11 @@ pub(crate) fn sorted_edges(smoothed: &Planes) -> Vec<Edge> {
                 push(p + 1);
             }
             if y + 1 < h {
-                if x > 0 {
+                if diagonals && x > 0 {
                     push(p + w - 1);
                 }
                 push(p + w);
-                if x + 1 < w {
+                if diagonals && x + 1 < w {
                     push(p + w + 1);
                 }
             }
@@ -206,7 +235,7 @@ pub fn segment(planes: &Planes, config: &GraphSegmentConfig) -> Segmentation {
     let (w, h) = (planes.width, planes.height);
     let n = w * h;
     let smoothed = smooth(planes, config.sigma);
-    let edges = sorted_edges(&smoothed);
+    let edges = sorted_edges(&smoothed, config.connectivity);
     let mut sets = DisjointSets::new(n);
     let mut threshold = vec![config.k; n];
     for e in &edges {
@@ -280,7 +309,8 @@ mod tests {
         for p in 0..(w * h) {
             for q in (p + 1)..(w * h) {
                 let (dx, dy) = ((p % w - q % w).abs(), (p / w - q / w).abs());
-                if dx <= 1 && dy <= 1 {
+                let four = config.connectivity == Connectivity::Four;
+                if dx <= 1 && dy <= 1 && !(four && dx + dy == 2) {
                     let d: f32 = s
                         .channels
                         .iter()
@@ -380,6 +410,7 @@ mod tests {
                 k: 50.0,
                 sigma,
                 min_size,
+                ..Default::default()
             };
             let seg = segment(&planes, &config);
             assert_eq!(seg.regions, 2, "{config:?}");
@@ -388,6 +419,22 @@ mod tests {
                 assert_eq!(seg.labels[p], expected, "pixel {p}, {config:?}");
             }
         }
+    }
+
+    #[test]
+    fn connectivity_decides_whether_diagonal_pixels_join() {
+        // A 2x2 checkerboard: equal pixels touch only across the diagonals.
+        let planes = planes_from(2, 2, vec![vec![0.0, 100.0, 100.0, 0.0]]);
+        let config = |connectivity| GraphSegmentConfig {
+            k: 1.0,
+            sigma: 0.0,
+            min_size: 1,
+            connectivity,
+        };
+        let eight = segment(&planes, &config(Connectivity::Eight));
+        assert_eq!(eight.labels, vec![0, 1, 1, 0]);
+        let four = segment(&planes, &config(Connectivity::Four));
+        assert_eq!(four.labels, vec![0, 1, 2, 3]);
     }
 
     #[test]
@@ -402,6 +449,7 @@ mod tests {
                 k: 20.0,
                 sigma: 0.0,
                 min_size,
+                ..Default::default()
             };
             let seg = segment(&planes, &config);
             let mut counts = vec![0usize; seg.regions];
@@ -424,6 +472,7 @@ mod tests {
                 k: 20.0,
                 sigma: 0.0,
                 min_size: 1,
+                ..Default::default()
             },
         );
         let mut counts = vec![0usize; raw.regions];
@@ -455,6 +504,11 @@ mod tests {
                 k: [10.0, 60.0, 200.0][case % 3],
                 sigma: [0.0, 0.5, 0.8][(case / 3) % 3],
                 min_size: 1 + (rng.next_u32() % 5) as usize,
+                connectivity: if case % 4 < 2 {
+                    Connectivity::Eight
+                } else {
+                    Connectivity::Four
+                },
             };
             let fast = segment(&planes, &config);
             let slow = brute_force(&planes, &config);

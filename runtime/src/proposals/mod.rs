@@ -33,7 +33,7 @@ use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-pub use self::felzenszwalb::{segment, GraphSegmentConfig, Segmentation};
+pub use self::felzenszwalb::{segment, Connectivity, GraphSegmentConfig, Segmentation};
 pub use self::grouping::Strategy;
 pub use self::image::{ColourSpace, Planes};
 use crate::data::RgbImage;
@@ -90,6 +90,9 @@ pub struct SelectiveSearchConfig {
     pub sigma: f32,
     /// Smallest initial region, pixels. Default 100 (OpenCV).
     pub min_size: usize,
+    /// The segmentation graph. Default [`Connectivity::Eight`] (the paper's; OpenCV's is
+    /// four).
+    pub connectivity: Connectivity,
     /// Seed of the ranking's random values. Default 0.
     pub seed: u64,
 }
@@ -102,6 +105,7 @@ impl Default for SelectiveSearchConfig {
             inc_k: 150.0,
             sigma: 0.8,
             min_size: 100,
+            connectivity: Connectivity::Eight,
             seed: 0,
         }
     }
@@ -240,6 +244,7 @@ pub fn selective_search(
                     k: ks[k],
                     sigma: config.sigma,
                     min_size: config.min_size,
+                    connectivity: config.connectivity,
                 },
             );
             let initial = grouping::initial_regions(&seg, bins);
