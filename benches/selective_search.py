@@ -169,13 +169,13 @@ def report(name, paths, gts, peers):
                 row[f"R@{t} top{top or 'all'}"] = rec[(top, t)]
         rows.append((peer, row))
     names = [p for p, _ in rows]
-    header = f"{'metric':<18}" + "".join(f"{p:>16}" for p in names)
+    header = f"{'metric':<18}" + "".join(f"{p:>20}" for p in names)
     header += "".join(f"{'ratio ' + str(i + 1) + '/OpenCV':>18}" for i in range(len(names) - 1))
     print("peers: " + ", ".join(f"{i + 1} = {p}" for i, p in enumerate(names)))
     print(header)
     opencv = rows[-1][1]
     for key in rows[0][1]:
-        line = f"{key:<18}" + "".join(f"{r[key]:>16.3f}" for _, r in rows)
+        line = f"{key:<18}" + "".join(f"{r[key]:>20.3f}" for _, r in rows)
         line += "".join(
             f"{(r[key] / opencv[key] if opencv[key] else float('nan')):>18.2f}" for _, r in rows[:-1]
         )
