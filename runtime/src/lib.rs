@@ -11,6 +11,7 @@ pub mod eval;
 pub mod infer;
 pub mod mask;
 pub mod npy;
+pub mod proposals;
 #[cfg(feature = "train")]
 pub mod train;
 

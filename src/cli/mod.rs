@@ -21,6 +21,7 @@ mod finetune_segment;
 mod inspect;
 mod methods;
 mod pretrain;
+mod proposals;
 mod run;
 mod segment;
 mod synth;
@@ -76,6 +77,8 @@ pub enum Command {
     Methods(methods::MethodsArgs),
     /// Adapt a deployed detector .onnx on the device's images (labeled or not); writes a new .onnx.
     Adapt(adapt::AdaptArgs),
+    /// Region proposals by selective search (boxes printed, drawn, or written as JSON).
+    Proposals(proposals::ProposalsArgs),
 }
 
 /// Backend selection, shared by the commands that run models.
@@ -149,5 +152,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Pretrain(args) => pretrain::run(args),
         Command::Methods(args) => methods::run(args),
         Command::Adapt(args) => adapt::run(args),
+        Command::Proposals(args) => proposals::run(args),
     }
 }
