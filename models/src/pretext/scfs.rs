@@ -277,7 +277,16 @@ pub fn dino_loss(
     student_temp: f64,
     batch: usize,
 ) -> Result<Value, BuildError> {
-    Ok(dino_loss_and_entropy(b, student, teacher, center, teacher_temp, student_temp, batch)?.0)
+    Ok(dino_loss_and_entropy(
+        b,
+        student,
+        teacher,
+        center,
+        teacher_temp,
+        student_temp,
+        batch,
+    )?
+    .0)
 }
 
 /// [`dino_loss`] and the teacher targets' entropy averaged over the same pairs: the loss minus
