@@ -60,7 +60,8 @@ use super::BackendArgs;
 /// Where the labels come from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Labels {
-    /// COCO when `--data` is a `.json` file, none for a folder.
+    /// COCO when `--data` is a `.json` file; for a classifier, folders when `--data` has
+    /// subfolders; otherwise none.
     Auto,
     /// No labels: the images only (a folder, or a COCO file's images).
     None,
@@ -72,15 +73,17 @@ pub enum Labels {
 
 #[derive(Debug, Args)]
 pub struct AdaptArgs {
-    /// The deployed detector (.onnx written by `densa export detector`).
+    /// The deployed model: a detector or segmenter (`densa export detector|segmenter`) or a
+    /// classifier (`model.onnx` of `densa train`).
     pub model: PathBuf,
-    /// The device's data: a COCO instances JSON (labeled) or a folder of images.
+    /// The device's data: a COCO instances JSON (labeled), a folder of images, or for a
+    /// classifier a folder of class subfolders (labeled).
     #[arg(long)]
     pub data: PathBuf,
     /// Folder of the COCO file's images (default: `images/` beside --data).
     #[arg(long)]
     pub images: Option<PathBuf>,
-    /// Labels: auto, none or coco.
+    /// Labels: auto, none, coco or folders.
     #[arg(long, value_enum, default_value = "auto")]
     pub labels: Labels,
     /// Trainable parameters: head, all, or comma-separated name patterns (`fpn.*,head.*`).
@@ -105,7 +108,7 @@ pub struct AdaptArgs {
     /// Use at most this many of the data's images (a seeded random subset).
     #[arg(long)]
     pub max_images: Option<usize>,
-    /// Teacher EMA momentum (consistency).
+    /// Teacher EMA momentum (consistency, pixpro, densecl).
     #[arg(long, default_value_t = 0.99)]
     pub teacher_momentum: f32,
     /// Stop with an error when the process's peak resident memory exceeds this many MB.

@@ -75,7 +75,7 @@ pub enum Command {
     Pretrain(pretrain::PretrainArgs),
     /// List the pretext methods with their papers and default hyperparameters.
     Methods(methods::MethodsArgs),
-    /// Adapt a deployed detector .onnx on the device's images (labeled or not); writes a new .onnx.
+    /// Adapt a deployed detector, segmenter or classifier .onnx on the device's images (labeled or not); writes a new .onnx.
     Adapt(adapt::AdaptArgs),
     /// Region proposals by selective search (boxes printed, drawn, or written as JSON).
     Proposals(proposals::ProposalsArgs),
