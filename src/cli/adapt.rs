@@ -481,7 +481,7 @@ pub fn adapt(args: &AdaptArgs) -> Result<AdaptReport> {
                 )
             })
         };
-        let (adapted, losses, trainable, count, seconds) = if segmenter {
+        let o = if segmenter {
             let seg = DeployedSegmenter::from_model(&model, &label)?;
             let meta = ImageMeta {
                 size: seg.image_size,
@@ -515,7 +515,7 @@ pub fn adapt(args: &AdaptArgs) -> Result<AdaptReport> {
             };
             adapt_dense(args, &task, objective, backend.as_ref())?
         };
-        (adapted, losses, trainable, count, seconds)
+        (o.adapted, o.losses, o.trainable, o.values, o.seconds)
     } else if segmenter {
         let seg = DeployedSegmenter::from_model(&model, &label)?;
         let trainable = seg.trainable(&args.selection())?;

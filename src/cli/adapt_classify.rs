@@ -117,7 +117,8 @@ pub(super) fn adapt(args: &AdaptArgs, model: &ModelProto, label: &str) -> Result
             items: subset.len(),
             load: &load_item,
         };
-        adapt_dense(args, &task, objective, backend.as_ref())?
+        let o = adapt_dense(args, &task, objective, backend.as_ref())?;
+        (o.adapted, o.losses, o.trainable, o.values, o.seconds)
     } else {
         let trainable = clf.trainable(&args.selection())?;
         let mut params: BTreeMap<String, ArrayD<f32>> = clf

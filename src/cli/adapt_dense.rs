@@ -42,14 +42,26 @@ pub(super) struct DenseTask<'a> {
     pub load: &'a dyn Fn(usize) -> Result<Array3<f32>>,
 }
 
-/// Adapts `task.model` with `objective`; returns the adapted model, the losses, the trainable
-/// parameters, their value count and the loop's seconds.
+/// What [`adapt_dense`] returns.
+pub(super) struct DenseOutcome {
+    pub adapted: ModelProto,
+    /// Mean loss of each step.
+    pub losses: Vec<f64>,
+    /// The parameters trained.
+    pub trainable: Vec<String>,
+    /// Their number of values.
+    pub values: usize,
+    /// Seconds of the adaptation loop.
+    pub seconds: f64,
+}
+
+/// Adapts `task.model` with `objective`.
 pub(super) fn adapt_dense(
     args: &AdaptArgs,
     task: &DenseTask,
     objective: DenseObjective,
     backend: &dyn Backend,
-) -> Result<(ModelProto, Vec<f64>, Vec<String>, usize, f64)> {
+) -> Result<DenseOutcome> {
     let feature = backbone_feature(task.model, task.label)?;
     let all: Vec<String> = parameters_of(task.model)?.into_keys().collect();
     let candidates = match &args.train {
@@ -198,13 +210,13 @@ pub(super) fn adapt_dense(
         .into_iter()
         .map(|(n, a)| (n, Tensor::F32(a)))
         .collect();
-    Ok((
-        with_parameters(task.model, &new)?,
+    Ok(DenseOutcome {
+        adapted: with_parameters(task.model, &new)?,
         losses,
         trainable,
-        count,
+        values: count,
         seconds,
-    ))
+    })
 }
 
 fn teacher_feature(outs: Vec<(String, Tensor)>, feature: &str) -> Result<ArrayD<f32>> {
