@@ -755,6 +755,22 @@ pub(super) fn bn_stats(
     Ok((with_parameters(model, &new)?, names, count))
 }
 
+/// The momentum teacher's step: `t <- m t + (1 - m) s` for every teacher tensor the student
+/// has.
+pub(super) fn ema_update(
+    teacher: &mut BTreeMap<String, ArrayD<f32>>,
+    student: &BTreeMap<String, ArrayD<f32>>,
+    m: f32,
+) {
+    for (name, t) in teacher.iter_mut() {
+        if let Some(s) = student.get(name) {
+            ndarray::Zip::from(t)
+                .and(s)
+                .for_each(|t, &s| *t = m * *t + (1.0 - m) * s);
+        }
+    }
+}
+
 /// The loop every adaptation method shares: each step runs `args.batch` one-image passes
 /// (`one(item, rng, params, grads)` returns the image's loss and adds its gradients), averages
 /// the gradients, takes one AdamW step and calls `after_step` (the consistency teacher's EMA).
@@ -1004,15 +1020,8 @@ fn consistency(
         grads_of(outs, sum)
     };
     let m = config.momentum;
-    let ema = |params: &BTreeMap<String, ArrayD<f32>>| {
-        for (name, t) in teacher.borrow_mut().iter_mut() {
-            if let Some(s) = params.get(name) {
-                ndarray::Zip::from(t)
-                    .and(s)
-                    .for_each(|t, &s| *t = m * *t + (1.0 - m) * s);
-            }
-        }
-    };
+    let ema =
+        |params: &BTreeMap<String, ArrayD<f32>>| ema_update(&mut teacher.borrow_mut(), params, m);
     // The student is the adapted model (the teacher lags it by design).
     adaptation_loop(args, params, subset, &mut rng, one, ema)
 }

@@ -197,13 +197,7 @@ pub(super) fn adapt_dense(
     };
     let m = args.teacher_momentum;
     let ema = |params: &BTreeMap<String, ArrayD<f32>>| {
-        for (name, t) in teacher.borrow_mut().iter_mut() {
-            if let Some(s) = params.get(name) {
-                ndarray::Zip::from(t)
-                    .and(s)
-                    .for_each(|t, &s| *t = m * *t + (1.0 - m) * s);
-            }
-        }
+        super::adapt::ema_update(&mut teacher.borrow_mut(), params, m)
     };
     let (losses, seconds) = adaptation_loop(args, &mut params, &order, &mut rng, one, ema)?;
     let new: BTreeMap<String, Tensor> = params

@@ -54,16 +54,35 @@ pub struct ExportDetectorArgs {
 /// The serving spec of a detector: letterboxed square input, `pixel / 255` then the config's
 /// mean/std, boxes-scores-labels outputs with class-aware NMS on the host.
 pub fn detector_spec(config: &DetectorConfig, nms_iou: f32) -> ModelSpec {
+    letterbox_spec(
+        config.image_size,
+        config.mean,
+        config.std,
+        config.classes.clone(),
+        Some(nms_iou),
+    )
+}
+
+/// The spec every densa detector export shares: input `images` NCHW letterboxed to `size`
+/// (pad 114), `pixel / 255` then `mean`/`std`, outputs `boxes`, `scores`, `labels`; with
+/// `host_nms = Some(iou)` class-aware NMS on the host, with `None` the outputs are final.
+pub fn letterbox_spec(
+    size: u32,
+    mean: [f32; 3],
+    std: [f32; 3],
+    classes: Vec<String>,
+    host_nms: Option<f32>,
+) -> ModelSpec {
     ModelSpec {
         input: InputSpec {
             name: Some("images".into()),
             layout: InputLayout::Nchw,
-            size: [config.image_size, config.image_size],
+            size: [size, size],
             resize: ResizeMode::Letterbox,
             pad_value: 114,
             scale: 1.0 / 255.0,
-            mean: config.mean,
-            std: config.std,
+            mean,
+            std,
             channels: Channels::Rgb,
         },
         output: OutputSpec {
@@ -72,9 +91,9 @@ pub fn detector_spec(config: &DetectorConfig, nms_iou: f32) -> ModelSpec {
             scores: "scores".into(),
             labels: "labels".into(),
             label_offset: 0,
-            nms_iou,
-            host_nms: true,
-            classes: config.classes.clone(),
+            nms_iou: host_nms.unwrap_or(1.0),
+            host_nms: host_nms.is_some(),
+            classes,
         },
     }
 }

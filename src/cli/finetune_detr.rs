@@ -29,9 +29,7 @@ use densa_models::train_step::{OptimizerConfig, TrainStepConfig, Trainable};
 use densa_runtime::data::coco::load_dataset;
 use densa_runtime::data::{CocoSource, CocoSpec, SampleSource};
 use densa_runtime::infer::preprocess::prepare;
-use densa_runtime::infer::spec::{
-    Channels, InputLayout, InputSpec, ModelSpec, OutputLayout, OutputSpec, ResizeMode,
-};
+use densa_runtime::infer::spec::{InputSpec, ModelSpec};
 use densa_runtime::open_backend;
 use indicatif::{ProgressBar, ProgressStyle};
 use ndarray::{s, Array4, Axis};
@@ -56,29 +54,13 @@ const DEFAULT_SIZE: u32 = 128;
 /// The serving spec of a DETR export: letterboxed square input, `pixel / 255` then the config's
 /// mean/std, boxes-scores-labels outputs already final (DETR needs no NMS).
 pub fn detr_spec(config: &DetrConfig) -> ModelSpec {
-    ModelSpec {
-        input: InputSpec {
-            name: Some("images".into()),
-            layout: InputLayout::Nchw,
-            size: [config.image_size, config.image_size],
-            resize: ResizeMode::Letterbox,
-            pad_value: 114,
-            scale: 1.0 / 255.0,
-            mean: config.mean,
-            std: config.std,
-            channels: Channels::Rgb,
-        },
-        output: OutputSpec {
-            layout: OutputLayout::BoxesScoresLabels,
-            boxes: "boxes".into(),
-            scores: "scores".into(),
-            labels: "labels".into(),
-            label_offset: 0,
-            nms_iou: 1.0,
-            host_nms: false,
-            classes: config.classes.clone(),
-        },
-    }
+    super::export_detector::letterbox_spec(
+        config.image_size,
+        config.mean,
+        config.std,
+        config.classes.clone(),
+        None,
+    )
 }
 
 /// The inference model of `config` with `state` (extra entries such as optimizer slots are
