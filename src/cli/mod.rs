@@ -20,6 +20,7 @@ mod finetune_detr;
 mod finetune_segment;
 mod inspect;
 mod methods;
+mod plot;
 mod pretrain;
 mod proposals;
 mod run;
@@ -54,6 +55,8 @@ pub enum Command {
     Run(run::RunArgs),
     /// Describe an ONNX model: inputs, outputs, ops, parameters, FLOPs, metadata.
     Inspect(inspect::InspectArgs),
+    /// Plot numeric fields of JSONL logs (val.jsonl, train_log.jsonl) as curves in a PNG.
+    Plot(plot::PlotArgs),
     /// Detect objects in images with a detector (densa export, or any ONNX detector + --spec).
     Detect(detect::DetectArgs),
     /// Time a model on a backend (used by the benchmarks in benches/).
@@ -141,6 +144,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Export(cmd) => export::run(cmd),
         Command::Run(args) => run::run(args),
         Command::Inspect(args) => inspect::run(args),
+        Command::Plot(args) => plot::run(args),
         Command::Bench(args) => run::bench(args),
         Command::Detect(args) => detect::run(args),
         Command::Eval(cmd) => eval::run(cmd),

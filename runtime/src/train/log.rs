@@ -173,6 +173,118 @@ fn register_font() -> Result<(), String> {
         .clone()
 }
 
+/// One named curve of [`plot_series`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct Series {
+    /// Legend entry.
+    pub label: String,
+    /// `(x, y)` points in drawing order; non-finite points are skipped.
+    pub points: Vec<(f64, f64)>,
+}
+
+/// Colours of successive series (colour-blind friendly, Okabe-Ito).
+const PALETTE: [(u8, u8, u8); 8] = [
+    (0, 114, 178),
+    (213, 94, 0),
+    (0, 158, 115),
+    (204, 121, 167),
+    (230, 159, 0),
+    (86, 180, 233),
+    (0, 0, 0),
+    (240, 228, 66),
+];
+
+/// Draws `series` as lines with markers and a legend on linear axes labelled `x_desc` and
+/// `y_desc`, as a `width` x `height` PNG at `path` (written atomically). An empty series list
+/// draws empty axes.
+pub fn plot_series(
+    series: &[Series],
+    path: &Path,
+    title: &str,
+    (x_desc, y_desc): (&str, &str),
+    (width, height): (u32, u32),
+) -> Result<(), LogError> {
+    use plotters::prelude::*;
+
+    let fail = |message: String| LogError::Plot {
+        path: path.to_path_buf(),
+        message,
+    };
+    register_font().map_err(fail)?;
+    let finite: Vec<Vec<(f64, f64)>> = series
+        .iter()
+        .map(|s| {
+            s.points
+                .iter()
+                .copied()
+                .filter(|(x, y)| x.is_finite() && y.is_finite())
+                .collect()
+        })
+        .collect();
+    let all = finite.iter().flatten();
+    let (mut x0, mut x1, mut y0, mut y1) = all.fold(
+        (
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+        ),
+        |(a, b, c, d), &(x, y)| (a.min(x), b.max(x), c.min(y), d.max(y)),
+    );
+    if x0 > x1 {
+        (x0, x1, y0, y1) = (0.0, 1.0, 0.0, 1.0);
+    }
+    let xpad = ((x1 - x0) * 0.03).max(0.5);
+    let ypad = ((y1 - y0) * 0.05).max(1e-3);
+    let mut pixels = vec![255u8; width as usize * height as usize * 3];
+    {
+        let root = BitMapBackend::with_buffer(&mut pixels, (width, height)).into_drawing_area();
+        let err = |e: DrawingAreaErrorKind<_>| fail(e.to_string());
+        root.fill(&WHITE).map_err(err)?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, (FONT, 22))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(70)
+            .build_cartesian_2d(x0 - xpad..x1 + xpad, y0 - ypad..y1 + ypad)
+            .map_err(err)?;
+        chart
+            .configure_mesh()
+            .x_desc(x_desc)
+            .y_desc(y_desc)
+            .label_style((FONT, 14))
+            .draw()
+            .map_err(err)?;
+        for (i, (s, points)) in series.iter().zip(&finite).enumerate() {
+            let (r, g, b) = PALETTE[i % PALETTE.len()];
+            let colour = RGBColor(r, g, b);
+            let style = ShapeStyle::from(&colour).stroke_width(2);
+            chart
+                .draw_series(LineSeries::new(points.iter().copied(), style))
+                .map_err(err)?
+                .label(s.label.as_str())
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(2))
+                });
+            chart
+                .draw_series(points.iter().map(|&p| Circle::new(p, 3, colour.filled())))
+                .map_err(err)?;
+        }
+        if !series.is_empty() {
+            chart
+                .configure_series_labels()
+                .label_font((FONT, 14))
+                .background_style(WHITE.mix(0.85))
+                .border_style(BLACK)
+                .position(SeriesLabelPosition::LowerRight)
+                .draw()
+                .map_err(err)?;
+        }
+        root.present().map_err(err)?;
+    }
+    write_png(path, &pixels, (width, height))
+}
+
 /// Draws the loss curve of `records` (finite losses only) as a `width` x `height` PNG at
 /// `path`, written atomically. `title` goes above the plot.
 pub fn plot_loss(
@@ -247,17 +359,7 @@ pub fn plot_loss(
         }
         root.present().map_err(err)?;
     }
-    let mut png_bytes = Vec::new();
-    {
-        let mut encoder = png::Encoder::new(&mut png_bytes, width, height);
-        encoder.set_color(png::ColorType::Rgb);
-        encoder.set_depth(png::BitDepth::Eight);
-        let mut writer = encoder.write_header().map_err(|e| fail(e.to_string()))?;
-        writer
-            .write_image_data(&pixels)
-            .map_err(|e| fail(e.to_string()))?;
-    }
-    densa_exporter::io::write_atomic(path, &png_bytes).map_err(io(path))
+    write_png(path, &pixels, (width, height))
 }
 
 /// The progress bar of a run (hidden when stderr is not a terminal or when disabled).
@@ -310,6 +412,23 @@ impl Progress {
     pub fn finish(&self) {
         self.bar.abandon();
     }
+}
+
+/// Encodes RGB `pixels` as a PNG and writes it atomically to `path`.
+fn write_png(path: &Path, pixels: &[u8], (width, height): (u32, u32)) -> Result<(), LogError> {
+    let fail = |e: png::EncodingError| LogError::Plot {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    };
+    let mut png_bytes = Vec::new();
+    {
+        let mut encoder = png::Encoder::new(&mut png_bytes, width, height);
+        encoder.set_color(png::ColorType::Rgb);
+        encoder.set_depth(png::BitDepth::Eight);
+        let mut writer = encoder.write_header().map_err(fail)?;
+        writer.write_image_data(pixels).map_err(fail)?;
+    }
+    densa_exporter::io::write_atomic(path, &png_bytes).map_err(io(path))
 }
 
 #[cfg(test)]
@@ -370,5 +489,44 @@ mod tests {
         let decoder = png::Decoder::new(std::io::BufReader::new(File::open(&path).unwrap()));
         let reader = decoder.read_info().unwrap();
         assert_eq!((reader.info().width, reader.info().height), (320, 200));
+    }
+
+    fn pixels_of(path: &Path) -> (Vec<u8>, u32, u32) {
+        let decoder = png::Decoder::new(std::io::BufReader::new(File::open(path).unwrap()));
+        let mut reader = decoder.read_info().unwrap();
+        let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+        let info = reader.next_frame(&mut buf).unwrap();
+        buf.truncate(info.buffer_size());
+        (buf, info.width, info.height)
+    }
+
+    #[test]
+    fn series_plot_draws_each_curve_in_its_colour() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ap.png");
+        let series = vec![
+            Series {
+                label: "random".into(),
+                points: vec![(1.0, 0.0), (2.0, 0.1), (3.0, f64::NAN), (4.0, 0.2)],
+            },
+            Series {
+                label: "pretrained".into(),
+                points: vec![(1.0, 0.1), (2.0, 0.3), (4.0, 0.4)],
+            },
+        ];
+        plot_series(&series, &path, "AP", ("epoch", "AP"), (400, 300)).unwrap();
+        let (px, w, h) = pixels_of(&path);
+        assert_eq!((w, h), (400, 300));
+        let count = |(r, g, b): (u8, u8, u8)| {
+            px.chunks(3)
+                .filter(|p| p[0] == r && p[1] == g && p[2] == b)
+                .count()
+        };
+        assert!(count(PALETTE[0]) > 50, "first curve missing");
+        assert!(count(PALETTE[1]) > 50, "second curve missing");
+        assert_eq!(count(PALETTE[2]), 0, "only two curves were drawn");
+        // Nothing to draw is still a valid (empty) plot.
+        plot_series(&[], &path, "empty", ("x", "y"), (200, 100)).unwrap();
+        assert_eq!(pixels_of(&path).1, 200);
     }
 }
