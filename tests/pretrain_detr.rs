@@ -133,7 +133,7 @@ fn detreg_pretrains_resumes_and_initialises_detr_finetuning() {
     let state = densa::exporter::weights::load_safetensors(&out.join("state.safetensors")).unwrap();
     let backbone =
         densa::exporter::weights::load_safetensors(&out.join("backbone.safetensors")).unwrap();
-    assert!(backbone.get("layer4.1.conv2.weight").is_some());
+    assert!(backbone.get("layer4.0.conv2.weight").is_some());
     assert!(state
         .get("transformer.decoder.layers.0.cross_attn.q_proj.weight")
         .is_some());

@@ -171,16 +171,15 @@ pub fn detr_hyper() -> Vec<Hyper> {
 }
 
 /// The [`DetrConfig`] of [`detr_hyper`]'s settings for `ctx`, one class ([`OBJECT_CLASS`]).
-/// Batch norm is frozen (inference mode, running statistics unchanged: DETR's
-/// `FrozenBatchNorm2d`), as the backbone is frozen by default; a method that trains the
-/// backbone may turn [`DetrConfig::train_batch_norm`] back on.
+/// Batch norm keeps densa's DETR default (batch statistics, running statistics updated, as
+/// PyTorch's `model.train()` with frozen parameters): DETR's `FrozenBatchNorm2d` would need
+/// inference-mode batch norm on state inputs, which tract does not load.
 pub fn detr_config(
     settings: &Settings,
     ctx: &DetrPretextContext,
 ) -> Result<DetrConfig, PretextError> {
     let mut c = DetrConfig::new(ctx.arch, vec![OBJECT_CLASS.to_string()]);
     c.image_size = ctx.image_size;
-    c.train_batch_norm = false;
     c.d_model = settings.positive("d_model")?;
     c.heads = settings.positive("heads")?;
     c.encoder_layers = settings.i64("encoder_layers").max(0) as usize;

@@ -520,7 +520,6 @@ mod tests {
     #[test]
     fn a_frozen_backbone_stays_while_the_transformer_and_embedding_head_learn() {
         let mut c = tiny();
-        c.train_batch_norm = false;
         c.embedding = Some(super::super::EmbeddingConfig::detreg(3));
         let mut train = TrainStepConfig::new(OptimizerConfig::adamw(1e-3, 1e-4));
         train.trainable = crate::train_step::Trainable::Frozen(
@@ -536,8 +535,8 @@ mod tests {
         targets[1] = ImageTargets::default();
         let names = [
             "conv1.weight",
-            "layer1.0.bn1.running_mean",
-            "layer4.1.conv2.weight",
+            "layer1.0.bn1.weight",
+            "layer4.0.conv2.weight",
             "transformer.decoder.layers.0.cross_attn.q_proj.weight",
             "feature_embed.layers.0.weight",
             "feature_embed.layers.2.bias",
