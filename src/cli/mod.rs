@@ -22,6 +22,7 @@ mod inspect;
 mod methods;
 mod plot;
 mod pretrain;
+mod pretrain_detr;
 mod proposals;
 mod run;
 mod segment;
