@@ -15,11 +15,13 @@
 //! Each step: the batch's images (a seeded permutation per epoch, so a resume continues the
 //! same order), the method's batch (with a generator seeded by the run's seed and the step),
 //! then the split train step with the host matching ([`DetrTrainer`]). AdamW with the
-//! method's settings, gradient clipping (`grad_clip`), warmup + cosine learning rate. One
-//! process only (the matching is on the host of one rank).
+//! method's settings, gradient clipping (`grad_clip`), warmup + cosine learning rate. Ctrl-C
+//! finishes the step and checkpoints. One process only (the matching is on the host of one
+//! rank).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -56,6 +58,23 @@ pub const CACHE_DIR: &str = "cache";
 const PROGRESS_FILE: &str = "progress.json";
 /// Checkpoints kept.
 const KEEP: usize = 2;
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// The first Ctrl-C stops the run after its step, with a checkpoint; the second quits at once.
+fn install_ctrl_c() {
+    let installed = ctrlc::set_handler(|| {
+        if INTERRUPTED.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!(
+            "densa: interrupted: finishing the step, then checkpointing (Ctrl-C again quits now)"
+        );
+    });
+    if let Err(e) = installed {
+        eprintln!("densa: warning: Ctrl-C will not checkpoint: {e}");
+    }
+}
 
 /// Where a run stands, beside each checkpoint's state.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -343,6 +362,7 @@ pub fn run(args: PretrainArgs) -> Result<()> {
     );
     let progress_bar = bar(total, &spec.method);
     progress_bar.set_position(start);
+    install_ctrl_c();
     let clock = Instant::now();
     let mut order: Option<(u64, Vec<usize>)> = None;
     let mut last_loss = None;
@@ -397,7 +417,8 @@ pub fn run(args: PretrainArgs) -> Result<()> {
             report.loss, report.num_boxes
         ));
         progress_bar.inc(1);
-        if step.is_multiple_of(args.checkpoint_every.max(1)) || step == total {
+        let interrupted = INTERRUPTED.load(Ordering::SeqCst);
+        if step.is_multiple_of(args.checkpoint_every.max(1)) || step == total || interrupted {
             checkpoint(
                 &args.out,
                 &config,
@@ -408,6 +429,9 @@ pub fn run(args: PretrainArgs) -> Result<()> {
                     elapsed_s: elapsed0 + clock.elapsed().as_secs_f64(),
                 },
             )?;
+        }
+        if interrupted {
+            break;
         }
     }
     progress_bar.finish_and_clear();
@@ -441,6 +465,9 @@ pub fn run(args: PretrainArgs) -> Result<()> {
         args.out.join(BACKBONE_FILE).display(),
         log_path.display()
     );
+    if step < total {
+        println!("interrupted; run the same command again to resume");
+    }
     Ok(())
 }
 

@@ -558,7 +558,7 @@ mod tests {
         for (name, b) in names.iter().zip(&before) {
             let a = t.state().get(name).unwrap().to_f32();
             let frozen = name.starts_with("conv1") || name.starts_with("layer");
-            assert_eq!(&a == b, frozen, "`{name}`: frozen {frozen}");
+            assert_eq!(a == *b, frozen, "`{name}`: frozen {frozen}");
         }
         // Embeddings that do not fit the head are an error naming them.
         targets[0].embeddings[1].push(0.0);
