@@ -25,6 +25,7 @@
 pub mod hungarian;
 pub mod loss;
 pub mod matcher;
+pub mod pair;
 #[cfg(feature = "train")]
 pub mod train;
 pub mod transformer;
