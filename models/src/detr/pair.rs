@@ -129,6 +129,12 @@ impl PairDetrConfig {
                 "is not supported by Pair DETR (its queries come in pairs)".into(),
             );
         }
+        if self.detr.embedding.is_some() {
+            return bad(
+                "embedding",
+                "is not supported by Pair DETR (its association heads are its embeddings)".into(),
+            );
+        }
         if self.pair_embed_dim == 0 {
             return bad("pair_embed_dim", "must be positive".into());
         }
@@ -535,6 +541,7 @@ impl PairDetrConfig {
                     predictions,
                     host_inputs,
                     norm_state: mode.into_state(),
+                    embedding_losses: Vec::new(),
                 },
                 pair_losses,
             },
@@ -581,5 +588,7 @@ pub fn step_graphs(
     })
 }
 
+#[cfg(feature = "train")]
+pub mod pretrain;
 #[cfg(test)]
 mod tests;
