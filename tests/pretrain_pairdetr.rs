@@ -7,7 +7,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{assert_clean_failure, run_densa, stderr};
+use common::{assert_clean_failure, ort_backend, run_densa, stderr};
 use densa::models::backbone::Arch;
 
 fn ok(args: &[&str]) -> (String, String) {
@@ -32,6 +32,11 @@ fn random_backbone(path: &Path) {
 
 #[test]
 fn pairdetr_pretrains_from_a_frozen_backbone_and_initialises_detr_finetuning() {
+    // ONNX Runtime: tract refuses a forward graph whose batch norms read their (frozen)
+    // statistics from inputs ("Params are not const"), as DetReg's driver test shows too.
+    if ort_backend().is_none() {
+        return;
+    }
     let tmp = tempfile::tempdir().unwrap();
     let p = |rel: &str| tmp.path().join(rel).display().to_string();
     ok(&[
@@ -67,7 +72,7 @@ fn pairdetr_pretrains_from_a_frozen_backbone_and_initialises_detr_finetuning() {
             "--image-size",
             "64",
             "--backend",
-            "tract",
+            "ort",
             "--set",
             &backbone,
             "--set",
@@ -126,17 +131,15 @@ fn pairdetr_pretrains_from_a_frozen_backbone_and_initialises_detr_finetuning() {
         .get("transformer.decoder.layers.1.cross_attn.q_proj.weight")
         .is_some());
     let (given, written) = (load(&given), load(&out.join("backbone.safetensors")));
-    for name in [
-        "conv1.weight",
-        "layer4.1.conv2.weight",
-        "layer2.0.bn1.running_var",
-    ] {
-        assert_eq!(
-            given.get(name).unwrap().to_f32(),
-            written.get(name).unwrap().to_f32(),
-            "`{name}`"
-        );
+    let mut same = 0;
+    for (name, t) in given.iter() {
+        let w = written
+            .get(name)
+            .unwrap_or_else(|| panic!("backbone.safetensors lacks `{name}`"));
+        assert_eq!(t.to_f32(), w.to_f32(), "`{name}`");
+        same += 1;
     }
+    assert!(same > 20 && given.get("conv1.weight").is_some(), "{same}");
 
     // A missing backbone file is named.
     let v = args(&["--set", "backbone=/nowhere/backbone.safetensors"]);
@@ -164,7 +167,7 @@ fn pairdetr_pretrains_from_a_frozen_backbone_and_initialises_detr_finetuning() {
         "--out",
         &p("ft"),
         "--backend",
-        "tract",
+        "ort",
     ]);
     let loaded = log
         .lines()
