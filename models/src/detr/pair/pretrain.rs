@@ -395,3 +395,104 @@ impl DetrPretext for PairDetrPretrain {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backbone::Arch;
+    use densa_runtime::backend::tract::TractBackend;
+    use rand::SeedableRng;
+
+    fn settings(overrides: &[(&str, &str)]) -> Settings {
+        let o: Vec<(String, String)> = overrides
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Settings::resolve("pairdetr", &hyper(), &o).unwrap()
+    }
+
+    /// Two bright rectangles on a dark background.
+    fn scene(s: u32) -> RgbImage {
+        RgbImage::from_fn(s, s, |x, y| {
+            if (6..22).contains(&x) && (8..30).contains(&y) {
+                image::Rgb([230, 40, 40])
+            } else if (28..44).contains(&x) && (26..40).contains(&y) {
+                image::Rgb([40, 200, 60])
+            } else {
+                image::Rgb([20, 20, 30])
+            }
+        })
+    }
+
+    #[test]
+    fn pairdetr_targets_are_cached_selective_search_boxes_and_flips_follow_the_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = scene(48);
+        let files = [dir.path().join("a.png"), dir.path().join("b.png")];
+        img.save(&files[0]).unwrap();
+        img.save(&files[1]).unwrap();
+        let ctx = DetrPretextContext {
+            arch: Arch::Edge,
+            batch: 2,
+            image_size: 64,
+            seed: 0,
+        };
+        let backend = TractBackend::new();
+        let cache = dir.path().join("cache");
+        let progress = |_: u64, _: u64| {};
+        let work = PrepareContext {
+            files: &files,
+            cache_dir: &cache,
+            backend: &backend,
+            progress: &progress,
+        };
+        let mut m = PairDetrPretrain::new(settings(&[("proposals", "4")])).unwrap();
+        m.prepare(&ctx, &work).unwrap();
+        let want = proposal_targets(&img, 128, 4).unwrap();
+        assert!(!want.boxes.is_empty());
+        assert_eq!(m.targets_of(0), Some(&want));
+        // A second run reads the cache (same targets) instead of searching again.
+        assert_eq!(
+            std::fs::read_dir(cache.join(CACHE_SUBDIR)).unwrap().count(),
+            2
+        );
+        let mut again = PairDetrPretrain::new(settings(&[("proposals", "4")])).unwrap();
+        again.prepare(&ctx, &work).unwrap();
+        assert_eq!(again.targets_of(1), Some(&want));
+        // The config: one class, frozen backbone with frozen batch norm by default.
+        let config = m.config(&ctx).unwrap();
+        assert_eq!(config.classes, vec!["object".to_string()]);
+        assert!(!config.train_batch_norm);
+        assert!(matches!(m.trainable(), Trainable::Frozen(_)));
+        let free = PairDetrPretrain::new(settings(&[("freeze_backbone", "false")])).unwrap();
+        assert!(free.config(&ctx).unwrap().train_batch_norm);
+        assert_eq!(free.trainable(), Trainable::All);
+        // Flips mirror the boxes of the flipped images only.
+        let samples: Vec<SampleImage> = (0..2)
+            .map(|index| SampleImage {
+                index,
+                image: img.clone(),
+            })
+            .collect();
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let mut flipped = 0;
+        for _ in 0..4 {
+            let b = m.batch(&config, &samples, 0, &mut rng).unwrap();
+            assert_eq!(b.images.to_f32().shape(), &[2, 3, 64, 64]);
+            for t in &b.targets {
+                if t.boxes != want.boxes {
+                    flipped += 1;
+                    for (f, w) in t.boxes.iter().zip(&want.boxes) {
+                        assert!((f[0] - (1.0 - w[0])).abs() < 1e-6 && f[1..] == w[1..]);
+                    }
+                }
+            }
+        }
+        assert!(flipped > 0 && flipped < 8, "{flipped}");
+        let e = PairDetrPretrain::new(settings(&[("backbone", "/nowhere/b.safetensors")]))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("/nowhere/b.safetensors"), "{e}");
+    }
+}
