@@ -8,10 +8,11 @@
 //! them (set criterion + pair association); horizontal flips flip image and boxes.
 //!
 //! Our choices:
-//! - **Backbone**: frozen by default (`freeze_backbone=true`, as DetReg), batch norm in
-//!   inference mode; `--set backbone=PATH` initialises it from a wave-1 `backbone.safetensors`
-//!   (e.g. SwAV's) or the folder holding it; empty keeps the random initialisation (then
-//!   `freeze_backbone=false` is the sensible choice, and batch norm then trains too).
+//! - **Backbone**: frozen by default (`freeze_backbone=true`, as DetReg): its parameters stay,
+//!   batch norm uses batch statistics and updates its running ones (as DetReg's driver; tract
+//!   loads no inference-mode batch norm on state inputs); `--set backbone=PATH` initialises it
+//!   from a wave-1 `backbone.safetensors` (e.g. SwAV's) or the folder holding it; empty keeps
+//!   the random initialisation (then `freeze_backbone=false` is the sensible choice).
 //! - The output is a DETR checkpoint (`detr.json` + `state.safetensors`, DETR's names): the
 //!   backbone, encoder, centre decoder and heads; fine-tune it with `densa finetune --task
 //!   detect --detector detr --init OUT`. The top-left decoder is kept in the resumable
@@ -266,8 +267,9 @@ impl DetrPretext for PairDetrPretrain {
 
     fn config(&self, ctx: &DetrPretextContext) -> Result<DetrConfig, PretextError> {
         let mut c = detr_config(&self.settings, ctx)?;
-        // A trained random backbone needs batch statistics; a frozen one keeps its running ones.
-        c.train_batch_norm = !self.settings.bool("freeze_backbone");
+        // Batch statistics, frozen or not (PyTorch's `model.train()` with frozen parameters):
+        // inference-mode batch norm on state inputs is what tract does not load.
+        c.train_batch_norm = true;
         self.pair_config(&c)?
             .check()
             .map_err(|e| invalid(e.to_string()))?;
@@ -462,7 +464,7 @@ mod tests {
         // The config: one class, frozen backbone with frozen batch norm by default.
         let config = m.config(&ctx).unwrap();
         assert_eq!(config.classes, vec!["object".to_string()]);
-        assert!(!config.train_batch_norm);
+        assert!(config.train_batch_norm);
         assert!(matches!(m.trainable(), Trainable::Frozen(_)));
         let free = PairDetrPretrain::new(settings(&[("freeze_backbone", "false")])).unwrap();
         assert!(free.config(&ctx).unwrap().train_batch_norm);
