@@ -30,6 +30,7 @@ pub mod detreg;
 pub mod hungarian;
 pub mod loss;
 pub mod matcher;
+pub mod pair;
 #[cfg(feature = "train")]
 pub mod pretext;
 #[cfg(feature = "train")]

@@ -20,6 +20,7 @@ pub fn methods() -> Vec<&'static MethodInfo> {
         &regioncl::INFO,
         &scfs::INFO,
         &crate::detr::detreg::INFO,
+        &crate::detr::pair::pretrain::INFO,
     ]
 }
 
