@@ -3,7 +3,7 @@
 
 use super::settings::{Hyper, Settings};
 use super::{
-    densecl, densesiam, detco, lcloss, mocov2, pixpro, regioncl, scfs, swav, MethodInfo, Pretext,
+    ccop, densecl, densesiam, detco, lcloss, mocov2, pixpro, regioncl, scfs, swav, MethodInfo, Pretext,
     PretextError,
 };
 
@@ -19,6 +19,7 @@ pub fn methods() -> Vec<&'static MethodInfo> {
         &detco::INFO,
         &regioncl::INFO,
         &scfs::INFO,
+        &ccop::INFO,
     ]
 }
 
