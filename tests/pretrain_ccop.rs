@@ -32,8 +32,17 @@ fn ccop_pretrains_on_synth_and_initialises_a_detector() {
     let tmp = tempfile::tempdir().unwrap();
     let p = |rel: &str| tmp.path().join(rel).display().to_string();
     ok(&[
-        "synth", "--out", &p("data"), "--images", "16", "--size", "64x64", "--seed", "3",
-        "--max-objects", "2",
+        "synth",
+        "--out",
+        &p("data"),
+        "--images",
+        "16",
+        "--size",
+        "64x64",
+        "--seed",
+        "3",
+        "--max-objects",
+        "2",
     ]);
     let info = densa::models::pretext::method_info("ccop").unwrap();
     let mut args: Vec<String> = [
@@ -118,5 +127,8 @@ fn ccop_pretrains_on_synth_and_initialises_a_detector() {
             compared += 1;
         }
     }
-    assert!(compared > 20, "only {compared} backbone tensors in the detector");
+    assert!(
+        compared > 20,
+        "only {compared} backbone tensors in the detector"
+    );
 }

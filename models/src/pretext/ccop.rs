@@ -36,6 +36,10 @@
 //! - Empty slots (fewer than `K` survivors) hold the whole view with mask 0: they add nothing
 //!   to the losses, and their keys (whole-view RoIs) enter the RoI queue with the others so
 //!   the queue advances by a fixed `B K` per step.
+//! - Views of 32 pixels or less give a 1x1 last feature map: every RoI pools the same cell, the
+//!   RoI term degenerates to an image-level one and the intra-image hinge sits at its margin.
+//!   The method needs views of 64 pixels or more to be itself; the 32-pixel smoke runs only
+//!   run it.
 //! - The step reaches the host work through [`Pretext::sample_inputs`] (see
 //!   [`super::data::PretextSource`]); the curriculum position is `step / (total - 1)`.
 
@@ -82,7 +86,7 @@ pub const TINY: &[(&str, &str)] = &[
     ("boxes", "2"),
     ("jitters", "3"),
     ("roi_size", "2"),
-    ("search_size", "32"),
+    ("search_size", "64"),
 ];
 
 /// Host input: RoIAlign sampling grid of the query boxes in `view0`, `[K R, R, 2]` per sample.
@@ -108,26 +112,58 @@ fn hyper() -> Vec<Hyper> {
     h.extend(contrastive_defaults());
     h.extend([
         Hyper::int("roi_queue_size", 65536, "RoI keys kept as negatives"),
-        Hyper::int("boxes", 8, "boxes per image in the graph (K), masked when fewer survive"),
+        Hyper::int(
+            "boxes",
+            8,
+            "boxes per image in the graph (K), masked when fewer survive",
+        ),
         Hyper::int("jitters", 10, "jittered copies of each key box"),
         Hyper::int("roi_size", 7, "RoIAlign output side"),
         Hyper::float("survive", 0.6, "share of a box's area each crop must keep"),
         Hyper::float("roi_weight", 1.0, "weight of the RoI InfoNCE"),
-        Hyper::float("intra_weight", 1.0, "weight of the intra-image discrimination"),
+        Hyper::float(
+            "intra_weight",
+            1.0,
+            "weight of the intra-image discrimination",
+        ),
         Hyper::float("intra_margin", 0.4, "margin of the intra-image hinge"),
-        Hyper::float("intra_iou", 0.05, "pairs below this IoU are intra-image negatives"),
-        Hyper::float("jitter_xy_start", 0.15, "centre jitter (box sides) at the start"),
+        Hyper::float(
+            "intra_iou",
+            0.05,
+            "pairs below this IoU are intra-image negatives",
+        ),
+        Hyper::float(
+            "jitter_xy_start",
+            0.15,
+            "centre jitter (box sides) at the start",
+        ),
         Hyper::float("jitter_xy_end", 0.6, "centre jitter (box sides) at the end"),
-        Hyper::float("jitter_wh_start", 0.35, "size jitter at the start: scale (1 + wh)^u"),
+        Hyper::float(
+            "jitter_wh_start",
+            0.35,
+            "size jitter at the start: scale (1 + wh)^u",
+        ),
         Hyper::float("jitter_wh_end", 1.4, "size jitter at the end"),
-        Hyper::float("iou_floor_start", 0.8, "smallest IoU of a valid jitter at the start"),
-        Hyper::float("iou_floor_end", 0.4, "smallest IoU of a valid jitter at the end"),
+        Hyper::float(
+            "iou_floor_start",
+            0.8,
+            "smallest IoU of a valid jitter at the start",
+        ),
+        Hyper::float(
+            "iou_floor_end",
+            0.4,
+            "smallest IoU of a valid jitter at the end",
+        ),
         Hyper::float(
             "min_box_side",
             20.0,
             "proposal sides must exceed this many pixels of a 640-pixel image (scaled)",
         ),
-        Hyper::int("search_size", 128, "selective search on the image resized to this square"),
+        Hyper::int(
+            "search_size",
+            128,
+            "selective search on the image resized to this square",
+        ),
     ]);
     h
 }
@@ -551,7 +587,11 @@ fn masked_mean(b: &mut GraphBuilder, x: &Value, w: &Value) -> Result<Value, Pret
     let rank = ops::dims(b, &xw)?.len();
     let axes: Vec<i64> = (0..rank as i64).collect();
     let num = b.reduce_sum(&xw, &axes, false)?;
-    let den = b.reduce_sum(w, &(0..ops::dims(b, w)?.len() as i64).collect::<Vec<_>>(), false)?;
+    let den = b.reduce_sum(
+        w,
+        &(0..ops::dims(b, w)?.len() as i64).collect::<Vec<_>>(),
+        false,
+    )?;
     let one = b.const_f32(1.0);
     let den = b.max2(&den, &one)?;
     Ok(b.div(&num, &den)?)
@@ -681,7 +721,10 @@ impl Pretext for Ccop {
         let n = ctx.batch * kb;
         let roi_queue = s.positive("roi_queue_size")?;
         if roi_queue < n {
-            return Err(s.bad("roi_queue_size", "must hold the RoI keys of one batch (batch * boxes)"));
+            return Err(s.bad(
+                "roi_queue_size",
+                "must hold the RoI keys of one batch (batch * boxes)",
+            ));
         }
         let roi_w = s.checked("roi_weight", |v| v >= 0.0, "must be non-negative")?;
         let intra_w = s.checked("intra_weight", |v| v >= 0.0, "must be non-negative")?;

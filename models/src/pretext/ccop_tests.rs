@@ -10,7 +10,8 @@ use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::*;
-use crate::pretext::pixpro::tests::{artifact, check_ema, ctx, losses_over_steps, run_step};
+use crate::pretext::pixpro::tests::{artifact, check_ema, ctx, run_step};
+use crate::train_step::{train_step_artifact, TrainStepConfig};
 
 fn ccop(extra: &[(&str, &str)]) -> Ccop {
     let overrides: Vec<(String, String)> = TINY
@@ -69,7 +70,10 @@ fn view(crop: [f32; 4], flipped: bool, size: u32) -> View {
 }
 
 fn int_box(rng: &mut ChaCha8Rng, side: i32) -> [i32; 4] {
-    let (x0, y0) = (rng.random_range(-4..side - 2), rng.random_range(-4..side - 2));
+    let (x0, y0) = (
+        rng.random_range(-4..side - 2),
+        rng.random_range(-4..side - 2),
+    );
     let (w, h) = (rng.random_range(1..side / 2), rng.random_range(1..side / 2));
     [x0, y0, x0 + w, y0 + h]
 }
@@ -83,9 +87,15 @@ fn ccop_box_survival_equals_brute_force_in_original_coordinates() {
     let mut rng = ChaCha8Rng::seed_from_u64(5);
     let mut survived = 0;
     for case in 0..30 {
-        let crops = [int_box(&mut rng, 64), int_box(&mut rng, 64)].map(|c| {
-            // Crops of at least 16 pixels.
-            [c[0], c[1], c[0] + 16 + (c[2] - c[0]), c[1] + 16 + (c[3] - c[1])]
+        let crops = [0, 1].map(|_| {
+            // Crops of 32 to 60 pixels.
+            let (x0, y0) = (rng.random_range(-4..16), rng.random_range(-4..16));
+            [
+                x0,
+                y0,
+                x0 + rng.random_range(32..60),
+                y0 + rng.random_range(32..60),
+            ]
         });
         let mut boxes: Vec<[i32; 4]> = (0..20).map(|_| int_box(&mut rng, 64)).collect();
         boxes.sort();
@@ -106,7 +116,9 @@ fn ccop_box_survival_equals_brute_force_in_original_coordinates() {
             .filter(|&i| {
                 let b = &boxes[i];
                 let area = (b[2] - b[0]) * (b[3] - b[1]);
-                crops.iter().all(|c| inside(b, c) as f64 > 0.6 * area as f64)
+                crops
+                    .iter()
+                    .all(|c| inside(b, c) as f64 > 0.6 * area as f64)
             })
             .collect();
         survived += want.len();
@@ -173,8 +185,14 @@ fn ccop_roi_features_equal_a_host_bilinear_reference() {
         },
     ];
     let boxes = [
-        [CropBox::new(30.0, 40.0, 90.0, 70.0), CropBox::new(12.0, 22.0, 130.0, 140.0)],
-        [CropBox::new(5.0, 10.0, 100.0, 60.0), CropBox::new(150.0, 90.0, 250.0, 190.0)],
+        [
+            CropBox::new(30.0, 40.0, 90.0, 70.0),
+            CropBox::new(12.0, 22.0, 130.0, 140.0),
+        ],
+        [
+            CropBox::new(5.0, 10.0, 100.0, 60.0),
+            CropBox::new(150.0, 90.0, 250.0, 190.0),
+        ],
     ];
     let mut grid = Vec::new();
     for i in 0..batch {
@@ -186,10 +204,18 @@ fn ccop_roi_features_equal_a_host_bilinear_reference() {
     let map = random(&[batch, ch, side, side], 7);
     let mut b = GraphBuilder::new("t", 0);
     let m = b
-        .input("map", DType::F32, vec![batch.into(), ch.into(), side.into(), side.into()])
+        .input(
+            "map",
+            DType::F32,
+            vec![batch.into(), ch.into(), side.into(), side.into()],
+        )
         .unwrap();
     let g = b
-        .input("grid", DType::F32, vec![batch.into(), (n * r).into(), r.into(), 2.into()])
+        .input(
+            "grid",
+            DType::F32,
+            vec![batch.into(), (n * r).into(), r.into(), 2.into()],
+        )
         .unwrap();
     let f = roi_features(&mut b, &m, &g, n, r).unwrap();
     b.output(&f, "f").unwrap();
@@ -232,7 +258,10 @@ fn ccop_roi_features_equal_a_host_bilinear_reference() {
                 }
                 let want = sum / (r * r) as f64;
                 let have = got[[i * n + k, c]] as f64;
-                assert!((have - want).abs() < 1e-5, "image {i} box {k} ch {c}: {have} vs {want}");
+                assert!(
+                    (have - want).abs() < 1e-5,
+                    "image {i} box {k} ch {c}: {have} vs {want}"
+                );
             }
         }
     }
@@ -306,11 +335,7 @@ fn ccop_losses_equal_a_direct_computation() {
                 .collect(),
         )
         .unwrap();
-    let (got_pos, got_roi, got_intra) = (
-        out[0].1.to_f32(),
-        scalar(&out[1].1),
-        scalar(&out[2].1),
-    );
+    let (got_pos, got_roi, got_intra) = (out[0].1.to_f32(), scalar(&out[1].1), scalar(&out[2].1));
     let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x * y) as f64).sum::<f64>();
     let row = |a: &ArrayD<f32>, idx: &[usize]| {
         let mut v = a.view();
@@ -325,7 +350,9 @@ fn ccop_losses_equal_a_direct_computation() {
         let qr = row(&q, &[r]);
         let best = (0..j)
             .filter(|&c| valid[[r, c]] == 1.0)
-            .min_by(|&a, &c| dot(&qr, &row(&keys, &[r, a])).total_cmp(&dot(&qr, &row(&keys, &[r, c]))))
+            .min_by(|&a, &c| {
+                dot(&qr, &row(&keys, &[r, a])).total_cmp(&dot(&qr, &row(&keys, &[r, c])))
+            })
             .unwrap();
         let p = row(&keys, &[r, best]);
         assert_eq!(row(&got_pos, &[r]), p, "row {r}");
@@ -345,7 +372,10 @@ fn ccop_losses_equal_a_direct_computation() {
         count += 1.0;
     }
     let want_roi = sum / count;
-    assert!((got_roi - want_roi).abs() < 1e-5 * want_roi.max(1.0), "{got_roi} vs {want_roi}");
+    assert!(
+        (got_roi - want_roi).abs() < 1e-5 * want_roi.max(1.0),
+        "{got_roi} vs {want_roi}"
+    );
     // Intra-image hinge over the marked pairs.
     let (mut sum, mut count) = (0.0, 0.0);
     for i in 0..bt {
@@ -363,7 +393,10 @@ fn ccop_losses_equal_a_direct_computation() {
     }
     let want_intra = sum / count;
     assert!(want_intra > 0.0);
-    assert!((got_intra - want_intra).abs() < 1e-5, "{got_intra} vs {want_intra}");
+    assert!(
+        (got_intra - want_intra).abs() < 1e-5,
+        "{got_intra} vs {want_intra}"
+    );
 }
 
 #[test]
@@ -400,7 +433,10 @@ fn ccop_jitters_follow_the_curriculum_and_valid_ones_keep_the_iou_floor() {
             CropBox::new(x, y, x + 12.0, y + 14.0)
         })
         .collect();
-    let views = [view([0.0, 0.0, 64.0, 64.0], false, 32), view([2.0, 1.0, 62.0, 63.0], true, 32)];
+    let views = [
+        view([0.0, 0.0, 64.0, 64.0], false, 32),
+        view([2.0, 1.0, 62.0, 63.0], true, 32),
+    ];
     let total = 11;
     let mut mean_iou = Vec::new();
     let mut valid_share = Vec::new();
@@ -432,13 +468,16 @@ fn ccop_jitters_follow_the_curriculum_and_valid_ones_keep_the_iou_floor() {
         mean_iou.push(ious.iter().sum::<f64>() / ious.len() as f64);
         valid_share.push(valid as f64 / all as f64);
     }
-    assert!(mean_iou[total as usize - 1] < mean_iou[0] - 0.1, "{mean_iou:?}");
+    assert!(
+        mean_iou[total as usize - 1] < mean_iou[0] - 0.1,
+        "{mean_iou:?}"
+    );
     assert!(valid_share.iter().all(|v| *v > 0.0), "{valid_share:?}");
 }
 
-/// The batch of host inputs for `c.batch` samples of scenes, at `step` of `total`.
-fn host_batch(m: &Ccop, step: u64, total: u64) -> HashMap<String, Tensor> {
-    let c = ctx();
+/// The views (`view0`, `view1`) and host inputs of `c.batch` samples of scenes, at `step` of
+/// `total`, stacked.
+fn host_batch(m: &Ccop, c: &PretextContext, step: u64, total: u64) -> HashMap<String, Tensor> {
     let views = moco_views(c.image_size);
     let mut batch: HashMap<String, Vec<ArrayD<f32>>> = HashMap::new();
     for i in 0..c.batch {
@@ -448,13 +487,19 @@ fn host_batch(m: &Ccop, step: u64, total: u64) -> HashMap<String, Tensor> {
             .enumerate()
             .map(|(k, v)| v.apply(&img, SampleSeed::new(3, 0, i as u64, 0).with_view(k as u64)))
             .collect();
+        for (k, v) in vs.iter().enumerate() {
+            batch
+                .entry(format!("view{k}"))
+                .or_default()
+                .push(v.pixels.clone().into_dyn());
+        }
         let info = SampleInfo {
             image: &img,
             index: i,
             step,
             total,
         };
-        for (name, t) in m.sample_inputs(&c, &info, &vs).unwrap() {
+        for (name, t) in m.sample_inputs(c, &info, &vs).unwrap() {
             batch.entry(name).or_default().push(t.to_f32());
         }
     }
@@ -473,7 +518,7 @@ fn ccop_momentum_encoder_gets_no_gradient_ema_is_exact_and_queues_advance() {
     // Selective search finds boxes in the scenes, cached per image.
     m.prepare_image(0, &scene(0)).unwrap();
     assert!(!m.lock()[&0].is_empty());
-    let host = host_batch(&m, 0, 10);
+    let host = host_batch(&m, &ctx(), 0, 10);
     assert!(host[BOX_VALID].to_f32().sum() > 0.0, "no box survived");
     let a = artifact("ccop", &[("lr", "0.5")]);
     let (inputs, out) = run_step(&a, &host);
@@ -507,12 +552,132 @@ fn ccop_momentum_encoder_gets_no_gradient_ema_is_exact_and_queues_advance() {
     }
 }
 
+/// The losses `[loss, loss_roi, loss_intra]` of `steps` train steps on tract over one fixed
+/// batch (`batch`: views and host inputs), the state fed back from each step's outputs except
+/// the queues, which keep their initial random keys (with one batch repeated, fed-back queues
+/// would hold the positives' own keys as negatives).
+fn losses_with_fixed_queues(
+    a: &densa_runtime::train::Artifact,
+    batch: &HashMap<String, Tensor>,
+    steps: usize,
+) -> Vec<[f32; 3]> {
+    use densa_runtime::train::InputRole;
+    let mut inputs: HashMap<String, Tensor> = HashMap::new();
+    for e in &a.manifest().inputs {
+        let t = match e.role {
+            InputRole::Batch => batch[&e.name].clone(),
+            InputRole::Hyper => Tensor::F64(ArrayD::from_elem(vec![], e.default.unwrap())),
+            _ => a.state().get(&e.name).unwrap().clone(),
+        };
+        inputs.insert(e.name.clone(), t);
+    }
+    let names: Vec<(String, Option<String>)> = a
+        .manifest()
+        .inputs
+        .iter()
+        .map(|e| (e.name.clone(), e.next.clone()))
+        .collect();
+    let mut session = TractBackend::new().load_model(a.graph(), "step").unwrap();
+    let mut losses = Vec::new();
+    for _ in 0..steps {
+        let feed: Vec<(String, Tensor)> = names
+            .iter()
+            .map(|(n, _)| (n.clone(), inputs[n].clone()))
+            .collect();
+        let out: HashMap<String, Tensor> = session.run(feed).unwrap().into_iter().collect();
+        let v = |k: &str| scalar(&out[k]) as f32;
+        losses.push([v("loss"), v("loss_roi"), v("loss_intra")]);
+        for (n, next) in &names {
+            if let Some(next) = next {
+                if !n.starts_with("queue.") {
+                    inputs.insert(n.clone(), out[next].clone());
+                }
+            }
+        }
+    }
+    losses
+}
+
 #[test]
 fn ccop_a_few_steps_lower_the_loss() {
-    let m = ccop(&[]);
-    let host = host_batch(&m, 0, 10);
-    let a = artifact("ccop", &[("lr", "2.0")]);
-    let losses = losses_over_steps(&a, &host, 8);
-    assert!(losses.iter().all(|l| l.is_finite()), "{losses:?}");
-    assert!(losses[7] < losses[0] - 0.05, "{losses:?}");
+    // 64-pixel views of the scenes: a 2x2 last feature map, so boxes see different features.
+    let c = PretextContext {
+        image_size: 64,
+        ..ctx()
+    };
+    let overrides: Vec<(String, String)> = TINY
+        .iter()
+        .chain(&[("boxes", "4"), ("momentum", "0.9"), ("lr", "0.5")])
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let m = crate::pretext::create("ccop", &overrides).unwrap();
+    let forward = m.build(&c).unwrap();
+    let config = TrainStepConfig::new(m.optimizer(c.batch).unwrap());
+    let a = train_step_artifact(forward, None, &config).unwrap();
+    let host = host_batch(&ccop(&[("boxes", "4")]), &c, 0, 10);
+    let pairs = host[PAIRS].to_f32().sum();
+    let l = losses_with_fixed_queues(&a, &host, 10);
+    eprintln!("{pairs} intra-image pairs; [loss, roi, intra] per step: {l:?}");
+    assert!(l.iter().flatten().all(|v| v.is_finite()), "{l:?}");
+    let mean = |k: usize, r: std::ops::Range<usize>| {
+        l[r.clone()].iter().map(|v| v[k]).sum::<f32>() / r.len() as f32
+    };
+    assert!(mean(0, 7..10) < mean(0, 0..3) - 0.3, "{l:?}");
+    assert!(mean(1, 7..10) < mean(1, 0..3), "{l:?}");
+    // Disjoint boxes exist in the scenes: the intra-image hinge is live.
+    assert!(pairs > 0.0);
+    assert!(l[0][2] > 0.0, "{l:?}");
+}
+
+#[test]
+fn ccop_data_path_prepares_proposals_once_and_passes_the_step() {
+    use densa_runtime::train::{BatchAt, DataSource, Shuffled};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use crate::pretext::data::{PretextSamples, PretextSource};
+
+    let dir = tempfile::tempdir().unwrap();
+    let files: Vec<_> = (0..4)
+        .map(|i| {
+            let p = dir.path().join(format!("{i}.png"));
+            scene(i).save(&p).unwrap();
+            p
+        })
+        .collect();
+    let m: Arc<dyn Pretext> = Arc::new(ccop(&[("boxes", "4")]));
+    let (samples, skipped) = PretextSamples::new(files, m, ctx());
+    assert!(skipped.is_empty());
+    let ticks = AtomicUsize::new(0);
+    samples
+        .prepare(&|| {
+            ticks.fetch_add(1, Ordering::Relaxed);
+        })
+        .unwrap();
+    assert_eq!(ticks.load(Ordering::Relaxed), 4);
+    let mut source = PretextSource::new(Shuffled::new(samples, 4).unwrap());
+    source.samples().set_total_steps(100);
+    let at = |step| BatchAt {
+        seed: 1,
+        epoch: 0,
+        index: 0,
+        step,
+    };
+    let get = |source: &mut PretextSource, step| -> HashMap<String, ArrayD<f32>> {
+        source
+            .batch(at(step))
+            .unwrap()
+            .into_iter()
+            .map(|(k, t)| (k, t.to_f32()))
+            .collect()
+    };
+    let start = get(&mut source, 0);
+    let end = get(&mut source, 99);
+    assert_eq!(start[KEY_GRID].shape(), &[4, 4 * 4 * 2, 2, 2]);
+    // Same sample seed: the same views, boxes and query grids; the jitters grew.
+    assert_eq!(start["view0"], end["view0"]);
+    assert_eq!(start[QUERY_GRID], end[QUERY_GRID]);
+    assert_eq!(start[BOX_VALID], end[BOX_VALID]);
+    assert_ne!(start[KEY_GRID], end[KEY_GRID]);
+    // A batch is a function of its position (resumes are exact).
+    assert_eq!(get(&mut source, 0), start);
 }

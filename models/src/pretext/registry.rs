@@ -3,8 +3,8 @@
 
 use super::settings::{Hyper, Settings};
 use super::{
-    ccop, densecl, densesiam, detco, lcloss, mocov2, pixpro, regioncl, scfs, swav, MethodInfo, Pretext,
-    PretextError,
+    ccop, densecl, densesiam, detco, lcloss, mocov2, pixpro, regioncl, scfs, swav, MethodInfo,
+    Pretext, PretextError,
 };
 
 /// The methods, baseline first.
