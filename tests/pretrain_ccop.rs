@@ -75,14 +75,14 @@ fn ccop_pretrains_on_synth_and_initialises_a_detector() {
     ok(&refs);
     let entries = log(&tmp.path().join("run"));
     assert_eq!(entries.len(), 40);
-    let series = |key: &str| -> Vec<f64> {
+    let series = |get: &dyn Fn(&serde_json::Value) -> Option<f64>| -> Vec<f64> {
         entries
             .iter()
-            .map(|e| e[key].as_f64().unwrap_or_else(|| panic!("{key} in {e}")))
+            .map(|e| get(e).unwrap_or_else(|| panic!("{e}")))
             .collect()
     };
-    let loss = series("loss");
-    let roi = series("loss_roi");
+    let loss = series(&|e| e["loss"].as_f64());
+    let roi = series(&|e| e["metrics"]["loss_roi"].as_f64());
     assert!(loss.iter().all(|x| x.is_finite()), "{loss:?}");
     // Boxes survive in the synthetic scenes: the RoI term is live.
     assert!(roi.iter().any(|x| *x > 0.0), "{roi:?}");

@@ -627,6 +627,7 @@ fn ccop_a_few_steps_lower_the_loss() {
     // Disjoint boxes exist in the scenes: the intra-image hinge is live.
     assert!(pairs > 0.0);
     assert!(l[0][2] > 0.0, "{l:?}");
+    assert!(mean(2, 7..10) < mean(2, 0..3), "{l:?}");
 }
 
 #[test]
