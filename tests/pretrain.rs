@@ -195,7 +195,7 @@ fn methods_lists_every_registered_method_as_json() {
     let names: Vec<&str> = list.iter().map(|m| m["name"].as_str().unwrap()).collect();
     let registered: Vec<&str> = methods().iter().map(|m| m.name).collect();
     assert_eq!(names, registered);
-    // The nine backbone methods of wave 1 (issue 6), baseline first.
+    // The nine backbone methods of wave 1 (issue 6), baseline first, then CCOP (issue 7).
     let backbone: Vec<&str> = list
         .iter()
         .filter(|m| m["family"] == "backbone")
@@ -212,7 +212,8 @@ fn methods_lists_every_registered_method_as_json() {
             "swav",
             "detco",
             "regioncl",
-            "scfs"
+            "scfs",
+            "ccop"
         ]
     );
     for m in &list {

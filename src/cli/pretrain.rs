@@ -14,7 +14,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use densa_exporter::weights::save_safetensors;
-use densa_models::pretext::data::{image_files, PretextSamples};
+use densa_models::pretext::data::{image_files, PretextSamples, PretextSource};
 use densa_models::pretext::{self, backbone_state, Pretext, PretextContext, Settings};
 use densa_models::train_step::{train_step_artifact, TrainStepConfig};
 use densa_models::Arch;
@@ -236,6 +236,18 @@ fn run_rank(args: PretrainArgs, comm: &Arc<dyn Communicator>) -> Result<()> {
     for s in &skipped {
         eprintln!("densa: skipping {}: {}", s.path.display(), s.problem);
     }
+    if method.prepares_images() {
+        // Per-image work done once (CCOP's selective search), cached in memory.
+        let bar = if rank == 0 {
+            super::adapt::progress(samples.len() as u64, "preparing images")
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
+        samples
+            .prepare(&|| bar.inc(1))
+            .context("preparing the images")?;
+        bar.finish_and_clear();
+    }
     let n = samples.len();
     for (key, value) in method.settings().iter() {
         if key.starts_with("queue") {
@@ -249,9 +261,11 @@ fn run_rank(args: PretrainArgs, comm: &Arc<dyn Communicator>) -> Result<()> {
             }
         }
     }
-    let data = Shuffled::new(samples, args.batch)
-        .and_then(|d| d.shard(rank, ranks))
-        .context("batching the images")?;
+    let data = PretextSource::new(
+        Shuffled::new(samples, args.batch)
+            .and_then(|d| d.shard(rank, ranks))
+            .context("batching the images")?,
+    );
     let per_epoch = data.batches_per_epoch();
     let length = match (args.steps, args.epochs) {
         (Some(s), _) => Length::Steps(s),
@@ -262,6 +276,7 @@ fn run_rank(args: PretrainArgs, comm: &Arc<dyn Communicator>) -> Result<()> {
         Length::Steps(s) => s,
         Length::Epochs(e) => e * per_epoch,
     };
+    data.samples().set_total_steps(total);
     let lr = artifact
         .manifest()
         .input("optim.lr")

@@ -4,20 +4,27 @@
 //! Images are decoded once at start, in parallel; files that don't decode are reported and
 //! skipped (the run goes on with the others). Decoded images are kept in memory when they fit in
 //! [`CACHE_BYTES`], else decoded again per sample.
+//!
+//! Methods that need more than the views per sample (the decoded image, its index, the step:
+//! CCOP's proposals and curriculum) get them through [`Pretext::sample_inputs`]; the step
+//! reaches the samples through [`PretextSource`], which sets it from each batch's position
+//! before making the batch (so a batch stays a function of its position, and resumes are
+//! exact). Per-image preparation ([`Pretext::prepare_image`]) runs in [`PretextSamples::prepare`].
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use densa_exporter::Tensor;
 use densa_runtime::augment::{SampleSeed, ViewConfig};
 use densa_runtime::data::image::{is_image_file, read_rgb};
-use densa_runtime::train::{Batch, DataError, Samples};
+use densa_runtime::train::{Batch, BatchAt, DataError, DataSource, Samples, Shuffled};
 use image::RgbImage;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
-use super::{Pretext, PretextContext};
+use super::{Pretext, PretextContext, SampleInfo};
 
 /// Decoded images are cached up to this many bytes (RGB8).
 pub const CACHE_BYTES: usize = 1 << 30;
@@ -63,6 +70,9 @@ pub struct PretextSamples {
     views: Vec<ViewConfig>,
     method: Arc<dyn Pretext>,
     ctx: PretextContext,
+    /// Steps completed before the batch being made, and the run's total (0: unknown).
+    step: AtomicU64,
+    total: AtomicU64,
 }
 
 impl PretextSamples {
@@ -99,6 +109,8 @@ impl PretextSamples {
                 views,
                 method,
                 ctx,
+                step: AtomicU64::new(0),
+                total: AtomicU64::new(0),
             },
             skipped,
         )
@@ -107,6 +119,76 @@ impl PretextSamples {
     /// The files used.
     pub fn files(&self) -> &[PathBuf] {
         &self.files
+    }
+
+    /// Sets the step the next samples belong to (see [`PretextSource`]).
+    pub fn set_step(&self, step: u64) {
+        self.step.store(step, Ordering::Relaxed);
+    }
+
+    /// Sets the run's total steps (for curricula; 0 = unknown).
+    pub fn set_total_steps(&self, total: u64) {
+        self.total.store(total, Ordering::Relaxed);
+    }
+
+    /// Runs the method's per-image preparation ([`Pretext::prepare_image`]) over every image,
+    /// in parallel, calling `tick` after each; a no-op for methods that prepare nothing.
+    pub fn prepare(&self, tick: &(dyn Fn() + Sync)) -> Result<(), DataError> {
+        if !self.method.prepares_images() {
+            return Ok(());
+        }
+        (0..self.files.len()).into_par_iter().try_for_each(|i| {
+            let path = &self.files[i];
+            let source = |message: String| DataError::Source {
+                source_name: path.display().to_string(),
+                message,
+            };
+            let decoded;
+            let img = match &self.cache {
+                Some(c) => &c[i],
+                None => {
+                    decoded = read_rgb(path).map_err(|e| source(e.to_string()))?;
+                    &decoded
+                }
+            };
+            self.method
+                .prepare_image(i, img)
+                .map_err(|e| source(e.to_string()))?;
+            tick();
+            Ok(())
+        })
+    }
+}
+
+/// A [`Shuffled`] source of pretext samples that tells the samples the step of each batch
+/// before making it ([`PretextSamples::set_step`]).
+pub struct PretextSource {
+    inner: Shuffled<PretextSamples>,
+}
+
+impl PretextSource {
+    pub fn new(inner: Shuffled<PretextSamples>) -> PretextSource {
+        PretextSource { inner }
+    }
+
+    /// The samples.
+    pub fn samples(&self) -> &PretextSamples {
+        self.inner.samples()
+    }
+}
+
+impl DataSource for PretextSource {
+    fn batches_per_epoch(&self) -> u64 {
+        self.inner.batches_per_epoch()
+    }
+
+    fn batch(&mut self, at: BatchAt) -> Result<Batch, DataError> {
+        self.inner.samples().set_step(at.step);
+        self.inner.batch(at)
+    }
+
+    fn describe(&self) -> String {
+        self.inner.describe()
     }
 }
 
@@ -140,9 +222,15 @@ impl Samples for PretextSamples {
             .enumerate()
             .map(|(k, v)| (format!("view{k}"), Tensor::F32(v.pixels.clone().into_dyn())))
             .collect();
+        let info = SampleInfo {
+            image: img,
+            index,
+            step: self.step.load(Ordering::Relaxed),
+            total: self.total.load(Ordering::Relaxed),
+        };
         let host = self
             .method
-            .host_inputs(&self.ctx, &views)
+            .sample_inputs(&self.ctx, &info, &views)
             .map_err(|e| DataError::Source {
                 source_name: path.display().to_string(),
                 message: e.to_string(),

@@ -27,6 +27,7 @@
 //! - The learning rate is the paper's value at its reference batch, scaled linearly to the batch
 //!   used (`lr * batch / reference_batch`, Goyal et al.), with a cosine decay.
 
+pub mod ccop;
 pub mod data;
 pub mod densecl;
 pub mod densesiam;
@@ -176,6 +177,19 @@ pub struct PretextContext {
     pub seed: u64,
 }
 
+/// What the data path knows about a sample besides its views ([`Pretext::sample_inputs`]).
+#[derive(Clone, Copy, Debug)]
+pub struct SampleInfo<'a> {
+    /// The decoded image (RGB), before augmentation.
+    pub image: &'a image::RgbImage,
+    /// The image's index in the data set (stable over a run: a cache key).
+    pub index: usize,
+    /// Steps completed before this sample's batch.
+    pub step: u64,
+    /// Steps of the whole run (0 when unknown).
+    pub total: u64,
+}
+
 /// A self-supervised pretext method (see the module docs).
 pub trait Pretext: Send + Sync {
     /// The registry entry.
@@ -201,6 +215,31 @@ pub trait Pretext: Send + Sync {
         _views: &[View],
     ) -> Result<Vec<(String, densa_exporter::Tensor)>, PretextError> {
         Ok(Vec::new())
+    }
+
+    /// Per-sample host inputs from the views and what the data path knows besides them (the
+    /// decoded image, its index, the training step): for methods whose host work needs the
+    /// image (CCOP's region proposals) or follows a curriculum (CCOP's box jitter). Default:
+    /// [`Pretext::host_inputs`].
+    fn sample_inputs(
+        &self,
+        ctx: &PretextContext,
+        _sample: &SampleInfo<'_>,
+        views: &[View],
+    ) -> Result<Vec<(String, densa_exporter::Tensor)>, PretextError> {
+        self.host_inputs(ctx, views)
+    }
+
+    /// Whether [`Pretext::prepare_image`] does anything (the driver then runs it over every
+    /// image before training, with progress). Default: false.
+    fn prepares_images(&self) -> bool {
+        false
+    }
+
+    /// Per-image work done once and cached by the method under the image's index (CCOP's
+    /// selective search). Default: nothing.
+    fn prepare_image(&self, _index: usize, _image: &image::RgbImage) -> Result<(), PretextError> {
+        Ok(())
     }
 
     /// Values of hyper inputs other than the learning rate at `step` of `total` (momentum

@@ -3,8 +3,8 @@
 
 use super::settings::{Hyper, Settings};
 use super::{
-    densecl, densesiam, detco, lcloss, mocov2, pixpro, regioncl, scfs, swav, Family, MethodInfo,
-    Pretext, PretextError,
+    ccop, densecl, densesiam, detco, lcloss, mocov2, pixpro, regioncl, scfs, swav, Family,
+    MethodInfo, Pretext, PretextError,
 };
 
 /// The methods, baseline first.
@@ -19,6 +19,7 @@ pub fn methods() -> Vec<&'static MethodInfo> {
         &detco::INFO,
         &regioncl::INFO,
         &scfs::INFO,
+        &ccop::INFO,
         &crate::detr::detreg::INFO,
         &crate::detr::pair::pretrain::INFO,
     ]
