@@ -380,13 +380,15 @@ pub struct UpDetrBatch {
     pub extra: Vec<(String, Tensor)>,
 }
 
-/// Prepares a batch: the detector inputs (each image stretched to the input size), `P`
-/// patches per image, their boxes and features, the groups, the mask and the assignment.
+/// Prepares a batch: the detector inputs (each image flipped horizontally with probability
+/// 1/2 when `flip`, stretched to the input size), `P` patches per image, their boxes and
+/// features, the groups, the mask and the assignment.
 pub fn prepare_batch(
     config: &UpDetrConfig,
     detr: &DetrConfig,
     encoder: &mut PatchEncoder,
-    images: &[RgbImage],
+    images: &[&RgbImage],
+    flip: bool,
     rng: &mut ChaCha8Rng,
 ) -> Result<UpDetrBatch, UpDetrError> {
     let s = detr.image_size;
@@ -408,6 +410,13 @@ pub fn prepare_batch(
                 height: h,
             });
         }
+        let flipped;
+        let img = if flip && rng.random::<bool>() {
+            flipped = image::imageops::flip_horizontal(*img);
+            &flipped
+        } else {
+            *img
+        };
         normalize.write_chw(&resize(img, (s, s)), x.index_axis_mut(Axis(0), i));
         let boxes = sample_patch_boxes(w, h, p, config.min_side, rng);
         let crops = render_patches(img, &boxes, config.patch_size, &config.jitter, rng);

@@ -237,7 +237,8 @@ fn a_step_trains_the_transformer_and_leaves_the_frozen_backbone_unchanged() {
     let mut enc = PatchEncoder::new(&c, up.patch_size, t.state(), &backend).unwrap();
     let images = [scene(1, 80, 64), scene(2, 64, 96)];
     let mut rng = ChaCha8Rng::seed_from_u64(4);
-    let batch = prepare_batch(&up, &c, &mut enc, &images, &mut rng).unwrap();
+    let batch =
+        prepare_batch(&up, &c, &mut enc, &[&images[0], &images[1]], true, &mut rng).unwrap();
     assert_eq!(batch.images.shape(), &[2, 3, 64, 64]);
     let extra: HashMap<_, _> = batch.extra.iter().cloned().collect();
     let pf = extra[names::PATCH_FEATURES].to_f32();
