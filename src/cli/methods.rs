@@ -1,4 +1,5 @@
-//! `densa methods [--json]`: the pretext methods, their papers and default hyperparameters.
+//! `densa methods [--json]`: the pretext methods, their papers, what they pretrain (a backbone
+//! or a whole detector) and default hyperparameters.
 
 use anyhow::Result;
 use clap::Args;
@@ -6,8 +7,8 @@ use densa_models::pretext::{self, registry::hyperparameters};
 
 #[derive(Debug, Args)]
 pub struct MethodsArgs {
-    /// Print JSON: a list of objects with `name`, `title`, `paper`, `summary` and
-    /// `hyperparameters` (key -> default).
+    /// Print JSON: a list of objects with `name`, `title`, `paper`, `summary`, `family`
+    /// (`backbone` or `detector`) and `hyperparameters` (key -> default).
     #[arg(long)]
     pub json: bool,
 }
@@ -32,6 +33,7 @@ pub fn run(args: MethodsArgs) -> Result<()> {
                     "title": m.title,
                     "paper": m.paper,
                     "summary": m.summary,
+                    "family": m.family.name(),
                     "hyperparameters": hyper,
                 })
             })
@@ -41,6 +43,7 @@ pub fn run(args: MethodsArgs) -> Result<()> {
     }
     for m in methods {
         println!("{:<10} {}", m.name, m.title);
+        println!("{:<10} pretrains a {}", "", m.family.name());
         println!("{:<10} {}; {}", "", m.paper, m.summary);
         let hyper: Vec<String> = hyperparameters(m)
             .iter()

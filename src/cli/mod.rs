@@ -21,6 +21,7 @@ mod finetune_segment;
 mod inspect;
 mod methods;
 mod pretrain;
+mod pretrain_detr;
 mod proposals;
 mod run;
 mod segment;

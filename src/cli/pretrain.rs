@@ -92,7 +92,7 @@ pub const BACKBONE_FILE: &str = "backbone.safetensors";
 /// keys, which the trainer gathers from every rank (MoCo's `concat_all_gather`).
 const DATA_PARALLEL_METHODS: [&str; 3] = ["densecl", "mocov2", "pixpro"];
 
-fn overrides(args: &PretrainArgs) -> Result<Vec<(String, String)>> {
+pub(super) fn overrides(args: &PretrainArgs) -> Result<Vec<(String, String)>> {
     let mut out = Vec::new();
     if let Some(path) = &args.config {
         let text =
@@ -108,7 +108,7 @@ fn overrides(args: &PretrainArgs) -> Result<Vec<(String, String)>> {
 }
 
 /// The images of `data`: its `images/` folder when it is a `densa synth` output.
-fn data_dir(data: &Path) -> Result<PathBuf> {
+pub(super) fn data_dir(data: &Path) -> Result<PathBuf> {
     if !data.is_dir() {
         bail!("--data {}: not a folder of images", data.display());
     }
@@ -121,6 +121,9 @@ fn data_dir(data: &Path) -> Result<PathBuf> {
 }
 
 pub fn run(args: PretrainArgs) -> Result<()> {
+    if pretext::method_info(&args.method)?.family.is_detector() {
+        return super::pretrain_detr::run(args);
+    }
     let comm = distributed::communicator()?;
     distributed::or_abort(&comm, run_rank(args, &comm))
 }

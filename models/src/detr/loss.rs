@@ -11,6 +11,12 @@
 //!
 //! The layer's loss is `w_ce * loss_ce + w_bbox * loss_bbox + w_giou * loss_giou`; DETR sums it
 //! over the decoder layers (auxiliary losses), each matched on its own.
+//!
+//! The detector-pretraining methods add a per-query embedding loss ([`embedding_loss`]) on the
+//! matched queries, summed over the embedding's values and divided by the number of target
+//! boxes like the box losses: L1 (DetReg's `loss_object_embedding`) or the squared distance of
+//! the L2-normalised vectors (UP-DETR's `loss_feature`, PyTorch's
+//! `mse_loss(normalize(p), normalize(t), reduction='none').sum() / num_boxes`).
 
 use densa_exporter::builder::{attr, Dim};
 use densa_exporter::{BuildError, DType, GraphBuilder, Tensor, Value};
@@ -32,6 +38,43 @@ impl Default for LossConfig {
             weight_bbox: 5.0,
             weight_giou: 2.0,
             eos_coef: 0.1,
+        }
+    }
+}
+
+/// How a predicted per-query embedding is compared with its target.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EmbeddingLoss {
+    /// `sum |p - t|` (DetReg).
+    L1,
+    /// `sum (p / |p| - t / |t|)^2`, norms clamped below at 1e-12 (UP-DETR).
+    NormalizedSquared,
+}
+
+/// The per-query embedding head of the detector-pretraining methods: an MLP
+/// (`feature_embed.layers.{i}`) from every decoder layer's output to `dim` values, trained
+/// against the matched target's vector ([`super::matcher::ImageTargets::embeddings`]).
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct EmbeddingConfig {
+    /// `E`, the target vectors' length.
+    pub dim: usize,
+    /// Linear layers of the MLP (`d_model -> d_model -> ... -> dim`). DetReg: 3.
+    pub layers: usize,
+    /// The comparison.
+    pub loss: EmbeddingLoss,
+    /// Weight of the loss in each decoder layer's total. DetReg: 1.
+    pub weight: f32,
+}
+
+impl EmbeddingConfig {
+    /// DetReg's head: a 3-layer MLP, L1 with weight 1.
+    pub fn detreg(dim: usize) -> EmbeddingConfig {
+        EmbeddingConfig {
+            dim,
+            layers: 3,
+            loss: EmbeddingLoss::L1,
+            weight: 1.0,
         }
     }
 }
@@ -225,4 +268,57 @@ pub fn set_loss(
         bbox,
         giou,
     })
+}
+
+/// `x / max(||x||_2, 1e-12)` along the last axis (PyTorch's `F.normalize`).
+fn normalize_last(b: &mut GraphBuilder, x: &Value) -> Result<Value, BuildError> {
+    let sq = b.reduce_sum_square(x, &[-1], true)?;
+    let norm = b.sqrt(&sq);
+    let eps = b.const_f32(1e-12);
+    let norm = b.max2(&norm, &eps)?;
+    b.div(x, &norm)
+}
+
+/// The per-query embedding loss of one decoder layer (unweighted; see the module docs):
+/// the matched queries' distances summed, divided by `num_boxes`.
+///
+/// # Shapes
+/// `pred [N, Q, E]`, `target [N, Q, E]` (any values where unmatched), `mask [N, Q]`,
+/// `num_boxes []` -> a scalar.
+pub fn embedding_loss(
+    b: &mut GraphBuilder,
+    pred: &Value,
+    target: &Value,
+    mask: &Value,
+    num_boxes: &Value,
+    kind: EmbeddingLoss,
+) -> Result<Value, BuildError> {
+    if pred.rank() != 3 || target.rank() != 3 || pred.dim(-1) != target.dim(-1) {
+        return Err(b.op_error(
+            "EmbeddingLoss",
+            format!(
+                "prediction `{}` {} and target `{}` {} should both be [N, Q, E]",
+                pred.name(),
+                densa_exporter::builder::shape_string(pred.shape()),
+                target.name(),
+                densa_exporter::builder::shape_string(target.shape())
+            ),
+        ));
+    }
+    let per_query = match kind {
+        EmbeddingLoss::L1 => {
+            let diff = b.sub(pred, target)?;
+            let diff = b.abs(&diff);
+            b.reduce_sum(&diff, &[-1], false)?
+        }
+        EmbeddingLoss::NormalizedSquared => {
+            let p = normalize_last(b, pred)?;
+            let t = normalize_last(b, target)?;
+            let diff = b.sub(&p, &t)?;
+            b.reduce_sum_square(&diff, &[-1], false)?
+        }
+    };
+    let masked = b.mul(&per_query, mask)?;
+    let total = b.reduce_sum(&masked, &[], false)?;
+    b.div(&total, num_boxes)
 }

@@ -29,11 +29,14 @@ impl Default for MatcherConfig {
     }
 }
 
-/// One image's ground truth: `boxes[k]` (normalised cxcywh) has class `labels[k]`.
+/// One image's ground truth: `boxes[k]` (normalised cxcywh) has class `labels[k]` and, for
+/// the detector-pretraining methods, the embedding `embeddings[k]` (empty: no embeddings;
+/// else one vector of the embedding head's length per box).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ImageTargets {
     pub boxes: Vec<[f32; 4]>,
     pub labels: Vec<usize>,
+    pub embeddings: Vec<Vec<f32>>,
 }
 
 /// Why a matching could not be computed.
@@ -53,6 +56,8 @@ pub enum MatchError {
     },
     #[error("matching: target {index} box {value:?} is not finite with positive size")]
     Box { index: usize, value: [f32; 4] },
+    #[error("matching: target {index} embedding {problem}")]
+    Embedding { index: usize, problem: String },
     #[error(transparent)]
     Assignment(#[from] AssignmentError),
 }
@@ -117,6 +122,23 @@ fn check_targets(t: &ImageTargets, classes: usize) -> Result<(), MatchError> {
         if bx.iter().any(|v| !v.is_finite()) || bx[2] <= 0.0 || bx[3] <= 0.0 {
             return Err(MatchError::Box { index, value: bx });
         }
+    }
+    if !t.embeddings.is_empty() && t.embeddings.len() != t.boxes.len() {
+        return Err(MatchError::Shape {
+            what: "embeddings",
+            got: t.embeddings.len(),
+            expected: t.boxes.len(),
+        });
+    }
+    if let Some(index) = t
+        .embeddings
+        .iter()
+        .position(|e| e.iter().any(|v| !v.is_finite()))
+    {
+        return Err(MatchError::Embedding {
+            index,
+            problem: "has a value that is not finite".into(),
+        });
     }
     Ok(())
 }
@@ -225,6 +247,45 @@ impl QueryTargets {
     }
 }
 
+/// The matched targets' embeddings of a batch, row-major `[N, Q, dim]`: the matched box's
+/// vector at each matched query, zeros elsewhere (the mask of [`QueryTargets`] zeroes their
+/// loss). An image without boxes needs no embeddings; one with boxes needs one `dim`-vector
+/// per box.
+pub fn query_embeddings(
+    matches: &[Vec<Option<usize>>],
+    targets: &[ImageTargets],
+    dim: usize,
+) -> Result<Vec<f32>, MatchError> {
+    let mut out = Vec::new();
+    for (m, t) in matches.iter().zip(targets) {
+        if t.embeddings.len() != t.boxes.len() {
+            return Err(MatchError::Shape {
+                what: "embeddings",
+                got: t.embeddings.len(),
+                expected: t.boxes.len(),
+            });
+        }
+        if let Some((index, e)) = t
+            .embeddings
+            .iter()
+            .enumerate()
+            .find(|(_, e)| e.len() != dim)
+        {
+            return Err(MatchError::Embedding {
+                index,
+                problem: format!("has {} values, the head predicts {dim}", e.len()),
+            });
+        }
+        for q in m {
+            match q {
+                Some(k) => out.extend_from_slice(&t.embeddings[*k]),
+                None => out.extend(std::iter::repeat_n(0.0, dim)),
+            }
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -252,6 +313,7 @@ mod tests {
         let targets = ImageTargets {
             boxes: vec![[0.7, 0.7, 0.4, 0.4], [0.3, 0.2, 0.2, 0.2]],
             labels: vec![0, 0],
+            ..Default::default()
         };
         let cfg = MatcherConfig::default();
         let cost = cost_matrix(&cfg, &logits, &boxes, 2, 1, &targets).unwrap();
@@ -287,12 +349,14 @@ mod tests {
         let bad_label = ImageTargets {
             boxes: vec![[0.5, 0.5, 0.1, 0.1]],
             labels: vec![3],
+            ..Default::default()
         };
         let e = match_image(&MatcherConfig::default(), &logits, &boxes, 2, 1, &bad_label);
         assert!(e.unwrap_err().to_string().contains("label 3"));
         let nan = ImageTargets {
             boxes: vec![[f32::NAN, 0.5, 0.1, 0.1]],
             labels: vec![0],
+            ..Default::default()
         };
         assert!(match_image(&MatcherConfig::default(), &logits, &boxes, 2, 1, &nan).is_err());
         let e = cost_matrix(&MatcherConfig::default(), &logits[..3], &boxes, 2, 1, &nan);
@@ -303,8 +367,51 @@ mod tests {
         let ok = ImageTargets {
             boxes: vec![[0.5, 0.5, 0.1, 0.1]],
             labels: vec![0],
+            ..Default::default()
         };
         let e = match_image(&MatcherConfig::default(), &nan_logits, &boxes, 2, 1, &ok);
         assert!(matches!(e, Err(MatchError::Assignment(_))), "{e:?}");
+    }
+
+    #[test]
+    fn query_embeddings_follow_the_matches() {
+        // Two images, three queries, E = 2: image 0 has two boxes (matched to queries 2 and
+        // 0), image 1 none.
+        let t0 = ImageTargets {
+            boxes: vec![[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.2]],
+            labels: vec![0, 0],
+            embeddings: vec![vec![1.0, -2.0], vec![0.5, 4.0]],
+        };
+        let matches = vec![vec![Some(1), None, Some(0)], vec![None, None, None]];
+        let targets = [t0.clone(), ImageTargets::default()];
+        let e = query_embeddings(&matches, &targets, 2).unwrap();
+        // Direct: for each (image, query), the matched box's vector or zeros.
+        let mut want = Vec::new();
+        for (m, t) in matches.iter().zip(&targets) {
+            for q in m {
+                want.extend(q.map_or(vec![0.0; 2], |k| t.embeddings[k].clone()));
+            }
+        }
+        assert_eq!(e, want);
+        assert_eq!(&e[..6], &[0.5, 4.0, 0.0, 0.0, 1.0, -2.0]);
+        assert_eq!(e.len(), 2 * 3 * 2);
+        // Wrong length, missing vectors, non-finite values.
+        let err = query_embeddings(&matches, &targets, 3).unwrap_err();
+        assert!(err.to_string().contains("3"), "{err}");
+        let mut missing = t0.clone();
+        missing.embeddings.pop();
+        let err = query_embeddings(&matches[..1], &[missing.clone()], 2).unwrap_err();
+        assert!(err.to_string().contains("embeddings"), "{err}");
+        let logits = [0.0f32; 6];
+        let boxes = [0.5f32; 12];
+        let cfg = MatcherConfig::default();
+        assert!(match_image(&cfg, &logits, &boxes, 3, 1, &missing).is_err());
+        let mut nan = t0;
+        nan.embeddings[1][0] = f32::NAN;
+        let err = match_image(&cfg, &logits, &boxes, 3, 1, &nan).unwrap_err();
+        assert!(
+            matches!(err, MatchError::Embedding { index: 1, .. }),
+            "{err}"
+        );
     }
 }

@@ -8,7 +8,10 @@
 //!
 //! The pieces are meant for the detector-pretraining methods too (DetReg, UP-DETR, Pair DETR):
 //! the matcher and the losses take plain per-query tensors, the decoder takes an optional
-//! additive self-attention mask ([`DetrConfig::self_attn_mask`], UP-DETR's query groups).
+//! additive self-attention mask ([`DetrConfig::self_attn_mask`], UP-DETR's query groups), and
+//! an optional per-query embedding head ([`DetrConfig::embedding`]) learns the matched
+//! target's vector (DetReg's region embeddings, UP-DETR's patch features). `pretext` is the
+//! interface of those methods.
 //!
 //! Our choices, for small inputs and CPU budgets:
 //! - Small defaults ([`DetrConfig::new`]): d_model 64, 4 heads, 2 encoder and 2 decoder
@@ -22,9 +25,13 @@
 //! - Inference keeps the last decoder layer: score and label are the best class probability
 //!   (softmax without "no object"), the top-k queries by score; no NMS (DETR needs none).
 
+#[cfg(feature = "train")]
+pub mod detreg;
 pub mod hungarian;
 pub mod loss;
 pub mod matcher;
+#[cfg(feature = "train")]
+pub mod pretext;
 #[cfg(feature = "train")]
 pub mod train;
 pub mod transformer;
@@ -46,8 +53,8 @@ use crate::backbone::Arch;
 use crate::export::ExportError;
 use crate::nn::{Conv2d, Conv2dConfig, NormMode};
 pub use hungarian::{linear_sum_assignment, Assignment, AssignmentError};
-pub use loss::{LayerTargets, LossConfig, SetLosses};
-pub use matcher::{ImageTargets, MatchError, MatcherConfig, QueryTargets};
+pub use loss::{EmbeddingConfig, EmbeddingLoss, LayerTargets, LossConfig, SetLosses};
+pub use matcher::{query_embeddings, ImageTargets, MatchError, MatcherConfig, QueryTargets};
 use transformer::{DecoderLayer, EncoderLayer, Linear, Mlp};
 
 /// Why a DETR detector could not be built or trained.
@@ -139,6 +146,10 @@ pub struct DetrConfig {
     /// `[Q, Q]` (UP-DETR's query groups). Default false.
     #[serde(default)]
     pub self_attn_mask: bool,
+    /// A per-query embedding head on every decoder layer (`feature_embed.*`) with its loss
+    /// against the host input `targets.{l}.embeddings [N, Q, E]`. Default none.
+    #[serde(default)]
+    pub embedding: Option<EmbeddingConfig>,
     /// UP-DETR's query patches: `P > 0` adds the batch inputs `queries.patch_features
     /// [N, P, C]` (C: the backbone's C5 channels) and `queries.patch_assign [N, Q, P]`, and a
     /// trainable linear `patch2query` C -> d_model; query `q` of image `n` gets
@@ -187,6 +198,14 @@ pub mod names {
     pub fn pred_boxes(l: usize) -> String {
         format!("pred.{l}.boxes")
     }
+    /// `[N, Q, E]` matched targets' embeddings of decoder layer `l` (zeros where unmatched).
+    pub fn embeddings(l: usize) -> String {
+        format!("targets.{l}.embeddings")
+    }
+    /// `[N, Q, E]` predicted embeddings of decoder layer `l`.
+    pub fn pred_embeddings(l: usize) -> String {
+        format!("pred.{l}.embeddings")
+    }
 }
 
 impl DetrConfig {
@@ -210,6 +229,7 @@ impl DetrConfig {
             train_batch_norm: true,
             feature_stride: 32,
             self_attn_mask: false,
+            embedding: None,
             query_patches: 0,
         }
     }
@@ -279,12 +299,24 @@ impl DetrConfig {
                 ),
             );
         }
+        if let Some(e) = &self.embedding {
+            if e.dim == 0 || e.layers == 0 {
+                return bad(
+                    "embedding",
+                    format!("dim {} and layers {} must be positive", e.dim, e.layers),
+                );
+            }
+            if !e.weight.is_finite() || e.weight < 0.0 {
+                return bad("embedding", format!("weight {} must be >= 0", e.weight));
+            }
+        }
         self.backbone().map(|_| ())
     }
 
     /// Creates every parameter: the backbone (torchvision names), `input_proj`,
     /// `transformer.encoder.layers.{i}`, `transformer.decoder.layers.{i}`,
-    /// `transformer.decoder.norm`, `query_embed.weight`, `class_embed`, `bbox_embed`.
+    /// `transformer.decoder.norm`, `query_embed.weight`, `class_embed`, `bbox_embed`, and with
+    /// [`embedding`](Self::embedding) `feature_embed`.
     pub fn init(&self, b: &mut GraphBuilder) -> Result<Detr, DetrError> {
         self.check()?;
         let backbone_config = self.backbone()?.config();
@@ -330,6 +362,10 @@ impl DetrConfig {
         })?;
         let class_embed = Linear::new(b, "class_embed", d, self.num_classes() + 1)?;
         let bbox_embed = Mlp::new(b, "bbox_embed", d, d, 4, 3)?;
+        let feature_embed = self
+            .embedding
+            .map(|e| Mlp::new(b, "feature_embed", d, d, e.dim, e.layers))
+            .transpose()?;
         let patch2query = if self.query_patches > 0 {
             let c5 = backbone_config.out_channels()[3];
             Some(Linear::new(b, "patch2query", c5, d)?)
@@ -349,6 +385,7 @@ impl DetrConfig {
             query_embed,
             class_embed,
             bbox_embed,
+            feature_embed,
             patch2query,
             pos,
         })
@@ -379,6 +416,7 @@ pub struct Detr {
     query_embed: Value,
     class_embed: Linear,
     bbox_embed: Mlp,
+    feature_embed: Option<Mlp>,
     /// UP-DETR's patch projection ([`DetrConfig::query_patches`]).
     patch2query: Option<Linear>,
     /// `[T, D]` positional encoding (a constant).
@@ -392,6 +430,8 @@ pub struct LayerOutputs {
     pub logits: Value,
     /// `[N, Q, 4]` normalised cxcywh in `(0, 1)`.
     pub boxes: Value,
+    /// `[N, Q, E]` with [`DetrConfig::embedding`].
+    pub embeddings: Option<Value>,
 }
 
 impl Detr {
@@ -399,7 +439,7 @@ impl Detr {
     ///
     /// # Shapes
     /// `images [N, 3, S, S]`, `self_attn_mask [Q, Q]` -> per decoder layer
-    /// `logits [N, Q, classes + 1]`, `boxes [N, Q, 4]`.
+    /// `logits [N, Q, classes + 1]`, `boxes [N, Q, 4]`, `embeddings [N, Q, E]`.
     pub fn forward(
         &self,
         b: &mut GraphBuilder,
@@ -492,7 +532,25 @@ impl Detr {
                 DType::F32,
                 boxes.shape().to_vec(),
             );
-            outs.push(LayerOutputs { logits, boxes });
+            let embeddings = match &self.feature_embed {
+                Some(head) => {
+                    let e = head.forward(b, &h)?;
+                    Some(b.node1(
+                        "Identity",
+                        Some(&names::pred_embeddings(l)),
+                        &[&e],
+                        vec![],
+                        DType::F32,
+                        e.shape().to_vec(),
+                    ))
+                }
+                None => None,
+            };
+            outs.push(LayerOutputs {
+                logits,
+                boxes,
+                embeddings,
+            });
         }
         Ok(outs)
     }
@@ -504,6 +562,8 @@ pub struct DetrTraining {
     pub loss: Value,
     /// Per layer: `(ce, bbox, giou)` scalars.
     pub layer_losses: Vec<(Value, Value, Value)>,
+    /// Per layer: the embedding loss (unweighted) with [`DetrConfig::embedding`], else empty.
+    pub embedding_losses: Vec<Value>,
     /// Per layer predictions (host outputs of the split step), value names.
     pub predictions: Vec<(String, String)>,
     /// Host inputs: the targets of every layer and `targets.num_boxes`.
@@ -517,6 +577,8 @@ impl DetrConfig {
     /// [N, 3, S, S]` (`batch` fixes N, else symbolic), per layer `l` `targets.{l}.classes
     /// [N, Q]` int64, `targets.{l}.boxes [N, Q, 4]`, `targets.{l}.mask [N, Q]`, and
     /// `targets.num_boxes []`; with [`self_attn_mask`](Self::self_attn_mask) also
+    /// `decoder.self_attn_mask [Q, Q]`; with [`embedding`](Self::embedding) also
+    /// `targets.{l}.embeddings [N, Q, E]`, whose loss (times its weight) joins each layer's.
     /// `decoder.self_attn_mask [Q, Q]`; with [`query_patches`](Self::query_patches) also
     /// `queries.patch_features [N, P, C]` and `queries.patch_assign [N, Q, P]`.
     pub fn training_forward(
@@ -535,6 +597,7 @@ impl DetrConfig {
         )?;
         let mut host_inputs = Vec::new();
         let mut targets = Vec::new();
+        let mut target_embeddings = Vec::new();
         for l in 0..self.decoder_layers {
             let classes = b.input(&names::classes(l), DType::I64, vec![n.clone(), q.into()])?;
             let boxes = b.input(
@@ -544,6 +607,14 @@ impl DetrConfig {
             )?;
             let mask = b.input(&names::mask(l), DType::F32, vec![n.clone(), q.into()])?;
             host_inputs.extend([names::classes(l), names::boxes(l), names::mask(l)]);
+            if let Some(e) = &self.embedding {
+                target_embeddings.push(b.input(
+                    &names::embeddings(l),
+                    DType::F32,
+                    vec![n.clone(), q.into(), e.dim.into()],
+                )?);
+                host_inputs.push(names::embeddings(l));
+            }
             targets.push(LayerTargets {
                 classes,
                 boxes,
@@ -595,6 +666,7 @@ impl DetrConfig {
         )?;
         let mut totals = Vec::new();
         let mut layer_losses = Vec::new();
+        let mut embedding_losses = Vec::new();
         let mut predictions = Vec::new();
         for (l, (o, t)) in outs.iter().zip(&targets).enumerate() {
             let losses = b.scoped(format!("loss.{l}"), |b| {
@@ -608,7 +680,22 @@ impl DetrConfig {
                     &self.loss,
                 )
             })?;
-            totals.push(losses.total);
+            let mut total = losses.total;
+            if let (Some(cfg), Some(pred), Some(target)) = (
+                &self.embedding,
+                o.embeddings.as_ref(),
+                target_embeddings.get(l),
+            ) {
+                let e = b.scoped(format!("loss.{l}.embedding"), |b| {
+                    let e = loss::embedding_loss(b, pred, target, &t.mask, &num_boxes, cfg.loss)?;
+                    let w = b.const_f32(cfg.weight);
+                    let weighted = b.mul(&e, &w)?;
+                    total = b.add(&total, &weighted)?;
+                    Ok::<_, BuildError>(e)
+                })?;
+                embedding_losses.push(e);
+            }
+            totals.push(total);
             layer_losses.push((losses.ce, losses.bbox, losses.giou));
             predictions.push((o.logits.name().to_string(), o.boxes.name().to_string()));
         }
@@ -619,6 +706,7 @@ impl DetrConfig {
             DetrTraining {
                 loss,
                 layer_losses,
+                embedding_losses,
                 predictions,
                 host_inputs,
                 norm_state: mode.into_state(),

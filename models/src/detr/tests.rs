@@ -552,3 +552,134 @@ fn whole_training_graph_gradients_match_finite_differences() {
     }
     assert_eq!(checked, 18);
 }
+
+const E: usize = 3;
+
+/// Host reference of the embedding loss (f64).
+fn embedding_reference(
+    pred: &[f64],
+    target: &[f64],
+    mask: &[f64],
+    num_boxes: f64,
+    kind: EmbeddingLoss,
+) -> f64 {
+    let norm = |v: &[f64]| {
+        let n = v.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-12);
+        v.iter().map(|x| x / n).collect::<Vec<_>>()
+    };
+    let mut sum = 0.0;
+    for i in 0..N * Q {
+        if mask[i] == 0.0 {
+            continue;
+        }
+        let (p, t) = (&pred[i * E..(i + 1) * E], &target[i * E..(i + 1) * E]);
+        sum += match kind {
+            EmbeddingLoss::L1 => p.iter().zip(t).map(|(a, b)| (a - b).abs()).sum::<f64>(),
+            EmbeddingLoss::NormalizedSquared => norm(p)
+                .iter()
+                .zip(norm(t))
+                .map(|(a, b)| (a - b) * (a - b))
+                .sum::<f64>(),
+        };
+    }
+    sum / num_boxes
+}
+
+#[test]
+fn embedding_losses_and_their_gradients_equal_a_direct_computation() {
+    let mut rng = Rng::new(11);
+    let pred: Vec<f64> = (0..N * Q * E).map(|_| rng.next_f64() * 2.0 - 1.0).collect();
+    // Matched rows hold vectors, unmatched rows zeros (as `query_embeddings` lays them out).
+    let mask = case().mask;
+    let target: Vec<f64> = (0..N * Q * E)
+        .map(|i| {
+            if mask[i / E] > 0.0 {
+                rng.next_f64() * 4.0 - 2.0
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let num_boxes = 3.0;
+    for kind in [EmbeddingLoss::L1, EmbeddingLoss::NormalizedSquared] {
+        let mut b = GraphBuilder::new("embedding-loss", 0);
+        let d = |s: &[usize]| s.iter().map(|&x| Dim::from(x)).collect::<Vec<_>>();
+        let p = b.input("pred", DType::F32, d(&[N, Q, E])).unwrap();
+        let t = b.input("target", DType::F32, d(&[N, Q, E])).unwrap();
+        let m = b.input("mask", DType::F32, d(&[N, Q])).unwrap();
+        let num = b.input("num_boxes", DType::F32, vec![]).unwrap();
+        let l = loss::embedding_loss(&mut b, &p, &t, &m, &num, kind).unwrap();
+        b.output(&l, "loss").unwrap();
+        let model = with_gradients(&b.finish(), &GradRequest::new("loss", &["pred"])).unwrap();
+        let f = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<_>>();
+        let out = run(
+            &model,
+            vec![
+                ("pred".into(), f32s(&[N, Q, E], f(&pred))),
+                ("target".into(), f32s(&[N, Q, E], f(&target))),
+                ("mask".into(), f32s(&[N, Q], f(&mask))),
+                (
+                    "num_boxes".into(),
+                    Tensor::F32(ArrayD::from_elem(IxDyn(&[]), num_boxes as f32)),
+                ),
+            ],
+        );
+        let got = out["loss"].to_f32().iter().next().copied().unwrap() as f64;
+        let want = embedding_reference(&pred, &target, &mask, num_boxes, kind);
+        assert!(
+            (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+            "{kind:?}: graph {got}, host {want}"
+        );
+        assert!(want > 0.1, "{kind:?}: {want}");
+        let g = out["grad.pred"].to_f32();
+        let eps = 1e-6;
+        for (k, &gk) in g.iter().enumerate() {
+            let at = |dx: f64| {
+                let mut v = pred.clone();
+                v[k] += dx;
+                embedding_reference(&v, &target, &mask, num_boxes, kind)
+            };
+            let fd = (at(eps) - at(-eps)) / (2.0 * eps);
+            assert!(
+                (gk as f64 - fd).abs() <= 1e-4 + 1e-3 * fd.abs(),
+                "{kind:?} pred[{k}]: graph {gk}, finite differences {fd}"
+            );
+            if mask[k / E] == 0.0 {
+                assert_eq!(gk, 0.0, "unmatched query {} got a gradient", k / E);
+            }
+        }
+    }
+}
+
+#[test]
+fn the_embedding_head_adds_its_inputs_loss_and_parameters() {
+    let mut c = tiny();
+    c.embedding = Some(EmbeddingConfig::detreg(7));
+    let s = c.initial_state(0).unwrap();
+    assert_eq!(
+        s.get("feature_embed.layers.2.weight").unwrap().shape(),
+        &[7, 16]
+    );
+    assert!(s.get("feature_embed.layers.0.weight").is_some());
+    let (b, t) = c.training_forward(0, Some(2)).unwrap();
+    assert_eq!(t.embedding_losses.len(), 2);
+    assert!(t.host_inputs.contains(&"targets.1.embeddings".to_string()));
+    let model = b.finish();
+    assert!(model
+        .graph
+        .as_ref()
+        .unwrap()
+        .input
+        .iter()
+        .any(|i| i.name == "targets.0.embeddings"));
+    // Without the head, nothing changes.
+    let plain = tiny().initial_state(0).unwrap();
+    assert!(plain.get("feature_embed.layers.0.weight").is_none());
+    // A bad head is refused by name.
+    c.embedding = Some(EmbeddingConfig {
+        dim: 0,
+        ..EmbeddingConfig::detreg(1)
+    });
+    let e = c.initial_state(0).unwrap_err().to_string();
+    assert!(e.contains("embedding"), "{e}");
+}

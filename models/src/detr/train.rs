@@ -19,7 +19,7 @@ use densa_runtime::backend::{Backend, Session};
 use densa_runtime::train::{InputRole, Manifest};
 use ndarray::{ArrayD, IxDyn};
 
-use super::matcher::{match_image, ImageTargets, MatcherConfig, QueryTargets};
+use super::matcher::{match_image, query_embeddings, ImageTargets, MatcherConfig, QueryTargets};
 use super::{names, DetrConfig, DetrError};
 use crate::train_step::{
     build_train_step, split_train_step, ForwardGraph, SplitStep, TrainStep, TrainStepConfig,
@@ -49,6 +49,9 @@ pub fn step_graphs(
             .metric(&format!("loss_bbox.{l}"), bbox)
             .metric(&format!("loss_giou.{l}"), giou);
     }
+    for (l, e) in t.embedding_losses.into_iter().enumerate() {
+        fwd = fwd.metric(&format!("loss_embed.{l}"), e);
+    }
     let whole = build_train_step(fwd, train)?;
     let host_in: Vec<&str> = t.host_inputs.iter().map(String::as_str).collect();
     let host_out: Vec<&str> = t
@@ -69,7 +72,8 @@ pub fn step_graphs(
 pub struct StepReport {
     /// The total loss (every decoder layer).
     pub loss: f32,
-    /// The metrics (`loss_ce.{l}`, `loss_bbox.{l}`, `loss_giou.{l}`), by name.
+    /// The metrics (`loss_ce.{l}`, `loss_bbox.{l}`, `loss_giou.{l}`, with an embedding head
+    /// `loss_embed.{l}`), by name.
     pub metrics: Vec<(String, f32)>,
     /// Target boxes in the batch.
     pub num_boxes: usize,
@@ -251,6 +255,15 @@ impl DetrTrainer {
                     )
                 })
                 .collect::<Result<Vec<_>, _>>()?;
+            if let Some(e) = &self.config.embedding {
+                let values = query_embeddings(&matches, targets, e.dim)?;
+                host.insert(
+                    names::embeddings(l),
+                    Tensor::F32(
+                        ArrayD::from_shape_vec(IxDyn(&[n, q, e.dim]), values).expect("[N, Q, E]"),
+                    ),
+                );
+            }
             let qt = QueryTargets::from_matches(&matches, targets, classes);
             host.insert(
                 names::classes(l),
@@ -502,5 +515,55 @@ mod tests {
         }
         let e = t.step(images, &targets[..1], &[]).unwrap_err().to_string();
         assert!(e.contains("batch of 2"), "{e}");
+    }
+
+    #[test]
+    fn a_frozen_backbone_stays_while_the_transformer_and_embedding_head_learn() {
+        let mut c = tiny();
+        c.train_batch_norm = false;
+        c.embedding = Some(super::super::EmbeddingConfig::detreg(3));
+        let mut train = TrainStepConfig::new(OptimizerConfig::adamw(1e-3, 1e-4));
+        train.trainable = crate::train_step::Trainable::Frozen(
+            super::super::pretext::BACKBONE_PREFIXES
+                .map(String::from)
+                .to_vec(),
+        );
+        let graphs = step_graphs(&c, 2, &train, 0).unwrap();
+        let mut t = DetrTrainer::new(&c, &graphs, 2, &TractBackend::new()).unwrap();
+        let (images, mut targets) = scenes();
+        targets[0].embeddings = vec![vec![1.0, 0.0, -1.0], vec![0.5, 0.5, 0.5]];
+        // An image without proposals: all its queries learn "no object".
+        targets[1] = ImageTargets::default();
+        let names = [
+            "conv1.weight",
+            "layer1.0.bn1.running_mean",
+            "layer4.1.conv2.weight",
+            "transformer.decoder.layers.0.cross_attn.q_proj.weight",
+            "feature_embed.layers.0.weight",
+            "feature_embed.layers.2.bias",
+            "class_embed.weight",
+        ];
+        let before: Vec<_> = names
+            .iter()
+            .map(|n| t.state().get(n).unwrap().to_f32())
+            .collect();
+        let report = t.step(images.clone(), &targets, &[]).unwrap();
+        assert_eq!(report.num_boxes, 2);
+        let embed = report
+            .metrics
+            .iter()
+            .find(|(n, _)| n == "loss_embed.1")
+            .map(|(_, v)| *v)
+            .unwrap();
+        assert!(embed > 0.0 && embed.is_finite(), "{embed}");
+        for (name, b) in names.iter().zip(&before) {
+            let a = t.state().get(name).unwrap().to_f32();
+            let frozen = name.starts_with("conv1") || name.starts_with("layer");
+            assert_eq!(&a == b, frozen, "`{name}`: frozen {frozen}");
+        }
+        // Embeddings that do not fit the head are an error naming them.
+        targets[0].embeddings[1].push(0.0);
+        let e = t.step(images, &targets, &[]).unwrap_err().to_string();
+        assert!(e.contains("embedding"), "{e}");
     }
 }

@@ -24,8 +24,11 @@
 //! and height independently and uniformly in `[min_side, side - min_side]` pixels of the
 //! decoded image, the position uniformly where the patch fits.
 
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
 use densa_exporter::onnx::ModelProto;
-use densa_exporter::weights::StateDict;
+use densa_exporter::weights::{load_safetensors, StateDict};
 use densa_exporter::{DType, Dim, GraphBuilder, Tensor};
 use densa_runtime::augment::photometric::ColorJitterConfig;
 use densa_runtime::augment::spatial::{resize, resized_crop};
@@ -37,9 +40,18 @@ use rand::seq::SliceRandom;
 use rand::RngExt;
 use rand_chacha::ChaCha8Rng;
 
+use super::loss::{EmbeddingConfig, EmbeddingLoss};
 use super::matcher::{xyxy_to_cxcywh, ImageTargets};
+use super::pretext::{
+    detr_config, detr_hyper, DetrBatch, DetrPretext, DetrPretextContext, PrepareContext,
+    SampleImage,
+};
+use super::train::{step_graphs, DetrStepGraphs};
 use super::{names, DetrConfig, DetrError};
 use crate::nn::NormMode;
+use crate::pretext::settings::{Hyper, Settings};
+use crate::pretext::{detector_only, Family, MethodInfo, PretextError};
+use crate::train_step::TrainStepConfig;
 
 /// The additive self-attention mask between queries of different groups (softmax weight
 /// `exp(-1e9)` = 0 in f32; finite, so no `inf - inf` anywhere).
@@ -249,6 +261,7 @@ pub fn patch_targets(boxes: &[CropBox], width: u32, height: u32) -> ImageTargets
             .map(|b| xyxy_to_cxcywh([b.x0 / w, b.y0 / h, b.x1 / w, b.y1 / h]))
             .collect(),
         labels: vec![0; boxes.len()],
+        embeddings: Vec::new(),
     }
 }
 
@@ -370,7 +383,7 @@ impl PatchEncoder {
 pub struct UpDetrBatch {
     /// `[N, 3, S, S]` normalised detector inputs.
     pub images: Tensor,
-    /// Per image: the patch boxes (class 0).
+    /// Per image: the patch boxes (class 0) and features (the reconstruction targets).
     pub targets: Vec<ImageTargets>,
     /// Per image `[P, C]`: the patch features (inputs and reconstruction targets).
     pub features: Vec<Array2<f32>>,
@@ -422,7 +435,9 @@ pub fn prepare_batch(
         let crops = render_patches(img, &boxes, config.patch_size, &config.jitter, rng);
         let f = encoder.encode(&crops)?;
         flat.extend(f.iter().copied());
-        targets.push(patch_targets(&boxes, w, h));
+        let mut t = patch_targets(&boxes, w, h);
+        t.embeddings = f.outer_iter().map(|r| r.to_vec()).collect();
+        targets.push(t);
         features.push(f);
     }
     let groups = query_groups(detr.num_queries, p, config.shuffle, rng);
@@ -444,6 +459,267 @@ pub fn prepare_batch(
         groups,
         extra,
     })
+}
+
+/// The registry entry (`densa pretrain --method updetr`).
+pub static INFO: MethodInfo = MethodInfo {
+    name: "updetr",
+    title: "UP-DETR: Unsupervised Pre-training for Object Detection with Transformers",
+    paper: "Dai, Cai, Lin, Chen; CVPR 2021",
+    summary: "the whole DETR finds random patches of the image, fed as frozen-backbone features \
+              added to groups of object queries, and reconstructs their features",
+    hyper,
+    create: detector_only,
+    tiny: TINY,
+    family: Family::Detector(create),
+};
+
+/// A small detector and patches for smoke tests.
+pub const TINY: &[(&str, &str)] = &[
+    ("d_model", "16"),
+    ("heads", "2"),
+    ("encoder_layers", "1"),
+    ("decoder_layers", "2"),
+    ("ffn_dim", "32"),
+    ("num_queries", "6"),
+    ("patches", "2"),
+    ("patch_size", "32"),
+];
+
+fn hyper() -> Vec<Hyper> {
+    let mut h = detr_hyper();
+    h.extend([
+        Hyper::text(
+            "backbone",
+            "",
+            "frozen backbone of the detector and the patch encoder: a backbone.safetensors (e.g. \
+             of `densa pretrain --method swav`, as the paper's SwAV) or the folder holding it; \
+             empty: the detector's random initial backbone",
+        ),
+        Hyper::int(
+            "patches",
+            3,
+            "query patches per image; divides num_queries (paper 10 of 100)",
+        ),
+        Hyper::int(
+            "patch_size",
+            64,
+            "patches are resized to this side (paper 128)",
+        ),
+        Hyper::int(
+            "min_side",
+            8,
+            "smallest patch side in pixels; the largest is side - min_side",
+        ),
+        Hyper::float(
+            "feature_drop",
+            0.1,
+            "probability of dropping a query's patch feature",
+        ),
+        Hyper::bool("shuffle", true, "shuffle the queries into groups each step"),
+        Hyper::float(
+            "feature_weight",
+            1.0,
+            "weight of the feature reconstruction loss (paper 1)",
+        ),
+        Hyper::int(
+            "feature_layers",
+            2,
+            "layers of the reconstruction MLP (paper 2)",
+        ),
+        Hyper::bool(
+            "flip",
+            true,
+            "random horizontal flips of image and patch boxes",
+        ),
+    ]);
+    h
+}
+
+fn create(settings: Settings) -> Result<Box<dyn DetrPretext>, PretextError> {
+    Ok(Box::new(UpDetr::new(settings)?))
+}
+
+/// UP-DETR as a [`DetrPretext`] (see the module docs).
+pub struct UpDetr {
+    settings: Settings,
+    config: UpDetrConfig,
+    /// The backbone weights file (`backbone` setting), if any.
+    backbone: Option<PathBuf>,
+    /// The patch encoder, made by [`DetrPretext::prepare`].
+    encoder: Mutex<Option<PatchEncoder>>,
+    /// The frozen backbone's tensors the encoder uses (the detector starts from them).
+    backbone_tensors: Option<StateDict>,
+}
+
+fn invalid(problem: String) -> PretextError {
+    PretextError::Invalid {
+        method: "updetr".into(),
+        problem,
+    }
+}
+
+impl UpDetr {
+    /// UP-DETR with resolved settings.
+    pub fn new(settings: Settings) -> Result<UpDetr, PretextError> {
+        let config = UpDetrConfig {
+            patches: settings.positive("patches")?,
+            patch_size: settings.positive("patch_size")? as u32,
+            min_side: settings.positive("min_side")? as u32,
+            feature_drop: settings.checked(
+                "feature_drop",
+                |v| (0.0..1.0).contains(&v),
+                "must be in [0, 1)",
+            )?,
+            shuffle: settings.bool("shuffle"),
+            jitter: ColorJitterConfig::default(),
+        };
+        let backbone = match settings.text("backbone") {
+            "" => None,
+            p => {
+                let p = Path::new(p);
+                Some(if p.is_dir() {
+                    p.join("backbone.safetensors")
+                } else {
+                    p.to_path_buf()
+                })
+            }
+        };
+        Ok(UpDetr {
+            settings,
+            config,
+            backbone,
+            encoder: Mutex::new(None),
+            backbone_tensors: None,
+        })
+    }
+
+    /// The backbone tensors of the `backbone` setting (torchvision names), checked against
+    /// `detr`'s architecture; `None` without the setting.
+    fn backbone_state(&self, detr: &DetrConfig) -> Result<Option<StateDict>, PretextError> {
+        let Some(path) = &self.backbone else {
+            return Ok(None);
+        };
+        let sd = load_safetensors(path)
+            .map_err(|e| invalid(format!("reading the backbone {}: {e}", path.display())))?;
+        let want =
+            crate::pretext::backbone_state(&detr.backbone()?.config(), &detr.initial_state(0)?)?;
+        let mut out = StateDict::new();
+        for (name, t) in want.iter() {
+            let got = sd.get(name).ok_or_else(|| {
+                invalid(format!(
+                    "the backbone {} has no `{name}` (not a {} backbone?)",
+                    path.display(),
+                    detr.arch
+                ))
+            })?;
+            if got.shape() != t.shape() {
+                return Err(invalid(format!(
+                    "the backbone {}: `{name}` has shape {:?}, a {} backbone has {:?}",
+                    path.display(),
+                    got.shape(),
+                    detr.arch,
+                    t.shape()
+                )));
+            }
+            out.insert(name, got.clone());
+        }
+        Ok(Some(out))
+    }
+}
+
+impl DetrPretext for UpDetr {
+    fn info(&self) -> &'static MethodInfo {
+        &INFO
+    }
+
+    fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    fn config(&self, ctx: &DetrPretextContext) -> Result<DetrConfig, PretextError> {
+        let base = detr_config(&self.settings, ctx)?;
+        let mut c = self.config.detr(&base);
+        c.embedding = Some(EmbeddingConfig {
+            dim: base.backbone()?.config().out_channels()[3],
+            layers: self.settings.positive("feature_layers")?,
+            loss: EmbeddingLoss::NormalizedSquared,
+            weight: self.settings.f64("feature_weight") as f32,
+        });
+        self.config.check(&c).map_err(|e| invalid(e.to_string()))?;
+        Ok(c)
+    }
+
+    /// Makes the patch encoder: the `backbone` setting's weights, else the detector's initial
+    /// backbone (seed `ctx.seed`); [`step_graphs`](DetrPretext::step_graphs) starts the
+    /// detector's frozen backbone from the same tensors.
+    fn prepare(
+        &mut self,
+        ctx: &DetrPretextContext,
+        work: &PrepareContext<'_>,
+    ) -> Result<(), PretextError> {
+        let detr = self.config(ctx)?;
+        let state = match self.backbone_state(&detr)? {
+            Some(s) => s,
+            None => detr.initial_state(ctx.seed)?,
+        };
+        let encoder = PatchEncoder::new(&detr, self.config.patch_size, &state, work.backend)
+            .map_err(|e| invalid(e.to_string()))?;
+        self.backbone_tensors = Some(crate::pretext::backbone_state(
+            &detr.backbone()?.config(),
+            &state,
+        )?);
+        *self.encoder.get_mut().unwrap_or_else(|p| p.into_inner()) = Some(encoder);
+        (work.progress)(work.files.len() as u64, work.files.len() as u64);
+        Ok(())
+    }
+
+    fn step_graphs(
+        &self,
+        config: &DetrConfig,
+        batch: usize,
+        train: &TrainStepConfig,
+        seed: u64,
+    ) -> Result<DetrStepGraphs, PretextError> {
+        let mut graphs = step_graphs(config, batch, train, seed)?;
+        if let Some(b) = &self.backbone_tensors {
+            for (name, t) in b.iter() {
+                graphs.whole.state.insert(name, t.clone());
+            }
+        }
+        Ok(graphs)
+    }
+
+    fn batch(
+        &self,
+        config: &DetrConfig,
+        images: &[SampleImage],
+        _step: u64,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<DetrBatch, PretextError> {
+        let mut guard = self
+            .encoder
+            .lock()
+            .map_err(|_| invalid("the patch encoder failed".into()))?;
+        let encoder = guard
+            .as_mut()
+            .ok_or_else(|| invalid("batch before prepare: no patch encoder".into()))?;
+        let refs: Vec<&RgbImage> = images.iter().map(|s| &s.image).collect();
+        let b = prepare_batch(
+            &self.config,
+            config,
+            encoder,
+            &refs,
+            self.settings.bool("flip"),
+            rng,
+        )
+        .map_err(|e| invalid(e.to_string()))?;
+        Ok(DetrBatch {
+            images: b.images,
+            targets: b.targets,
+            extra: b.extra,
+        })
+    }
 }
 
 #[cfg(test)]

@@ -19,7 +19,7 @@ use super::mocov2::{contrastive_defaults, moco_views, two_view_inputs, Contrasti
 use super::ops::{self, ConvHead, MlpHead};
 use super::settings::{common, Hyper, Settings};
 use super::twin::momentum_twin;
-use super::{MethodInfo, Pretext, PretextContext, PretextError};
+use super::{Family, MethodInfo, Pretext, PretextContext, PretextError};
 use crate::backbone::ResNet;
 use crate::nn::NormMode;
 use crate::train_step::ForwardGraph;
@@ -32,6 +32,7 @@ pub static INFO: MethodInfo = MethodInfo {
     hyper,
     create,
     tiny: TINY,
+    family: Family::Backbone,
 };
 
 fn hyper() -> Vec<Hyper> {

@@ -45,7 +45,7 @@ use super::mocov2::{moco_views, two_view_inputs};
 use super::ops::{self, ConvHead};
 use super::pixpro::C5_STRIDE;
 use super::settings::{common, Hyper, Settings};
-use super::{MethodInfo, Pretext, PretextContext, PretextError};
+use super::{Family, MethodInfo, Pretext, PretextContext, PretextError};
 use crate::nn::{Conv2d, Conv2dConfig, NormMode};
 use crate::train_step::ForwardGraph;
 
@@ -57,6 +57,7 @@ pub static INFO: MethodInfo = MethodInfo {
     hyper,
     create,
     tiny: TINY,
+    family: Family::Backbone,
 };
 
 /// Small heads and lattice for smoke tests (see [`MethodInfo::tiny`]).

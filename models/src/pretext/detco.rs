@@ -41,7 +41,7 @@ use super::ops::{self, MlpHead};
 use super::regioncl::geometry_rng;
 use super::settings::{common, Hyper, Settings};
 use super::twin::momentum_twin;
-use super::{MethodInfo, Pretext, PretextContext, PretextError};
+use super::{Family, MethodInfo, Pretext, PretextContext, PretextError};
 use crate::backbone::ResNet;
 use crate::nn::NormMode;
 use crate::train_step::ForwardGraph;
@@ -54,6 +54,7 @@ pub static INFO: MethodInfo = MethodInfo {
     hyper,
     create,
     tiny: TINY,
+    family: Family::Backbone,
 };
 
 /// Small heads and queues for smoke tests (see [`MethodInfo::tiny`]).

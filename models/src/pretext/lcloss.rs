@@ -38,7 +38,7 @@ use super::ops::{self, ConvHead, MlpHead};
 use super::pixpro::C5_STRIDE;
 use super::settings::{common, Hyper, Settings};
 use super::twin::momentum_twin;
-use super::{MethodInfo, Pretext, PretextContext, PretextError};
+use super::{Family, MethodInfo, Pretext, PretextContext, PretextError};
 use crate::backbone::ResNet;
 use crate::nn::NormMode;
 use crate::train_step::ForwardGraph;
@@ -51,6 +51,7 @@ pub static INFO: MethodInfo = MethodInfo {
     hyper,
     create,
     tiny: TINY,
+    family: Family::Backbone,
 };
 
 /// Host input names: the query cells in the key map, and which of them lie in the key view.

@@ -15,7 +15,7 @@ use densa_runtime::augment::ViewConfig;
 use super::ops::{self, MlpHead};
 use super::settings::{common, Hyper, Settings};
 use super::twin::momentum_twin;
-use super::{MethodInfo, Pretext, PretextContext, PretextError};
+use super::{Family, MethodInfo, Pretext, PretextContext, PretextError};
 use crate::backbone::ResNet;
 use crate::nn::NormMode;
 use crate::train_step::ForwardGraph;
@@ -28,6 +28,7 @@ pub static INFO: MethodInfo = MethodInfo {
     hyper,
     create,
     tiny: TINY,
+    family: Family::Backbone,
 };
 
 /// Small heads and queue for smoke tests (see [`MethodInfo::tiny`]).

@@ -6,7 +6,9 @@
 //! queues, losses, all in ONNX ops so one train step runs on tract or ONNX Runtime), the host
 //! work per sample ([`Pretext::host_inputs`]: correspondences from view geometry) and the
 //! hyperparameters the host schedules per step ([`Pretext::schedule`]: momentum ramps).
-//! [`registry`] lists the methods with their paper titles and default hyperparameters;
+//! [`registry`] lists the methods with their paper titles and default hyperparameters (and
+//! their [`Family`]: the detector-pretraining methods implement
+//! [`DetrPretext`](crate::detr::pretext::DetrPretext) instead of [`Pretext`]);
 //! [`Settings`] resolves user overrides (`--set key=value`, a TOML table) against them.
 //!
 //! # Conventions (our choices)
@@ -49,7 +51,7 @@ use densa_runtime::augment::{View, ViewConfig};
 use crate::backbone::ResNetConfig;
 use crate::train_step::{ForwardGraph, OptimizerConfig, TrainStepError};
 
-pub use registry::{create, method_info, methods};
+pub use registry::{create, create_detector, method_info, methods};
 pub use settings::{Hyper, HyperValue, Settings};
 
 /// Why a pretext method could not be set up or run.
@@ -78,6 +80,56 @@ pub enum PretextError {
     Train(#[from] densa_exporter::train::TrainError),
     #[error(transparent)]
     TrainStep(#[from] TrainStepError),
+    /// A detector-pretraining method's DETR (boxed: large and rare).
+    #[error(transparent)]
+    Detr(Box<crate::detr::DetrError>),
+}
+
+impl From<crate::detr::DetrError> for PretextError {
+    fn from(e: crate::detr::DetrError) -> Self {
+        PretextError::Detr(Box::new(e))
+    }
+}
+
+/// What a method pretrains, and so which driver runs it.
+#[derive(Clone, Copy)]
+pub enum Family {
+    /// A backbone (a [`Pretext`]: `MethodInfo::create`, `densa pretrain`'s wave-1 driver).
+    Backbone,
+    /// A whole DETR-family detector (a [`DetrPretext`](crate::detr::pretext::DetrPretext)
+    /// built by this function from resolved settings; `densa pretrain` hands the method to its
+    /// detector driver). Such methods' `create` is [`detector_only`].
+    Detector(fn(Settings) -> Result<Box<dyn crate::detr::pretext::DetrPretext>, PretextError>),
+}
+
+impl Family {
+    /// `backbone` or `detector` (what `densa methods` prints).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Family::Backbone => "backbone",
+            Family::Detector(_) => "detector",
+        }
+    }
+
+    pub fn is_detector(&self) -> bool {
+        matches!(self, Family::Detector(_))
+    }
+}
+
+impl fmt::Debug for Family {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// `MethodInfo::create` of a detector-pretraining method: it has no backbone [`Pretext`].
+pub fn detector_only(settings: Settings) -> Result<Box<dyn Pretext>, PretextError> {
+    Err(PretextError::Invalid {
+        method: settings.method().to_string(),
+        problem: "pretrains a whole DETR detector, not a backbone pretext: run it with `densa \
+                  pretrain --method NAME` (the detector driver) or `detr::pretext::create`"
+            .into(),
+    })
 }
 
 /// A paper's facts and the method's hyperparameters, as `densa methods` lists them.
@@ -98,12 +150,15 @@ pub struct MethodInfo {
     /// Overrides that make the method small enough for smoke tests on 2 CPU cores (batch 4,
     /// 32-pixel views, the edge backbone): narrow heads, short queues, few prototypes.
     pub tiny: &'static [(&'static str, &'static str)],
+    /// What it pretrains (a backbone, or a whole detector and how to build it).
+    pub family: Family,
 }
 
 impl fmt::Debug for MethodInfo {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MethodInfo")
             .field("name", &self.name)
+            .field("family", &self.family)
             .finish_non_exhaustive()
     }
 }

@@ -46,7 +46,7 @@ use super::mocov2::two_view_inputs;
 use super::ops::{self, ConvHead};
 use super::settings::{common, Hyper, Settings};
 use super::twin::{momentum_twin, EMA_MOMENTUM};
-use super::{MethodInfo, Pretext, PretextContext, PretextError};
+use super::{Family, MethodInfo, Pretext, PretextContext, PretextError};
 use crate::backbone::ResNet;
 use crate::nn::{Conv2d, Conv2dConfig, NormMode};
 use crate::train_step::ForwardGraph;
@@ -59,6 +59,7 @@ pub static INFO: MethodInfo = MethodInfo {
     hyper,
     create,
     tiny: TINY,
+    family: Family::Backbone,
 };
 
 /// Small heads for smoke tests (see [`MethodInfo::tiny`]).

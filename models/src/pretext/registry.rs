@@ -3,8 +3,8 @@
 
 use super::settings::{Hyper, Settings};
 use super::{
-    densecl, densesiam, detco, lcloss, mocov2, pixpro, regioncl, scfs, swav, MethodInfo, Pretext,
-    PretextError,
+    densecl, densesiam, detco, lcloss, mocov2, pixpro, regioncl, scfs, swav, Family, MethodInfo,
+    Pretext, PretextError,
 };
 
 /// The methods, baseline first.
@@ -19,6 +19,8 @@ pub fn methods() -> Vec<&'static MethodInfo> {
         &detco::INFO,
         &regioncl::INFO,
         &scfs::INFO,
+        &crate::detr::detreg::INFO,
+        &crate::detr::updetr::INFO,
     ]
 }
 
@@ -50,4 +52,22 @@ pub fn create(
     let info = method_info(name)?;
     let settings = Settings::resolve(info.name, &hyperparameters(info), overrides)?;
     (info.create)(settings)
+}
+
+/// The detector-pretraining method `name` (a [`Family::Detector`] entry) with its defaults
+/// overridden by `overrides`.
+pub fn create_detector(
+    name: &str,
+    overrides: &[(String, String)],
+) -> Result<Box<dyn crate::detr::pretext::DetrPretext>, PretextError> {
+    let info = method_info(name)?;
+    let settings = Settings::resolve(info.name, &hyperparameters(info), overrides)?;
+    match info.family {
+        Family::Detector(create) => create(settings),
+        Family::Backbone => Err(PretextError::Invalid {
+            method: info.name.to_string(),
+            problem: "pretrains a backbone, not a detector (its Pretext runs in `densa pretrain`)"
+                .into(),
+        }),
+    }
 }

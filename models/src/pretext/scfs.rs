@@ -53,7 +53,7 @@ use super::ops::{self, Linear, MlpHead};
 use super::settings::{common, Hyper, Settings};
 use super::swav::{crop_group_input, multi_crop_views, scale_gradient, small_crop_size};
 use super::twin::{momentum_twin, EMA_MOMENTUM};
-use super::{MethodInfo, Pretext, PretextContext, PretextError};
+use super::{Family, MethodInfo, Pretext, PretextContext, PretextError};
 use crate::backbone::ResNet;
 use crate::nn::NormMode;
 use crate::train_step::ForwardGraph;
@@ -67,6 +67,7 @@ pub static INFO: MethodInfo = MethodInfo {
     hyper,
     create,
     tiny: TINY,
+    family: Family::Backbone,
 };
 
 /// Narrow heads, two local crops (see [`MethodInfo::tiny`]).

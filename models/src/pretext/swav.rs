@@ -45,7 +45,7 @@ use densa_runtime::augment::{MultiCropConfig, ViewConfig};
 
 use super::ops::{self, Linear};
 use super::settings::{common, Hyper, Settings};
-use super::{MethodInfo, Pretext, PretextContext, PretextError};
+use super::{Family, MethodInfo, Pretext, PretextContext, PretextError};
 use crate::backbone::ResNet;
 use crate::nn::{BatchNorm2d, BatchNorm2dConfig, NormMode};
 use crate::train_step::ForwardGraph;
@@ -58,6 +58,7 @@ pub static INFO: MethodInfo = MethodInfo {
     hyper,
     create,
     tiny: TINY,
+    family: Family::Backbone,
 };
 
 /// Small head, few prototypes, a short queue (see [`MethodInfo::tiny`]).
