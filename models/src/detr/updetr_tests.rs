@@ -10,7 +10,7 @@ use rand::seq::SliceRandom;
 use rand::{RngExt, SeedableRng};
 
 use super::*;
-use crate::detr::train::{step_graphs, DetrTrainer};
+use crate::detr::train::DetrTrainer;
 use crate::train_step::{OptimizerConfig, TrainStepConfig, Trainable};
 use crate::Arch;
 
@@ -335,4 +335,93 @@ fn a_frozen_batch_norm_computes_what_inference_batch_norm_computes() {
         .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
     assert!(d < 1e-5, "{d}");
     assert!(a.iter().any(|v| v.abs() > 0.5));
+}
+
+#[test]
+fn the_method_starts_the_detector_from_the_backbone_its_patch_encoder_uses() {
+    let dir = tempfile::tempdir().unwrap();
+    // A backbone file (a stand-in for SwAV's) with other values than the detector's own.
+    let mut b = GraphBuilder::new("swav", 77);
+    Arch::Edge.config().init(&mut b).unwrap();
+    let mut sd = StateDict::new();
+    for p in b.params() {
+        if let Some(t) = b.initializer_value(&p.name) {
+            sd.insert(p.name.clone(), t.clone());
+        }
+    }
+    densa_exporter::weights::save_safetensors(&sd, &dir.path().join("backbone.safetensors"))
+        .unwrap();
+    let mut overrides: Vec<(String, String)> = INFO
+        .tiny
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    overrides.push(("backbone".into(), dir.path().display().to_string()));
+    let mut m = crate::pretext::create_detector("updetr", &overrides).unwrap();
+    let ctx = DetrPretextContext {
+        arch: Arch::Edge,
+        batch: 2,
+        image_size: 64,
+        seed: 0,
+    };
+    let c = m.config(&ctx).unwrap();
+    assert_eq!(
+        (c.query_patches, c.self_attn_mask, c.num_queries),
+        (2, true, 6)
+    );
+    let e = c.embedding.unwrap();
+    assert_eq!((e.dim, e.loss), (128, EmbeddingLoss::NormalizedSquared));
+    let backend = TractBackend::new();
+    m.prepare(
+        &ctx,
+        &PrepareContext {
+            files: &[],
+            cache_dir: dir.path(),
+            backend: &backend,
+            progress: &|_, _| {},
+        },
+    )
+    .unwrap();
+    let train = TrainStepConfig {
+        trainable: m.trainable(),
+        ..TrainStepConfig::new(OptimizerConfig::adamw(1e-3, 1e-4))
+    };
+    let graphs = m.step_graphs(&c, 2, &train, 0).unwrap();
+    for (name, t) in sd.iter() {
+        assert_eq!(graphs.whole.state.get(name).unwrap(), t, "`{name}`");
+    }
+    let mut t = DetrTrainer::new(&c, &graphs, 2, &backend).unwrap();
+    let images = [scene(5, 64, 64), scene(6, 72, 64)].map(|image| SampleImage { index: 0, image });
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    let batch = m.batch(&c, &images, 0, &mut rng).unwrap();
+    // The reconstruction targets are the features of the given backbone's patch encoder.
+    let mut enc = PatchEncoder::new(&c, 32, &sd, &backend).unwrap();
+    let crops = render_patches(
+        &images[0].image,
+        &[CropBox::new(0.0, 0.0, 32.0, 32.0)],
+        32,
+        &ColorJitterConfig {
+            p: 0.0,
+            ..ColorJitterConfig::default()
+        },
+        &mut rng,
+    );
+    assert_eq!(enc.encode(&crops).unwrap().shape(), &[1, 128]);
+    for tg in &batch.targets {
+        assert_eq!((tg.boxes.len(), tg.embeddings.len()), (2, 2));
+        assert!(tg.embeddings.iter().all(|e| e.len() == 128));
+    }
+    let report = t.step(batch.images, &batch.targets, &batch.extra).unwrap();
+    let embed: Vec<f32> = report
+        .metrics
+        .iter()
+        .filter(|(n, _)| n.starts_with("loss_embed."))
+        .map(|(_, v)| *v)
+        .collect();
+    // Per layer: sum over the 4 patches of ||a - b||^2 of unit vectors, / 4 boxes: in (0, 4].
+    assert_eq!(embed.len(), 2);
+    assert!(embed.iter().all(|&v| v > 0.0 && v <= 4.0), "{embed:?}");
+    for (name, v) in sd.iter() {
+        assert_eq!(t.state().get(name).unwrap(), v, "frozen `{name}` changed");
+    }
 }
