@@ -22,7 +22,15 @@
 //! resized (stretched) to the square input size, so the patch boxes normalised by the image
 //! size are the boxes in the input. Patch sides are drawn as UP-DETR's code draws them: width
 //! and height independently and uniformly in `[min_side, side - min_side]` pixels of the
-//! decoded image, the position uniformly where the patch fits.
+//! decoded image, the position uniformly where the patch fits; the image is flipped
+//! horizontally with probability 1/2 before the patches are drawn (UP-DETR flips image and
+//! boxes together).
+//!
+//! [`UpDetr`] is the method for `densa pretrain --method updetr` ([`DetrPretext`]): its
+//! `backbone` setting (a wave-1 `backbone.safetensors`, the paper's SwAV) gives the patch
+//! encoder's weights and the detector's frozen starting backbone alike (empty: the detector's
+//! random initial backbone); the reconstruction head is the generic embedding head
+//! ([`DetrConfig::embedding`], 2 layers, [`EmbeddingLoss::NormalizedSquared`], weight 1).
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
