@@ -214,6 +214,11 @@ pub enum NormMode {
         /// The running-statistic updates recorded so far.
         state: Fragment,
     },
+    /// Running statistics, written with primitive ops (`x * s + t` per channel, `s = weight /
+    /// sqrt(running_var + eps)`, `t = bias - running_mean * s`): a frozen batch norm inside a
+    /// training graph, whose parameters are graph inputs (tract rejects `BatchNormalization`
+    /// with non-constant parameters; DETR's `FrozenBatchNorm2d`).
+    Frozen,
 }
 
 impl NormMode {
@@ -228,7 +233,7 @@ impl NormMode {
     /// The running-statistic updates recorded in training mode (none in inference mode).
     pub fn into_state(self) -> Fragment {
         match self {
-            NormMode::Inference => Fragment::default(),
+            NormMode::Inference | NormMode::Frozen => Fragment::default(),
             NormMode::Train { state, .. } => state,
         }
     }
@@ -267,6 +272,28 @@ impl BatchNorm2d {
         })
     }
 
+    /// [`forward`](Self::forward) in primitive ops ([`NormMode::Frozen`]).
+    ///
+    /// # Shapes
+    /// `[N, C, H, W] -> [N, C, H, W]`.
+    pub fn forward_frozen(&self, b: &mut GraphBuilder, x: &Value) -> Result<Value, BuildError> {
+        let name = self.name.clone();
+        b.scoped_root(|b| {
+            b.scoped(&name, |b| {
+                let eps = b.const_f32(self.epsilon);
+                let var = b.add(&self.running_var, &eps)?;
+                let sd = b.sqrt(&var);
+                let s = b.div(&self.weight, &sd)?;
+                let ms = b.mul(&self.running_mean, &s)?;
+                let t = b.sub(&self.bias, &ms)?;
+                let s = b.reshape(&s, &[-1, 1, 1])?;
+                let t = b.reshape(&t, &[-1, 1, 1])?;
+                let y = b.mul(x, &s)?;
+                b.add(&y, &t)
+            })
+        })
+    }
+
     /// [`forward`](Self::forward) or [`forward_train`](Self::forward_train) as `mode` says;
     /// in training mode the running-statistic updates go to `mode`.
     ///
@@ -280,6 +307,7 @@ impl BatchNorm2d {
     ) -> Result<Value, TrainError> {
         match mode {
             NormMode::Inference => Ok(self.forward(b, x)?),
+            NormMode::Frozen => Ok(self.forward_frozen(b, x)?),
             NormMode::Train { momentum, state } => {
                 let out = self.forward_train(b, x, *momentum)?;
                 state.extend(out.state);

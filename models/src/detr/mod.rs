@@ -36,6 +36,8 @@ pub mod pretext;
 #[cfg(feature = "train")]
 pub mod train;
 pub mod transformer;
+#[cfg(feature = "train")]
+pub mod updetr;
 
 use densa_exporter::builder::attr;
 use densa_exporter::onnx::ModelProto;
@@ -149,6 +151,13 @@ pub struct DetrConfig {
     /// against the host input `targets.{l}.embeddings [N, Q, E]`. Default none.
     #[serde(default)]
     pub embedding: Option<EmbeddingConfig>,
+    /// UP-DETR's query patches: `P > 0` adds the batch inputs `queries.patch_features
+    /// [N, P, C]` (C: the backbone's C5 channels) and `queries.patch_assign [N, Q, P]`, and a
+    /// trainable linear `patch2query` C -> d_model; query `q` of image `n` gets
+    /// `sum_p assign[n, q, p] * patch2query(features[n, p])` added to its query embedding
+    /// (training graph only; inference adds nothing). Default 0 (off).
+    #[serde(default)]
+    pub query_patches: usize,
 }
 
 fn default_true() -> bool {
@@ -165,6 +174,10 @@ pub mod names {
     /// Float32 scalar: target boxes in the batch, at least 1.
     pub const NUM_BOXES: &str = "targets.num_boxes";
     pub const SELF_ATTN_MASK: &str = "decoder.self_attn_mask";
+    /// `[N, P, C]` features of UP-DETR's query patches ([`super::DetrConfig::query_patches`]).
+    pub const PATCH_FEATURES: &str = "queries.patch_features";
+    /// `[N, Q, P]` which patch's projection each query receives (0/1, rows may be all 0).
+    pub const PATCH_ASSIGN: &str = "queries.patch_assign";
     pub const LOSS: &str = "loss";
     /// int64 `[N, Q]` matched classes of decoder layer `l`.
     pub fn classes(l: usize) -> String {
@@ -218,6 +231,7 @@ impl DetrConfig {
             feature_stride: 32,
             self_attn_mask: false,
             embedding: None,
+            query_patches: 0,
         }
     }
 
@@ -275,6 +289,15 @@ impl DetrConfig {
             return bad(
                 "decoder_layers/num_queries/ffn_dim",
                 "must be positive".into(),
+            );
+        }
+        if self.query_patches > self.num_queries {
+            return bad(
+                "query_patches",
+                format!(
+                    "{} exceeds num_queries {}",
+                    self.query_patches, self.num_queries
+                ),
             );
         }
         if let Some(e) = &self.embedding {
@@ -344,6 +367,12 @@ impl DetrConfig {
             .embedding
             .map(|e| Mlp::new(b, "feature_embed", d, d, e.dim, e.layers))
             .transpose()?;
+        let patch2query = if self.query_patches > 0 {
+            let c5 = backbone_config.out_channels()[3];
+            Some(Linear::new(b, "patch2query", c5, d)?)
+        } else {
+            None
+        };
         let h = self.feature_size();
         let pos = transformer::sine_position_encoding(h, h, d, self.temperature);
         let pos = b.constant(pos);
@@ -358,6 +387,7 @@ impl DetrConfig {
             class_embed,
             bbox_embed,
             feature_embed,
+            patch2query,
             pos,
         })
     }
@@ -388,6 +418,8 @@ pub struct Detr {
     class_embed: Linear,
     bbox_embed: Mlp,
     feature_embed: Option<Mlp>,
+    /// UP-DETR's patch projection ([`DetrConfig::query_patches`]).
+    patch2query: Option<Linear>,
     /// `[T, D]` positional encoding (a constant).
     pos: Value,
 }
@@ -416,6 +448,40 @@ impl Detr {
         mode: &mut NormMode,
         self_attn_mask: Option<&Value>,
     ) -> Result<Vec<LayerOutputs>, DetrError> {
+        self.forward_with(b, images, mode, self_attn_mask, None)
+    }
+
+    /// UP-DETR's per-query addition: `assign @ patch2query(features)`.
+    ///
+    /// # Shapes
+    /// `features [N, P, C]`, `assign [N, Q, P]` -> `[N, Q, D]`.
+    pub fn patch_queries(
+        &self,
+        b: &mut GraphBuilder,
+        features: &Value,
+        assign: &Value,
+    ) -> Result<Value, DetrError> {
+        let proj = self.patch2query.as_ref().ok_or_else(|| DetrError::Config {
+            field: "query_patches",
+            problem: "is 0: the detector has no patch projection".into(),
+        })?;
+        let p = proj.forward(b, features)?;
+        Ok(transformer::matmul(b, assign, &p)?)
+    }
+
+    /// [`forward`](Self::forward) with `query_add` (e.g. [`patch_queries`](Self::patch_queries))
+    /// added to the query embedding.
+    ///
+    /// # Shapes
+    /// As [`forward`](Self::forward); `query_add [N, Q, D]`.
+    pub fn forward_with(
+        &self,
+        b: &mut GraphBuilder,
+        images: &Value,
+        mode: &mut NormMode,
+        self_attn_mask: Option<&Value>,
+        query_add: Option<&Value>,
+    ) -> Result<Vec<LayerOutputs>, DetrError> {
         let stages = self.backbone.forward_mode(b, images, mode)?;
         let d = self.config.d_model as i64;
         let t = self.config.tokens() as i64;
@@ -433,13 +499,17 @@ impl Detr {
             memory = layer.forward(b, &memory, Some(&self.pos))?;
         }
         let mut tgt = transformer::zeros_batch(b, &memory, q, self.config.d_model)?;
+        let query_pos = match query_add {
+            Some(add) => b.add(&self.query_embed, add)?,
+            None => self.query_embed.clone(),
+        };
         let mut outs = Vec::new();
         for (l, layer) in self.decoder.iter().enumerate() {
             tgt = layer.forward(
                 b,
                 &tgt,
                 &memory,
-                &self.query_embed,
+                &query_pos,
                 Some(&self.pos),
                 self_attn_mask,
             )?;
@@ -510,6 +580,8 @@ impl DetrConfig {
     /// `targets.num_boxes []`; with [`self_attn_mask`](Self::self_attn_mask) also
     /// `decoder.self_attn_mask [Q, Q]`; with [`embedding`](Self::embedding) also
     /// `targets.{l}.embeddings [N, Q, E]`, whose loss (times its weight) joins each layer's.
+    /// `decoder.self_attn_mask [Q, Q]`; with [`query_patches`](Self::query_patches) also
+    /// `queries.patch_features [N, P, C]` and `queries.patch_assign [N, Q, P]`.
     pub fn training_forward(
         &self,
         seed: u64,
@@ -557,13 +629,42 @@ impl DetrConfig {
         } else {
             None
         };
+        let patches = if self.query_patches > 0 {
+            let (p, c5) = (
+                self.query_patches as i64,
+                self.backbone()?.config().out_channels()[3],
+            );
+            let features = b.input(
+                names::PATCH_FEATURES,
+                DType::F32,
+                vec![n.clone(), p.into(), (c5 as i64).into()],
+            )?;
+            let assign = b.input(
+                names::PATCH_ASSIGN,
+                DType::F32,
+                vec![n.clone(), q.into(), p.into()],
+            )?;
+            Some((features, assign))
+        } else {
+            None
+        };
         let net = self.init(&mut b)?;
         let mut mode = if self.train_batch_norm {
             NormMode::train()
         } else {
-            NormMode::Inference
+            NormMode::Frozen
         };
-        let outs = net.forward(&mut b, &images, &mut mode, mask.as_ref())?;
+        let query_add = match &patches {
+            Some((features, assign)) => Some(net.patch_queries(&mut b, features, assign)?),
+            None => None,
+        };
+        let outs = net.forward_with(
+            &mut b,
+            &images,
+            &mut mode,
+            mask.as_ref(),
+            query_add.as_ref(),
+        )?;
         let mut totals = Vec::new();
         let mut layer_losses = Vec::new();
         let mut embedding_losses = Vec::new();

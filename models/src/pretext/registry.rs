@@ -22,6 +22,7 @@ pub fn methods() -> Vec<&'static MethodInfo> {
         &ccop::INFO,
         &crate::detr::detreg::INFO,
         &crate::detr::pair::pretrain::INFO,
+        &crate::detr::updetr::INFO,
     ]
 }
 
