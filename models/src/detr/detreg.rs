@@ -14,7 +14,9 @@
 //! - **Heads**: class (object / no object), box, and an embedding MLP `d_model -> d_model ->
 //!   E` (paper: 256-256-512) on every decoder layer ([`EmbeddingConfig::detreg`]).
 //! - **Loss** after the Hungarian matching (costs class 2, L1 5, GIoU 2): the set criterion
-//!   (L1 5, GIoU 2) + 1 x L1 of the embeddings; the backbone is frozen.
+//!   (L1 5, GIoU 2) + 1 x L1 of the embeddings; the backbone starts from the encoder's weights
+//!   (the paper's SwAV backbone; `--set init_backbone=false`: the detector's random one) and
+//!   is frozen.
 //! - Horizontal flips (probability 1/2, `--set flip=false` to turn off) flip the image and its
 //!   boxes; the embedding stays the box's.
 //!
@@ -44,10 +46,12 @@ use super::pretext::{
     detr_config, detr_hyper, flip_boxes, images_tensor, DetrBatch, DetrPretext, DetrPretextContext,
     PrepareContext, SampleImage,
 };
+use super::train::{step_graphs, DetrStepGraphs};
 use super::DetrConfig;
 use crate::backbone::Arch;
 use crate::pretext::settings::{Hyper, Settings};
 use crate::pretext::{detector_only, Family, MethodInfo, PretextError};
+use crate::train_step::TrainStepConfig;
 
 pub static INFO: MethodInfo = MethodInfo {
     name: "detreg",
@@ -116,6 +120,12 @@ fn hyper() -> Vec<Hyper> {
             "weight of the L1 embedding loss (paper 1)",
         ),
         Hyper::bool("flip", true, "random horizontal flips of image and boxes"),
+        Hyper::bool(
+            "init_backbone",
+            true,
+            "start the detector's frozen backbone from the encoder's weights, as the paper \
+             does with SwAV's (the encoder's architecture must be --arch)",
+        ),
     ]);
     h
 }
@@ -134,6 +144,8 @@ pub struct DetReg {
     encoder_arch: Option<Arch>,
     /// Per image (by index): its targets once prepared.
     targets: Vec<Option<ImageTargets>>,
+    /// The encoder's weights for the detector's backbone (`init_backbone`), once prepared.
+    backbone_tensors: Option<StateDict>,
 }
 
 /// The encoder's architecture as a wave-1 output's `pretrain.json` names it.
@@ -194,6 +206,7 @@ impl DetReg {
             encoder,
             encoder_arch,
             targets: Vec::new(),
+            backbone_tensors: None,
         })
     }
 
@@ -444,6 +457,26 @@ impl DetrPretext for DetReg {
         ctx: &DetrPretextContext,
         work: &PrepareContext<'_>,
     ) -> Result<(), PretextError> {
+        if self.settings.bool("init_backbone") {
+            let encoder_arch = self.encoder_arch(ctx);
+            if encoder_arch != ctx.arch {
+                return Err(PretextError::Invalid {
+                    method: "detreg".into(),
+                    problem: format!(
+                        "the encoder {} is a {encoder_arch} backbone but --arch is {}: pass \
+                         --arch {encoder_arch} to start the frozen backbone from it, or \
+                         --set init_backbone=false",
+                        self.encoder.display(),
+                        ctx.arch
+                    ),
+                });
+            }
+            let weights = load_safetensors(&self.encoder).map_err(|e| PretextError::Invalid {
+                method: "detreg".into(),
+                problem: format!("reading {}: {e}", self.encoder.display()),
+            })?;
+            self.backbone_tensors = Some(weights);
+        }
         let dim = self.embedding_dim(ctx);
         let dir = work.cache_dir.join(CACHE_SUBDIR);
         std::fs::create_dir_all(&dir).map_err(|e| PretextError::Invalid {
@@ -495,6 +528,38 @@ impl DetrPretext for DetReg {
         }
         self.targets = targets;
         Ok(())
+    }
+
+    /// The split step, its backbone started from the encoder's weights (`init_backbone`):
+    /// every backbone parameter and buffer must be in the encoder's file with its shape.
+    fn step_graphs(
+        &self,
+        config: &DetrConfig,
+        batch: usize,
+        train: &TrainStepConfig,
+        seed: u64,
+    ) -> Result<DetrStepGraphs, PretextError> {
+        let mut graphs = step_graphs(config, batch, train, seed)?;
+        if let Some(weights) = &self.backbone_tensors {
+            let backbone =
+                crate::pretext::backbone_state(&config.backbone()?.config(), &graphs.whole.state)?;
+            for (name, fresh) in backbone.iter() {
+                let t = weights
+                    .get(name)
+                    .filter(|t| t.shape() == fresh.shape())
+                    .ok_or_else(|| PretextError::Invalid {
+                        method: "detreg".into(),
+                        problem: format!(
+                            "the encoder {} has no `{name}` of shape {:?} for the detector's \
+                             backbone",
+                            self.encoder.display(),
+                            fresh.shape()
+                        ),
+                    })?;
+                graphs.whole.state.insert(name, t.clone());
+            }
+        }
+        Ok(graphs)
     }
 
     fn batch(
@@ -600,6 +665,66 @@ mod tests {
     }
 
     #[test]
+    fn the_frozen_backbone_starts_from_the_encoder() {
+        let dir = tempfile::tempdir().unwrap();
+        let enc = dir.path().join("backbone.safetensors");
+        write_encoder(&enc);
+        let file = dir.path().join("a.png");
+        scene(48).save(&file).unwrap();
+        let files = [file];
+        let ctx = DetrPretextContext {
+            arch: Arch::Edge,
+            batch: 1,
+            image_size: 64,
+            seed: 0,
+        };
+        let backend = TractBackend::new();
+        let progress = |_: u64, _: u64| {};
+        let work = PrepareContext {
+            files: &files,
+            cache_dir: &dir.path().join("cache"),
+            backend: &backend,
+            progress: &progress,
+        };
+        let encoder = load_safetensors(&enc).unwrap();
+        let train = TrainStepConfig::new(crate::train_step::OptimizerConfig::adamw(1e-4, 0.0));
+        let start = |overrides: &[(&str, &str)]| {
+            let mut s = vec![
+                ("encoder".to_string(), enc.display().to_string()),
+                ("crop_size".to_string(), "32".to_string()),
+            ];
+            s.extend(
+                overrides
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string())),
+            );
+            let mut m = DetReg::new(Settings::resolve("detreg", &hyper(), &s).unwrap()).unwrap();
+            m.prepare(&ctx, &work)?;
+            let config = m.config(&ctx)?;
+            m.step_graphs(&config, 1, &train, 3)
+        };
+        let graphs = start(&[]).unwrap();
+        let conv = "layer1.0.conv1.weight";
+        assert!(encoder.get(conv).is_some());
+        let mut n = 0;
+        for (name, t) in encoder.iter() {
+            assert_eq!(graphs.whole.state.get(name), Some(t), "{name}");
+            n += 1;
+        }
+        assert!(n > 10, "{n} encoder tensors");
+        let random = start(&[("init_backbone", "false")]).unwrap();
+        assert_ne!(random.whole.state.get(conv), encoder.get(conv));
+        let e = start(&[("encoder_arch", "resnet18")])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("--arch resnet18") && e.contains("init_backbone=false"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn targets_are_selective_search_boxes_with_encoder_embeddings_cached_once() {
         let dir = tempfile::tempdir().unwrap();
         let enc = dir.path().join("backbone.safetensors");
@@ -686,9 +811,21 @@ mod tests {
             let want = sum / (h * w) as f32;
             assert!((whole[0][ch] - want).abs() <= 1e-5 * (1.0 + want.abs()));
         }
-        // A second run reads the cache: a broken encoder file is never opened.
+        // A second run reads the cache: a broken encoder file is never opened for the targets
+        // (the backbone's start, `init_backbone`, reads it: off here).
         std::fs::write(&enc, b"not safetensors").unwrap();
-        let mut again = DetReg::new(settings(&enc)).unwrap();
+        let s = Settings::resolve(
+            "detreg",
+            &hyper(),
+            &[
+                ("encoder".to_string(), enc.display().to_string()),
+                ("crop_size".to_string(), "32".to_string()),
+                ("proposals".to_string(), "4".to_string()),
+                ("init_backbone".to_string(), "false".to_string()),
+            ],
+        )
+        .unwrap();
+        let mut again = DetReg::new(s).unwrap();
         again.prepare(&ctx, &work).unwrap();
         assert_eq!(again.targets_of(0), Some(&t));
         // Batches: flipped images flip their boxes, the embeddings stay.
