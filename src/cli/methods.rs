@@ -1,6 +1,9 @@
 //! `densa methods [--json]`: the pretext methods, their papers, what they pretrain (a backbone
 //! or a whole detector) and default hyperparameters.
 
+use std::fmt::Write as _;
+use std::io::Write as _;
+
 use anyhow::Result;
 use clap::Args;
 use densa_models::pretext::{self, registry::hyperparameters};
@@ -38,20 +41,30 @@ pub fn run(args: MethodsArgs) -> Result<()> {
                 })
             })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&list)?);
-        return Ok(());
+        return print(serde_json::to_string_pretty(&list)? + "\n");
     }
+    let mut text = String::new();
     for m in methods {
-        println!("{:<10} {}", m.name, m.title);
-        println!("{:<10} pretrains a {}", "", m.family.name());
-        println!("{:<10} {}; {}", "", m.paper, m.summary);
         let hyper: Vec<String> = hyperparameters(m)
             .iter()
             .map(|h| format!("{}={}", h.key, h.default))
             .collect();
-        println!("{:<10} defaults: {}", "", hyper.join(" "));
-        println!();
+        writeln!(text, "{:<10} {}", m.name, m.title)?;
+        writeln!(text, "{:<10} pretrains a {}", "", m.family.name())?;
+        writeln!(text, "{:<10} {}; {}", "", m.paper, m.summary)?;
+        writeln!(text, "{:<10} defaults: {}\n", "", hyper.join(" "))?;
     }
-    println!("override with `densa pretrain --method NAME --set key=value` or --config FILE.toml");
-    Ok(())
+    text.push_str(
+        "override with `densa pretrain --method NAME --set key=value` or --config FILE.toml\n",
+    );
+    print(text)
+}
+
+/// Writes `text` to standard output; a reader that stopped early (`densa methods | head`) is
+/// not an error.
+fn print(text: String) -> Result<()> {
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
 }

@@ -13,10 +13,13 @@
 //! over the decoder layers (auxiliary losses), each matched on its own.
 //!
 //! The detector-pretraining methods add a per-query embedding loss ([`embedding_loss`]) on the
-//! matched queries, summed over the embedding's values and divided by the number of target
-//! boxes like the box losses: L1 (DetReg's `loss_object_embedding`) or the squared distance of
-//! the L2-normalised vectors (UP-DETR's `loss_feature`, PyTorch's
-//! `mse_loss(normalize(p), normalize(t), reduction='none').sum() / num_boxes`).
+//! matched queries, divided by the number of target boxes like the box losses: L1 averaged
+//! over the embedding's values (DetReg's `loss_object_embedding`, PyTorch's
+//! `l1_loss(p, t, reduction='mean')` over the matched `[boxes, E]`) or the squared distance of
+//! the L2-normalised vectors summed over them (UP-DETR's `loss_feature`, PyTorch's
+//! `mse_loss(normalize(p), normalize(t), reduction='none').sum() / num_boxes`). DetReg's code
+//! puts its embedding loss on the last decoder layer only; here every layer with the head has
+//! it (our choice: one head configuration for both methods).
 
 use densa_exporter::builder::{attr, Dim};
 use densa_exporter::{BuildError, DType, GraphBuilder, Tensor, Value};
@@ -46,7 +49,7 @@ impl Default for LossConfig {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum EmbeddingLoss {
-    /// `sum |p - t|` (DetReg).
+    /// `mean |p - t|` over the embedding's values (DetReg).
     L1,
     /// `sum (p / |p| - t / |t|)^2`, norms clamped below at 1e-12 (UP-DETR).
     NormalizedSquared,
@@ -280,7 +283,7 @@ fn normalize_last(b: &mut GraphBuilder, x: &Value) -> Result<Value, BuildError> 
 }
 
 /// The per-query embedding loss of one decoder layer (unweighted; see the module docs):
-/// the matched queries' distances summed, divided by `num_boxes`.
+/// the matched queries' distances (L1: per value, averaged) summed, divided by `num_boxes`.
 ///
 /// # Shapes
 /// `pred [N, Q, E]`, `target [N, Q, E]` (any values where unmatched), `mask [N, Q]`,
@@ -309,7 +312,7 @@ pub fn embedding_loss(
         EmbeddingLoss::L1 => {
             let diff = b.sub(pred, target)?;
             let diff = b.abs(&diff);
-            b.reduce_sum(&diff, &[-1], false)?
+            b.reduce_mean(&diff, &[-1], false)?
         }
         EmbeddingLoss::NormalizedSquared => {
             let p = normalize_last(b, pred)?;

@@ -574,7 +574,9 @@ fn embedding_reference(
         }
         let (p, t) = (&pred[i * E..(i + 1) * E], &target[i * E..(i + 1) * E]);
         sum += match kind {
-            EmbeddingLoss::L1 => p.iter().zip(t).map(|(a, b)| (a - b).abs()).sum::<f64>(),
+            EmbeddingLoss::L1 => {
+                p.iter().zip(t).map(|(a, b)| (a - b).abs()).sum::<f64>() / E as f64
+            }
             EmbeddingLoss::NormalizedSquared => norm(p)
                 .iter()
                 .zip(norm(t))
