@@ -33,7 +33,8 @@ use densa_exporter::Tensor;
 use densa_runtime::backend::Session;
 use densa_runtime::data::image::read_rgb;
 use densa_runtime::proposals::{
-    filter_proposals, selective_search_resized, ProposalFilter, SelectiveSearchConfig,
+    filter_proposals, selective_search_resized, ProposalError, ProposalFilter,
+    SelectiveSearchConfig,
 };
 use image::RgbImage;
 use ndarray::{Array4, ArrayD, Axis, IxDyn};
@@ -329,30 +330,26 @@ impl Encoder {
     }
 }
 
-/// DetReg's targets of one image: the top `keep` selective-search boxes (on the image
-/// resized to `proposal_size`) as normalised cxcywh, label 0, with their embeddings.
-pub fn image_targets(
+/// The top `keep` selective-search boxes of `image` searched at `proposal_size`², in
+/// `image`'s pixels (xyxy, clamped to the image, at least a pixel wide and high): the
+/// unsupervised targets of DetReg and Pair DETR.
+pub fn proposal_boxes(
     image: &RgbImage,
     proposal_size: u32,
     keep: usize,
-    encoder: &Encoder,
-) -> Result<ImageTargets, PretextError> {
+) -> Result<Vec<[f32; 4]>, ProposalError> {
     let proposals = selective_search_resized(
         image,
         proposal_size,
         proposal_size,
         &SelectiveSearchConfig::default(),
-    )
-    .map_err(|e| PretextError::Invalid {
-        method: "detreg".into(),
-        problem: format!("selective search: {e}"),
-    })?;
+    )?;
     let filter = ProposalFilter {
         keep,
         ..ProposalFilter::detreg()
     };
     let (w, h) = (image.width() as f32, image.height() as f32);
-    let xyxy: Vec<[f32; 4]> = filter_proposals(&proposals, &filter)
+    Ok(filter_proposals(&proposals, &filter)
         .iter()
         .map(|p| {
             [
@@ -363,7 +360,22 @@ pub fn image_targets(
             ]
         })
         .filter(|b| b[2] - b[0] >= 1.0 && b[3] - b[1] >= 1.0)
-        .collect();
+        .collect())
+}
+
+/// DetReg's targets of one image: the top `keep` selective-search boxes (on the image
+/// resized to `proposal_size`) as normalised cxcywh, label 0, with their embeddings.
+pub fn image_targets(
+    image: &RgbImage,
+    proposal_size: u32,
+    keep: usize,
+    encoder: &Encoder,
+) -> Result<ImageTargets, PretextError> {
+    let xyxy = proposal_boxes(image, proposal_size, keep).map_err(|e| PretextError::Invalid {
+        method: "detreg".into(),
+        problem: format!("selective search: {e}"),
+    })?;
+    let (w, h) = (image.width() as f32, image.height() as f32);
     let embeddings = encoder.embed(image, &xyxy)?;
     Ok(ImageTargets {
         boxes: xyxy
@@ -377,7 +389,7 @@ pub fn image_targets(
 
 /// The cache file of image `index` (its file name is part of it: another data folder does
 /// not reuse it).
-fn cache_file(dir: &Path, index: usize, file: &Path) -> PathBuf {
+pub(crate) fn cache_file(dir: &Path, index: usize, file: &Path) -> PathBuf {
     let stem = file
         .file_stem()
         .map(|s| {

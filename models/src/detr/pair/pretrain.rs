@@ -23,9 +23,6 @@ use std::path::{Path, PathBuf};
 use densa_exporter::weights::{load_safetensors, save_safetensors, StateDict};
 use densa_exporter::Tensor;
 use densa_runtime::data::image::read_rgb;
-use densa_runtime::proposals::{
-    filter_proposals, selective_search_resized, ProposalFilter, SelectiveSearchConfig,
-};
 use image::RgbImage;
 use ndarray::{ArrayD, IxDyn};
 use rand::RngExt;
@@ -190,45 +187,17 @@ pub fn proposal_targets(
     proposal_size: u32,
     keep: usize,
 ) -> Result<ImageTargets, PretextError> {
-    let proposals = selective_search_resized(
-        image,
-        proposal_size,
-        proposal_size,
-        &SelectiveSearchConfig::default(),
-    )
-    .map_err(|e| invalid(format!("selective search: {e}")))?;
-    let filter = ProposalFilter {
-        keep,
-        ..ProposalFilter::detreg()
-    };
+    let boxes = crate::detr::detreg::proposal_boxes(image, proposal_size, keep)
+        .map_err(|e| invalid(format!("selective search: {e}")))?;
     let (w, h) = (image.width() as f32, image.height() as f32);
-    let mut t = ImageTargets::default();
-    for p in filter_proposals(&proposals, &filter) {
-        let b = [
-            p.x0.clamp(0.0, w),
-            p.y0.clamp(0.0, h),
-            p.x1.clamp(0.0, w),
-            p.y1.clamp(0.0, h),
-        ];
-        if b[2] - b[0] >= 1.0 && b[3] - b[1] >= 1.0 {
-            t.boxes
-                .push(xyxy_to_cxcywh([b[0] / w, b[1] / h, b[2] / w, b[3] / h]));
-            t.labels.push(0);
-        }
-    }
-    Ok(t)
-}
-
-/// The cache file of image `index` (its file name is part of it).
-fn cache_file(dir: &Path, index: usize, file: &Path) -> PathBuf {
-    let stem = file
-        .file_stem()
-        .map(|s| {
-            s.to_string_lossy()
-                .replace(|c: char| !c.is_ascii_alphanumeric(), "_")
-        })
-        .unwrap_or_default();
-    dir.join(format!("{index:06}-{stem}.safetensors"))
+    Ok(ImageTargets {
+        labels: vec![0; boxes.len()],
+        boxes: boxes
+            .iter()
+            .map(|b| xyxy_to_cxcywh([b[0] / w, b[1] / h, b[2] / w, b[3] / h]))
+            .collect(),
+        ..ImageTargets::default()
+    })
 }
 
 fn save_boxes(path: &Path, t: &ImageTargets) -> Result<(), String> {
@@ -348,7 +317,7 @@ impl DetrPretext for PairDetrPretrain {
         let total = work.files.len() as u64;
         let mut targets = Vec::with_capacity(work.files.len());
         for (i, file) in work.files.iter().enumerate() {
-            let path = cache_file(&dir, i, file);
+            let path = crate::detr::detreg::cache_file(&dir, i, file);
             let t = match load_boxes(&path) {
                 Some(t) => t,
                 None => {
