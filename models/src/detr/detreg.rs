@@ -11,19 +11,22 @@
 //!   `backbone.safetensors`, e.g. SwAV's, or the folder holding it) and global average pooling
 //!   of its C5: an `E`-vector (`E` = the encoder's C5 channels). An image without proposals
 //!   has no targets (all its queries learn "no object").
-//! - **Heads**: class (object / no object), box, and an embedding MLP `d_model -> d_model ->
-//!   E` (paper: 256-256-512) on every decoder layer ([`EmbeddingConfig::detreg`]).
-//! - **Loss** after the Hungarian matching (costs class 2, L1 5, GIoU 2): the set criterion
-//!   (L1 5, GIoU 2) + 1 x L1 of the embeddings; the backbone starts from the encoder's weights
-//!   (the paper's SwAV backbone; `--set init_backbone=false`: the detector's random one) and
-//!   is frozen.
+//! - **Heads** (Deformable DETR's, as DETReg's code has them): class (one sigmoid logit,
+//!   "object", with the focal loss), box, and an embedding MLP `d_model -> d_model -> E`
+//!   (paper: 256-256-512) on the last decoder layer ([`EmbeddingConfig::detreg`]).
+//! - **Loss** after the Hungarian matching on every decoder layer (costs: focal class 2, L1 5,
+//!   GIoU 2): the set criterion with the sigmoid focal class loss (alpha 0.25, gamma 2,
+//!   weight 2), L1 5, GIoU 2 ([`LossConfig::deformable`]), + 1 x L1 of the embeddings on the
+//!   last layer. The backbone starts from the encoder's weights (the paper's SwAV backbone;
+//!   `--set init_backbone=false`: the detector's random one) and is frozen, batch norm
+//!   included (running statistics, `FrozenBatchNorm2d`).
 //! - Horizontal flips (probability 1/2, `--set flip=false` to turn off) flip the image and its
 //!   boxes; the embedding stays the box's.
 //!
-//! Our choices: the class loss is DETR's softmax cross-entropy over object / no object (no-object
-//! weight 0.1, weight 1) instead of the paper's sigmoid focal loss (alpha 0.25, weight 2), as
-//! densa's DETR has it; the crop size defaults to 64 (paper 128) for CPU budgets; there is no
-//! fallback without an encoder: the method refuses to start and names the flag.
+//! Our choices: the transformer is densa's DETR (plain attention, one feature level), not
+//! Deformable DETR's multi-scale deformable attention; the crop size defaults to 64 (paper
+//! 128) for CPU budgets; there is no fallback without an encoder: the method refuses to start
+//! and names the flag.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -41,7 +44,7 @@ use ndarray::{Array4, ArrayD, Axis, IxDyn};
 use rand::RngExt;
 use rand_chacha::ChaCha8Rng;
 
-use super::loss::EmbeddingConfig;
+use super::loss::{EmbeddingConfig, LossConfig};
 use super::matcher::{xyxy_to_cxcywh, ImageTargets};
 use super::pretext::{
     detr_config, detr_hyper, flip_boxes, images_tensor, DetrBatch, DetrPretext, DetrPretextContext,
@@ -456,6 +459,10 @@ impl DetrPretext for DetReg {
 
     fn config(&self, ctx: &DetrPretextContext) -> Result<DetrConfig, PretextError> {
         let mut c = detr_config(&self.settings, ctx)?;
+        c.loss = LossConfig::deformable();
+        // The frozen backbone's batch norm uses its running statistics (Deformable DETR's
+        // `FrozenBatchNorm2d`).
+        c.train_batch_norm = false;
         c.embedding = Some(EmbeddingConfig {
             layers: self.settings.positive("embedding_layers")?,
             weight: self.settings.f64("embedding_weight") as f32,

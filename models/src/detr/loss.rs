@@ -12,26 +12,90 @@
 //! The layer's loss is `w_ce * loss_ce + w_bbox * loss_bbox + w_giou * loss_giou`; DETR sums it
 //! over the decoder layers (auxiliary losses), each matched on its own.
 //!
+//! With [`ClassLoss::SigmoidFocal`] (Deformable DETR's head, which DetReg pretrains) the class
+//! head has `classes` logits, each an independent sigmoid, and `loss_ce` is the focal loss of
+//! Lin et al. against the one-hot matched class (all zeros for "no object"):
+//! `sum over queries and classes of a_t * (1 - p_t)^gamma * BCE(x, t)`, divided by the number
+//! of target boxes (Deformable DETR's `sigmoid_focal_loss(...) * num_queries`: the mean over
+//! the queries times their number), with `p_t = p` where `t = 1` and `1 - p` elsewhere,
+//! `a_t = alpha` where `t = 1` and `1 - alpha` elsewhere.
+//!
 //! The detector-pretraining methods add a per-query embedding loss ([`embedding_loss`]) on the
 //! matched queries, divided by the number of target boxes like the box losses: L1 averaged
 //! over the embedding's values (DetReg's `loss_object_embedding`, PyTorch's
 //! `l1_loss(p, t, reduction='mean')` over the matched `[boxes, E]`) or the squared distance of
 //! the L2-normalised vectors summed over them (UP-DETR's `loss_feature`, PyTorch's
 //! `mse_loss(normalize(p), normalize(t), reduction='none').sum() / num_boxes`). DetReg's code
-//! puts its embedding loss on the last decoder layer only; here every layer with the head has
-//! it (our choice: one head configuration for both methods).
+//! puts its embedding head and loss on the last decoder layer only
+//! ([`EmbeddingConfig::last_layer_only`]); UP-DETR's here has them on every layer.
 
 use densa_exporter::builder::{attr, Dim};
 use densa_exporter::{BuildError, DType, GraphBuilder, Tensor, Value};
 use ndarray::ArrayD;
 
-/// Weights of the set criterion. Defaults (DETR): CE 1, L1 5, GIoU 2, no-object weight 0.1.
+/// How the class head scores a query, in the loss, the matching cost and at inference.
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum ClassLoss {
+    /// DETR: `classes + 1` logits (the last: no object) under a softmax; cross-entropy with
+    /// the no-object class weighted by [`LossConfig::eos_coef`].
+    #[default]
+    Softmax,
+    /// Deformable DETR: `classes` logits, each a sigmoid; the focal loss (see the module
+    /// docs). Deformable DETR and DetReg: alpha 0.25, gamma 2.
+    SigmoidFocal { alpha: f32, gamma: f32 },
+}
+
+impl ClassLoss {
+    /// Deformable DETR's focal loss: alpha 0.25, gamma 2.
+    pub const FOCAL: ClassLoss = ClassLoss::SigmoidFocal {
+        alpha: 0.25,
+        gamma: 2.0,
+    };
+
+    /// Width of the class head for `classes` classes.
+    pub fn outputs(&self, classes: usize) -> usize {
+        match self {
+            ClassLoss::Softmax => classes + 1,
+            ClassLoss::SigmoidFocal { .. } => classes,
+        }
+    }
+
+    /// Initial bias of the class head: 0 for the softmax; for sigmoids, Deformable DETR's
+    /// prior (every class starts at probability 0.01, `-ln((1 - 0.01) / 0.01)`), so that the
+    /// many "no object" queries do not swamp the focal loss at the start.
+    pub fn initial_bias(&self) -> f32 {
+        match self {
+            ClassLoss::Softmax => 0.0,
+            ClassLoss::SigmoidFocal { .. } => -((1.0f32 - 0.01) / 0.01).ln(),
+        }
+    }
+}
+
+/// Weights of the set criterion. Defaults (DETR): CE 1, L1 5, GIoU 2, no-object weight 0.1,
+/// softmax classes.
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct LossConfig {
     pub weight_ce: f32,
     pub weight_bbox: f32,
     pub weight_giou: f32,
+    /// Weight of "no object" in the softmax cross-entropy (unused by the focal loss).
     pub eos_coef: f32,
+    /// The class loss. Default [`ClassLoss::Softmax`].
+    #[serde(default)]
+    pub class: ClassLoss,
+}
+
+impl LossConfig {
+    /// Deformable DETR's criterion, as DetReg's code trains it: focal class loss (alpha 0.25,
+    /// gamma 2) with weight 2, L1 5, GIoU 2.
+    pub fn deformable() -> LossConfig {
+        LossConfig {
+            weight_ce: 2.0,
+            class: ClassLoss::FOCAL,
+            ..LossConfig::default()
+        }
+    }
 }
 
 impl Default for LossConfig {
@@ -41,6 +105,7 @@ impl Default for LossConfig {
             weight_bbox: 5.0,
             weight_giou: 2.0,
             eos_coef: 0.1,
+            class: ClassLoss::Softmax,
         }
     }
 }
@@ -56,7 +121,7 @@ pub enum EmbeddingLoss {
 }
 
 /// The per-query embedding head of the detector-pretraining methods: an MLP
-/// (`feature_embed.layers.{i}`) from every decoder layer's output to `dim` values, trained
+/// (`feature_embed.layers.{i}`) from the decoder layers' outputs to `dim` values, trained
 /// against the matched target's vector ([`super::matcher::ImageTargets::embeddings`]).
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct EmbeddingConfig {
@@ -68,16 +133,28 @@ pub struct EmbeddingConfig {
     pub loss: EmbeddingLoss,
     /// Weight of the loss in each decoder layer's total. DetReg: 1.
     pub weight: f32,
+    /// Only the last decoder layer has the head and its loss (DetReg's code); else every
+    /// layer (UP-DETR here). Default false.
+    #[serde(default)]
+    pub last_layer_only: bool,
 }
 
 impl EmbeddingConfig {
-    /// DetReg's head: a 3-layer MLP, L1 with weight 1.
+    /// Whether decoder layer `l` of `layers` has the head.
+    pub fn on_layer(&self, l: usize, layers: usize) -> bool {
+        !self.last_layer_only || l + 1 == layers
+    }
+}
+
+impl EmbeddingConfig {
+    /// DetReg's head: a 3-layer MLP on the last decoder layer, L1 with weight 1.
     pub fn detreg(dim: usize) -> EmbeddingConfig {
         EmbeddingConfig {
             dim,
             layers: 3,
             loss: EmbeddingLoss::L1,
             weight: 1.0,
+            last_layer_only: true,
         }
     }
 }
@@ -170,7 +247,8 @@ pub fn generalized_iou(b: &mut GraphBuilder, p: &Value, t: &Value) -> Result<Val
 /// scalar: the number of target boxes in the batch, at least 1 (host input).
 ///
 /// # Shapes
-/// `logits [N, Q, classes + 1]`, `boxes [N, Q, 4]`, targets as [`LayerTargets`],
+/// `logits [N, Q, K]` (`K` = `config.class.outputs(classes)`), `boxes [N, Q, 4]`, targets as
+/// [`LayerTargets`],
 /// `num_boxes []` -> four scalars.
 pub fn set_loss(
     b: &mut GraphBuilder,
@@ -181,7 +259,7 @@ pub fn set_loss(
     classes: usize,
     config: &LossConfig,
 ) -> Result<SetLosses, BuildError> {
-    let k = classes + 1;
+    let k = config.class.outputs(classes);
     if logits.dim(-1).fixed() != Some(k as i64) || logits.rank() != 3 {
         return Err(b.op_error(
             "SetLoss",
@@ -192,53 +270,12 @@ pub fn set_loss(
             ),
         ));
     }
-    // Cross-entropy with class weights.
-    let logp = b.node1(
-        "LogSoftmax",
-        Some("log_softmax"),
-        &[logits],
-        vec![attr::int("axis", -1)],
-        DType::F32,
-        logits.shape().to_vec(),
-    );
-    let axes = b.const_i64(&[-1]);
-    let mut idx_shape = targets.classes.shape().to_vec();
-    idx_shape.push(Dim::Fixed(1));
-    let idx = b.node1(
-        "Unsqueeze",
-        None,
-        &[&targets.classes, &axes],
-        vec![],
-        DType::I64,
-        idx_shape.clone(),
-    );
-    let picked = b.node1(
-        "GatherElements",
-        None,
-        &[&logp, &idx],
-        vec![attr::int("axis", -1)],
-        DType::F32,
-        idx_shape,
-    );
-    let mut w = vec![1.0f32; k];
-    w[classes] = config.eos_coef;
-    let class_weight = b.constant(Tensor::F32(
-        ArrayD::from_shape_vec(vec![k], w).expect("[K]"),
-    ));
-    let weights = b.node1(
-        "Gather",
-        None,
-        &[&class_weight, &targets.classes],
-        vec![attr::int("axis", 0)],
-        DType::F32,
-        targets.classes.shape().to_vec(),
-    );
-    let picked = b.reshape_like(&picked, &weights);
-    let wnll = b.mul(&picked, &weights)?;
-    let wnll = b.reduce_sum(&wnll, &[], false)?;
-    let wsum = b.reduce_sum(&weights, &[], false)?;
-    let ce = b.div(&wnll, &wsum)?;
-    let ce = b.neg(&ce);
+    let ce = match config.class {
+        ClassLoss::Softmax => softmax_ce(b, logits, &targets.classes, classes, config.eos_coef)?,
+        ClassLoss::SigmoidFocal { alpha, gamma } => {
+            focal_loss(b, logits, &targets.classes, num_boxes, alpha, gamma)?
+        }
+    };
     // L1 on matched queries.
     let diff = b.sub(boxes, &targets.boxes)?;
     let diff = b.abs(&diff);
@@ -271,6 +308,108 @@ pub fn set_loss(
         bbox,
         giou,
     })
+}
+
+/// Class-weighted softmax cross-entropy over `classes + 1` logits (see the module docs).
+fn softmax_ce(
+    b: &mut GraphBuilder,
+    logits: &Value,
+    target: &Value,
+    classes: usize,
+    eos_coef: f32,
+) -> Result<Value, BuildError> {
+    let k = classes + 1;
+    let logp = b.node1(
+        "LogSoftmax",
+        Some("log_softmax"),
+        &[logits],
+        vec![attr::int("axis", -1)],
+        DType::F32,
+        logits.shape().to_vec(),
+    );
+    let idx = unsqueeze_last(b, target);
+    let picked = b.node1(
+        "GatherElements",
+        None,
+        &[&logp, &idx],
+        vec![attr::int("axis", -1)],
+        DType::F32,
+        idx.shape().to_vec(),
+    );
+    let mut w = vec![1.0f32; k];
+    w[classes] = eos_coef;
+    let class_weight = b.constant(Tensor::F32(
+        ArrayD::from_shape_vec(vec![k], w).expect("[K]"),
+    ));
+    let weights = b.node1(
+        "Gather",
+        None,
+        &[&class_weight, target],
+        vec![attr::int("axis", 0)],
+        DType::F32,
+        target.shape().to_vec(),
+    );
+    let picked = b.reshape_like(&picked, &weights);
+    let wnll = b.mul(&picked, &weights)?;
+    let wnll = b.reduce_sum(&wnll, &[], false)?;
+    let wsum = b.reduce_sum(&weights, &[], false)?;
+    let ce = b.div(&wnll, &wsum)?;
+    Ok(b.neg(&ce))
+}
+
+/// `x` with a trailing axis of size 1.
+fn unsqueeze_last(b: &mut GraphBuilder, x: &Value) -> Value {
+    let axes = b.const_i64(&[-1]);
+    let mut shape = x.shape().to_vec();
+    shape.push(Dim::Fixed(1));
+    b.node1("Unsqueeze", None, &[x, &axes], vec![], x.dtype(), shape)
+}
+
+/// The sigmoid focal loss of `logits [N, Q, C]` against the one-hot of `target [N, Q]`
+/// (int64; `C` = no object: all zeros), summed and divided by `num_boxes`. The binary
+/// cross-entropy is taken in the stable form `max(x, 0) - x t + ln(1 + e^-|x|)`.
+fn focal_loss(
+    b: &mut GraphBuilder,
+    logits: &Value,
+    target: &Value,
+    num_boxes: &Value,
+    alpha: f32,
+    gamma: f32,
+) -> Result<Value, BuildError> {
+    let c = logits.dim(-1).fixed().expect("checked by set_loss");
+    let idx = unsqueeze_last(b, target);
+    let range = b.constant(Tensor::I64(
+        ArrayD::from_shape_vec(vec![c as usize], (0..c).collect()).expect("[C]"),
+    ));
+    let hit = b.equal(&idx, &range)?;
+    let t = b.cast(&hit, DType::F32);
+    let one = b.const_f32(1.0);
+    let not_t = b.sub(&one, &t)?;
+    let x = logits;
+    let p = b.unary("Sigmoid", x);
+    let relu = b.relu(x);
+    let xt = b.mul(x, &t)?;
+    let abs = b.abs(x);
+    let neg_abs = b.neg(&abs);
+    let tail = b.unary("Softplus", &neg_abs);
+    let bce = b.sub(&relu, &xt)?;
+    let bce = b.add(&bce, &tail)?;
+    // 1 - p_t = (1 - p) t + p (1 - t)
+    let q = b.sub(&one, &p)?;
+    let miss_pos = b.mul(&q, &t)?;
+    let miss_neg = b.mul(&p, &not_t)?;
+    let miss = b.add(&miss_pos, &miss_neg)?;
+    let g = b.const_f32(gamma);
+    let modulator = b.pow(&miss, &g)?;
+    let a_pos = b.const_f32(alpha);
+    let a_neg = b.const_f32(1.0 - alpha);
+    let at_pos = b.mul(&t, &a_pos)?;
+    let at_neg = b.mul(&not_t, &a_neg)?;
+    let a_t = b.add(&at_pos, &at_neg)?;
+    let l = b.mul(&bce, &modulator)?;
+    let l = b.mul(&l, &a_t)?;
+    let l = b.reduce_sum(&l, &[], false)?;
+    b.div(&l, num_boxes)
 }
 
 /// `x / max(||x||_2, 1e-12)` along the last axis (PyTorch's `F.normalize`).

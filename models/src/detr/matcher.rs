@@ -7,8 +7,14 @@
 //! `w_class * -p(class) + w_l1 * L1(cxcywh) + w_giou * -GIoU(xyxy)`, with `p` the softmax over
 //! the classes and "no object". Boxes are `(cx, cy, w, h)` normalised to `[0, 1]` by the image
 //! size, as in DETR.
+//!
+//! A sigmoid focal class head ([`ClassLoss::SigmoidFocal`], Deformable DETR's and DetReg's)
+//! replaces `-p(class)` by the focal loss's difference between predicting the class and not
+//! predicting it, `p = sigmoid(logit of the class)`:
+//! `alpha (1 - p)^gamma (-ln(p + 1e-8)) - (1 - alpha) p^gamma (-ln(1 - p + 1e-8))`.
 
 use super::hungarian::{linear_sum_assignment_f32, AssignmentError};
+use super::loss::ClassLoss;
 
 /// Weights of the matching cost. Defaults: class 2, L1 5, GIoU 2 (Deformable DETR's, as
 /// DetReg and UP-DETR's code use; DETR's own class weight is 1).
@@ -144,17 +150,18 @@ fn check_targets(t: &ImageTargets, classes: usize) -> Result<(), MatchError> {
 }
 
 /// The `[queries, targets]` matching cost of one image (row-major). `logits` are
-/// `[queries, classes + 1]` (last column: no object), `boxes` `[queries, 4]` normalised
-/// cxcywh.
+/// `[queries, class.outputs(classes)]` (softmax: the last column is no object), `boxes`
+/// `[queries, 4]` normalised cxcywh.
 pub fn cost_matrix(
     config: &MatcherConfig,
+    class: &ClassLoss,
     logits: &[f32],
     boxes: &[f32],
     queries: usize,
     classes: usize,
     targets: &ImageTargets,
 ) -> Result<Vec<f32>, MatchError> {
-    let k = classes + 1;
+    let k = class.outputs(classes);
     if logits.len() != queries * k {
         return Err(MatchError::Shape {
             what: "logits",
@@ -173,14 +180,27 @@ pub fn cost_matrix(
     let t = targets.boxes.len();
     let mut cost = Vec::with_capacity(queries * t);
     for q in 0..queries {
-        let p = softmax(&logits[q * k..(q + 1) * k]);
+        let row = &logits[q * k..(q + 1) * k];
+        let class_cost: Vec<f32> = match *class {
+            ClassLoss::Softmax => softmax(row).into_iter().map(|p| -p).collect(),
+            ClassLoss::SigmoidFocal { alpha, gamma } => row
+                .iter()
+                .map(|&x| {
+                    let p = 1.0 / (1.0 + (-x).exp());
+                    let pos = alpha * (1.0 - p).powf(gamma) * -(p + 1e-8).ln();
+                    let neg = (1.0 - alpha) * p.powf(gamma) * -(1.0 - p + 1e-8).ln();
+                    pos - neg
+                })
+                .collect(),
+        };
         let pb: [f32; 4] = boxes[q * 4..q * 4 + 4].try_into().expect("4 values");
         let pxy = cxcywh_to_xyxy(pb);
         for (tb, &label) in targets.boxes.iter().zip(&targets.labels) {
             let l1: f32 = pb.iter().zip(tb).map(|(a, b)| (a - b).abs()).sum();
             let giou = generalized_iou(pxy, cxcywh_to_xyxy(*tb));
             cost.push(
-                config.cost_bbox * l1 - config.cost_class * p[label] - config.cost_giou * giou,
+                config.cost_bbox * l1 + config.cost_class * class_cost[label]
+                    - config.cost_giou * giou,
             );
         }
     }
@@ -191,13 +211,14 @@ pub fn cost_matrix(
 /// `None`: no object). Every target gets exactly one query when `queries >= targets`.
 pub fn match_image(
     config: &MatcherConfig,
+    class: &ClassLoss,
     logits: &[f32],
     boxes: &[f32],
     queries: usize,
     classes: usize,
     targets: &ImageTargets,
 ) -> Result<Vec<Option<usize>>, MatchError> {
-    let cost = cost_matrix(config, logits, boxes, queries, classes, targets)?;
+    let cost = cost_matrix(config, class, logits, boxes, queries, classes, targets)?;
     let a = linear_sum_assignment_f32(&cost, queries, targets.boxes.len())?;
     Ok(a.col_of_rows(queries))
 }
@@ -316,7 +337,7 @@ mod tests {
             ..Default::default()
         };
         let cfg = MatcherConfig::default();
-        let cost = cost_matrix(&cfg, &logits, &boxes, 2, 1, &targets).unwrap();
+        let cost = cost_matrix(&cfg, &ClassLoss::Softmax, &logits, &boxes, 2, 1, &targets).unwrap();
         // Query 0: p(class 0) = e^2 / (e^2 + 1).
         let p0 = (2.0f32.exp()) / (2.0f32.exp() + 1.0);
         let p1 = 1.0 / (1.0 + 1.0f32.exp());
@@ -330,7 +351,7 @@ mod tests {
         // q1 vs t0: identical boxes.
         let c10 = -2.0 * p1 - 2.0;
         assert!((cost[2] - c10).abs() < 1e-5, "{} vs {c10}", cost[2]);
-        let m = match_image(&cfg, &logits, &boxes, 2, 1, &targets).unwrap();
+        let m = match_image(&cfg, &ClassLoss::Softmax, &logits, &boxes, 2, 1, &targets).unwrap();
         assert_eq!(m, vec![Some(1), Some(0)]);
         let qt = QueryTargets::from_matches(
             &[m, vec![None, None]],
@@ -351,15 +372,40 @@ mod tests {
             labels: vec![3],
             ..Default::default()
         };
-        let e = match_image(&MatcherConfig::default(), &logits, &boxes, 2, 1, &bad_label);
+        let e = match_image(
+            &MatcherConfig::default(),
+            &ClassLoss::Softmax,
+            &logits,
+            &boxes,
+            2,
+            1,
+            &bad_label,
+        );
         assert!(e.unwrap_err().to_string().contains("label 3"));
         let nan = ImageTargets {
             boxes: vec![[f32::NAN, 0.5, 0.1, 0.1]],
             labels: vec![0],
             ..Default::default()
         };
-        assert!(match_image(&MatcherConfig::default(), &logits, &boxes, 2, 1, &nan).is_err());
-        let e = cost_matrix(&MatcherConfig::default(), &logits[..3], &boxes, 2, 1, &nan);
+        assert!(match_image(
+            &MatcherConfig::default(),
+            &ClassLoss::Softmax,
+            &logits,
+            &boxes,
+            2,
+            1,
+            &nan
+        )
+        .is_err());
+        let e = cost_matrix(
+            &MatcherConfig::default(),
+            &ClassLoss::Softmax,
+            &logits[..3],
+            &boxes,
+            2,
+            1,
+            &nan,
+        );
         assert!(e.unwrap_err().to_string().contains("logits"));
         // A NaN prediction reaches the assignment, which refuses it.
         let mut nan_logits = logits;
@@ -369,7 +415,15 @@ mod tests {
             labels: vec![0],
             ..Default::default()
         };
-        let e = match_image(&MatcherConfig::default(), &nan_logits, &boxes, 2, 1, &ok);
+        let e = match_image(
+            &MatcherConfig::default(),
+            &ClassLoss::Softmax,
+            &nan_logits,
+            &boxes,
+            2,
+            1,
+            &ok,
+        );
         assert!(matches!(e, Err(MatchError::Assignment(_))), "{e:?}");
     }
 
@@ -405,10 +459,10 @@ mod tests {
         let logits = [0.0f32; 6];
         let boxes = [0.5f32; 12];
         let cfg = MatcherConfig::default();
-        assert!(match_image(&cfg, &logits, &boxes, 3, 1, &missing).is_err());
+        assert!(match_image(&cfg, &ClassLoss::Softmax, &logits, &boxes, 3, 1, &missing).is_err());
         let mut nan = t0;
         nan.embeddings[1][0] = f32::NAN;
-        let err = match_image(&cfg, &logits, &boxes, 3, 1, &nan).unwrap_err();
+        let err = match_image(&cfg, &ClassLoss::Softmax, &logits, &boxes, 3, 1, &nan).unwrap_err();
         assert!(
             matches!(err, MatchError::Embedding { index: 1, .. }),
             "{err}"

@@ -54,7 +54,7 @@ use crate::backbone::Arch;
 use crate::export::ExportError;
 use crate::nn::{Conv2d, Conv2dConfig, NormMode};
 pub use hungarian::{linear_sum_assignment, Assignment, AssignmentError};
-pub use loss::{EmbeddingConfig, EmbeddingLoss, LayerTargets, LossConfig, SetLosses};
+pub use loss::{ClassLoss, EmbeddingConfig, EmbeddingLoss, LayerTargets, LossConfig, SetLosses};
 pub use matcher::{query_embeddings, ImageTargets, MatchError, MatcherConfig, QueryTargets};
 use transformer::{DecoderLayer, EncoderLayer, Linear, Mlp};
 
@@ -191,7 +191,7 @@ pub mod names {
     pub fn mask(l: usize) -> String {
         format!("targets.{l}.mask")
     }
-    /// `[N, Q, classes + 1]` logits of decoder layer `l`.
+    /// `[N, Q, K]` logits of decoder layer `l` (`K`: [`super::DetrConfig::class_outputs`]).
     pub fn pred_logits(l: usize) -> String {
         format!("pred.{l}.logits")
     }
@@ -237,6 +237,12 @@ impl DetrConfig {
 
     pub fn num_classes(&self) -> usize {
         self.classes.len()
+    }
+
+    /// Width of the class head: `classes + 1` (softmax, the last is "no object") or
+    /// `classes` (sigmoid focal), as [`LossConfig::class`] says.
+    pub fn class_outputs(&self) -> usize {
+        self.loss.class.outputs(self.num_classes())
     }
 
     /// The backbone architecture.
@@ -361,7 +367,16 @@ impl DetrConfig {
                 ParamKind::Param,
             )
         })?;
-        let class_embed = Linear::new(b, "class_embed", d, self.num_classes() + 1)?;
+        let class_embed = match self.loss.class {
+            ClassLoss::Softmax => Linear::new(b, "class_embed", d, self.class_outputs())?,
+            focal => Linear::with_bias_init(
+                b,
+                "class_embed",
+                d,
+                self.class_outputs(),
+                Init::Constant(focal.initial_bias()),
+            )?,
+        };
         let bbox_embed = Mlp::new(b, "bbox_embed", d, d, 4, 3)?;
         let feature_embed = self
             .embedding
@@ -427,11 +442,11 @@ pub struct Detr {
 /// One decoder layer's predictions.
 #[derive(Clone, Debug)]
 pub struct LayerOutputs {
-    /// `[N, Q, classes + 1]`.
+    /// `[N, Q, K]`, `K` = [`DetrConfig::class_outputs`].
     pub logits: Value,
     /// `[N, Q, 4]` normalised cxcywh in `(0, 1)`.
     pub boxes: Value,
-    /// `[N, Q, E]` with [`DetrConfig::embedding`].
+    /// `[N, Q, E]` on the layers with [`DetrConfig::embedding`]'s head.
     pub embeddings: Option<Value>,
 }
 
@@ -440,7 +455,8 @@ impl Detr {
     ///
     /// # Shapes
     /// `images [N, 3, S, S]`, `self_attn_mask [Q, Q]` -> per decoder layer
-    /// `logits [N, Q, classes + 1]`, `boxes [N, Q, 4]`, `embeddings [N, Q, E]`.
+    /// `logits [N, Q, K]` ([`DetrConfig::class_outputs`]), `boxes [N, Q, 4]`,
+    /// `embeddings [N, Q, E]`.
     pub fn forward(
         &self,
         b: &mut GraphBuilder,
@@ -533,8 +549,9 @@ impl Detr {
                 DType::F32,
                 boxes.shape().to_vec(),
             );
+            let layers = self.config.decoder_layers;
             let embeddings = match &self.feature_embed {
-                Some(head) => {
+                Some(head) if self.config.embedding.is_some_and(|e| e.on_layer(l, layers)) => {
                     let e = head.forward(b, &h)?;
                     Some(b.node1(
                         "Identity",
@@ -545,7 +562,7 @@ impl Detr {
                         e.shape().to_vec(),
                     ))
                 }
-                None => None,
+                _ => None,
             };
             outs.push(LayerOutputs {
                 logits,
@@ -563,8 +580,9 @@ pub struct DetrTraining {
     pub loss: Value,
     /// Per layer: `(ce, bbox, giou)` scalars.
     pub layer_losses: Vec<(Value, Value, Value)>,
-    /// Per layer: the embedding loss (unweighted) with [`DetrConfig::embedding`], else empty.
-    pub embedding_losses: Vec<Value>,
+    /// `(layer, embedding loss (unweighted))` of each layer with the embedding head
+    /// ([`DetrConfig::embedding`]); empty without it.
+    pub embedding_losses: Vec<(usize, Value)>,
     /// Per layer predictions (host outputs of the split step), value names.
     pub predictions: Vec<(String, String)>,
     /// Host inputs: the targets of every layer and `targets.num_boxes`.
@@ -608,13 +626,16 @@ impl DetrConfig {
             )?;
             let mask = b.input(&names::mask(l), DType::F32, vec![n.clone(), q.into()])?;
             host_inputs.extend([names::classes(l), names::boxes(l), names::mask(l)]);
-            if let Some(e) = &self.embedding {
-                target_embeddings.push(b.input(
-                    &names::embeddings(l),
-                    DType::F32,
-                    vec![n.clone(), q.into(), e.dim.into()],
-                )?);
-                host_inputs.push(names::embeddings(l));
+            match &self.embedding {
+                Some(e) if e.on_layer(l, self.decoder_layers) => {
+                    target_embeddings.push(Some(b.input(
+                        &names::embeddings(l),
+                        DType::F32,
+                        vec![n.clone(), q.into(), e.dim.into()],
+                    )?));
+                    host_inputs.push(names::embeddings(l));
+                }
+                _ => target_embeddings.push(None),
             }
             targets.push(LayerTargets {
                 classes,
@@ -685,7 +706,7 @@ impl DetrConfig {
             if let (Some(cfg), Some(pred), Some(target)) = (
                 &self.embedding,
                 o.embeddings.as_ref(),
-                target_embeddings.get(l),
+                target_embeddings[l].as_ref(),
             ) {
                 let e = b.scoped(format!("loss.{l}.embedding"), |b| {
                     let e = loss::embedding_loss(b, pred, target, &t.mask, &num_boxes, cfg.loss)?;
@@ -694,7 +715,7 @@ impl DetrConfig {
                     total = b.add(&total, &weighted)?;
                     Ok::<_, BuildError>(e)
                 })?;
-                embedding_losses.push(e);
+                embedding_losses.push((l, e));
             }
             totals.push(total);
             layer_losses.push((losses.ce, losses.bbox, losses.giou));
@@ -754,25 +775,31 @@ impl DetrConfig {
         let q = self.num_queries as i64;
         let k = top_k.clamp(1, self.num_queries) as i64;
         let [boxes, scores, labels] = b.scoped("decode", |b| -> Result<_, BuildError> {
-            let prob = b.node1(
-                "Softmax",
-                None,
-                &[&last.logits],
-                vec![attr::int("axis", -1)],
-                DType::F32,
-                last.logits.shape().to_vec(),
-            );
-            let starts = b.const_i64(&[0]);
-            let ends = b.const_i64(&[c]);
-            let axes = b.const_i64(&[2]);
-            let prob = b.node1(
-                "Slice",
-                None,
-                &[&prob, &starts, &ends, &axes],
-                vec![],
-                DType::F32,
-                vec![Dim::from("N"), q.into(), c.into()],
-            );
+            let prob = match self.loss.class {
+                // Softmax over the classes and "no object", then the classes only.
+                ClassLoss::Softmax => {
+                    let prob = b.node1(
+                        "Softmax",
+                        None,
+                        &[&last.logits],
+                        vec![attr::int("axis", -1)],
+                        DType::F32,
+                        last.logits.shape().to_vec(),
+                    );
+                    let starts = b.const_i64(&[0]);
+                    let ends = b.const_i64(&[c]);
+                    let axes = b.const_i64(&[2]);
+                    b.node1(
+                        "Slice",
+                        None,
+                        &[&prob, &starts, &ends, &axes],
+                        vec![],
+                        DType::F32,
+                        vec![Dim::from("N"), q.into(), c.into()],
+                    )
+                }
+                ClassLoss::SigmoidFocal { .. } => b.unary("Sigmoid", &last.logits),
+            };
             let best = b.reduce(
                 densa_exporter::builder::math::Reduction::Max,
                 &prob,

@@ -235,7 +235,7 @@ pub struct PairDetr {
 /// One decoder layer's predictions.
 #[derive(Clone, Debug)]
 pub struct PairLayerOutputs {
-    /// `[N, Q, classes + 1]` (centre decoder).
+    /// `[N, Q, K]` (centre decoder; `K`: [`DetrConfig::class_outputs`]).
     pub logits: Value,
     /// `[N, Q, 4]` normalised cxcywh of the pairs.
     pub boxes: Value,

@@ -172,8 +172,8 @@ pub fn detr_hyper() -> Vec<Hyper> {
 
 /// The [`DetrConfig`] of [`detr_hyper`]'s settings for `ctx`, one class ([`OBJECT_CLASS`]).
 /// Batch norm keeps densa's DETR default (batch statistics, running statistics updated, as
-/// PyTorch's `model.train()` with frozen parameters): DETR's `FrozenBatchNorm2d` would need
-/// inference-mode batch norm on state inputs, which tract does not load.
+/// PyTorch's `model.train()` with frozen parameters); DetReg and UP-DETR turn it into DETR's
+/// `FrozenBatchNorm2d` ([`DetrConfig::train_batch_norm`] false: running statistics).
 pub fn detr_config(
     settings: &Settings,
     ctx: &DetrPretextContext,

@@ -663,17 +663,35 @@ fn the_embedding_head_adds_its_inputs_loss_and_parameters() {
         &[7, 16]
     );
     assert!(s.get("feature_embed.layers.0.weight").is_some());
+    // DetReg's head: the last of the two decoder layers only.
     let (b, t) = c.training_forward(0, Some(2)).unwrap();
-    assert_eq!(t.embedding_losses.len(), 2);
+    assert_eq!(t.embedding_losses.len(), 1);
+    assert_eq!(t.embedding_losses[0].0, 1);
     assert!(t.host_inputs.contains(&"targets.1.embeddings".to_string()));
+    assert!(!t.host_inputs.contains(&"targets.0.embeddings".to_string()));
+    let inputs = |m: &ModelProto| -> Vec<String> {
+        m.graph
+            .as_ref()
+            .unwrap()
+            .input
+            .iter()
+            .map(|i| i.name.clone())
+            .collect()
+    };
     let model = b.finish();
-    assert!(model
-        .graph
-        .as_ref()
-        .unwrap()
-        .input
-        .iter()
-        .any(|i| i.name == "targets.0.embeddings"));
+    assert!(inputs(&model).contains(&"targets.1.embeddings".to_string()));
+    assert!(!inputs(&model).contains(&"targets.0.embeddings".to_string()));
+    // Every layer (UP-DETR's).
+    c.embedding = Some(EmbeddingConfig {
+        last_layer_only: false,
+        ..EmbeddingConfig::detreg(7)
+    });
+    let (b, t) = c.training_forward(0, Some(2)).unwrap();
+    assert_eq!(
+        t.embedding_losses.iter().map(|e| e.0).collect::<Vec<_>>(),
+        vec![0, 1]
+    );
+    assert!(inputs(&b.finish()).contains(&"targets.0.embeddings".to_string()));
     // Without the head, nothing changes.
     let plain = tiny().initial_state(0).unwrap();
     assert!(plain.get("feature_embed.layers.0.weight").is_none());
@@ -684,4 +702,161 @@ fn the_embedding_head_adds_its_inputs_loss_and_parameters() {
     });
     let e = c.initial_state(0).unwrap_err().to_string();
     assert!(e.contains("embedding"), "{e}");
+}
+
+/// Host reference of the sigmoid focal class loss over `[N, Q, C]` logits (no "no object"
+/// column): the sum over queries and classes of `a_t (1 - p_t)^gamma BCE`, / `num_boxes`.
+fn focal_reference(logits: &[f64], classes: &[i64], num_boxes: f64, alpha: f64, gamma: f64) -> f64 {
+    let mut sum = 0.0;
+    for (i, &x) in logits.iter().enumerate() {
+        let t = if classes[i / C] == (i % C) as i64 {
+            1.0
+        } else {
+            0.0
+        };
+        let p = 1.0 / (1.0 + (-x).exp());
+        let bce = -(t * p.ln() + (1.0 - t) * (1.0 - p).ln());
+        let p_t = p * t + (1.0 - p) * (1.0 - t);
+        let a_t = alpha * t + (1.0 - alpha) * (1.0 - t);
+        sum += a_t * (1.0 - p_t).powf(gamma) * bce;
+    }
+    sum / num_boxes
+}
+
+#[test]
+fn focal_set_loss_and_its_gradient_equal_a_direct_computation() {
+    let cfg = LossConfig::deformable();
+    assert_eq!(cfg.class.outputs(C), C);
+    let c = case();
+    // C logits per query: drop the case's "no object" column.
+    let logits: Vec<f64> = c
+        .logits
+        .chunks(K)
+        .flat_map(|r| r[..C].iter().copied())
+        .collect();
+    let mut b = GraphBuilder::new("focal-loss", 0);
+    let d = |s: &[usize]| s.iter().map(|&x| Dim::from(x)).collect::<Vec<_>>();
+    let lg = b.input("logits", DType::F32, d(&[N, Q, C])).unwrap();
+    let boxes = b.input("boxes", DType::F32, d(&[N, Q, 4])).unwrap();
+    let targets = LayerTargets {
+        classes: b.input("classes", DType::I64, d(&[N, Q])).unwrap(),
+        boxes: b.input("tboxes", DType::F32, d(&[N, Q, 4])).unwrap(),
+        mask: b.input("mask", DType::F32, d(&[N, Q])).unwrap(),
+    };
+    let num = b.input("num_boxes", DType::F32, vec![]).unwrap();
+    let l = loss::set_loss(&mut b, &lg, &boxes, &targets, &num, C, &cfg).unwrap();
+    b.output(&l.total, "loss").unwrap();
+    b.output(&l.ce, "ce").unwrap();
+    let plain = b.finish();
+    let model = with_gradients(&plain, &GradRequest::new("loss", &["logits"])).unwrap();
+    let mut inputs = feed(&c);
+    inputs[0] = (
+        "logits".into(),
+        f32s(&[N, Q, C], logits.iter().map(|&x| x as f32).collect()),
+    );
+    let mut out = run(&plain, inputs.clone());
+    out.extend(run(&model, inputs));
+    let want_ce = focal_reference(&logits, &c.classes, c.num_boxes, 0.25, 2.0);
+    let [_, _, bbox, giou] = reference(&c, &c.logits, &c.boxes, &LossConfig::default());
+    let want = 2.0 * want_ce + 5.0 * bbox + 2.0 * giou;
+    for (name, w) in [("ce", want_ce), ("loss", want)] {
+        let got = out[name].to_f32().iter().next().copied().unwrap() as f64;
+        assert!(
+            (got - w).abs() <= 1e-5 * (1.0 + w.abs()),
+            "{name}: graph {got}, host {w}"
+        );
+    }
+    assert!(want_ce > 0.05, "{want_ce}");
+    // A plain BCE (gamma 0, alpha 1/2 x 2) would differ: the modulator is active.
+    let bce = focal_reference(&logits, &c.classes, c.num_boxes, 0.5, 0.0) * 2.0;
+    assert!((bce - want_ce).abs() > 0.1 * want_ce, "{bce} vs {want_ce}");
+    let g = out["grad.logits"].to_f32();
+    let eps = 1e-6;
+    for (k, &gk) in g.iter().enumerate() {
+        let at = |dx: f64| {
+            let mut v = logits.clone();
+            v[k] += dx;
+            2.0 * focal_reference(&v, &c.classes, c.num_boxes, 0.25, 2.0)
+        };
+        let fd = (at(eps) - at(-eps)) / (2.0 * eps);
+        assert!(
+            (gk as f64 - fd).abs() <= 1e-4 + 1e-3 * fd.abs(),
+            "logits[{k}]: graph {gk}, finite differences {fd}"
+        );
+    }
+    // Saturated logits stay finite (the stable BCE form), value and gradient.
+    let mut inputs = feed(&c);
+    inputs[0] = (
+        "logits".into(),
+        f32s(
+            &[N, Q, C],
+            (0..N * Q * C)
+                .map(|i| if i % 2 == 0 { 120.0 } else { -120.0 })
+                .collect(),
+        ),
+    );
+    let out = run(&model, inputs);
+    assert!(out["loss"].to_f32().iter().all(|v| v.is_finite()));
+    assert!(out["grad.logits"].to_f32().iter().all(|v| v.is_finite()));
+}
+
+#[test]
+fn focal_matching_cost_equals_a_direct_computation() {
+    use super::matcher::cost_matrix;
+    // Two queries, two classes (sigmoid logits), one target of class 1.
+    let logits = [0.3f32, -1.2, 2.0, 0.5];
+    let boxes = [0.5f32, 0.5, 0.2, 0.2, 0.6, 0.5, 0.2, 0.2];
+    let targets = ImageTargets {
+        boxes: vec![[0.5, 0.5, 0.2, 0.2]],
+        labels: vec![1],
+        ..Default::default()
+    };
+    let cfg = MatcherConfig::default();
+    let cost = cost_matrix(&cfg, &ClassLoss::FOCAL, &logits, &boxes, 2, 2, &targets).unwrap();
+    let focal = |x: f64| {
+        let p = 1.0 / (1.0 + (-x).exp());
+        let pos = 0.25 * (1.0 - p).powi(2) * -(p + 1e-8).ln();
+        let neg = 0.75 * p.powi(2) * -(1.0 - p + 1e-8).ln();
+        pos - neg
+    };
+    // Query 0: the same box (L1 0, GIoU 1); query 1: shifted by 0.1 in x.
+    let c0 = 2.0 * focal(-1.2) - 2.0;
+    let (inter, union) = (0.1 * 0.2, 0.08 - 0.1 * 0.2);
+    let g1 = inter / union - (0.3 * 0.2 - union) / (0.3 * 0.2);
+    let c1 = 2.0 * focal(0.5) + 5.0 * 0.1 - 2.0 * g1;
+    for (got, want) in cost.iter().zip([c0, c1]) {
+        assert!((*got as f64 - want).abs() < 1e-5, "{got} vs {want}");
+    }
+    // The softmax cost needs `classes + 1` logits per query: a focal row is refused by it.
+    assert!(cost_matrix(&cfg, &ClassLoss::Softmax, &logits, &boxes, 2, 2, &targets).is_err());
+}
+
+#[test]
+fn a_focal_head_has_one_logit_per_class_a_prior_bias_and_sigmoid_scores() {
+    let mut c = tiny();
+    c.loss = LossConfig::deformable();
+    let s = c.initial_state(0).unwrap();
+    let bias = s.get("class_embed.bias").unwrap().to_f32();
+    assert_eq!(bias.shape(), &[c.num_classes()]);
+    let prior = -(0.99f32 / 0.01).ln();
+    assert!(bias.iter().all(|&v| (v - prior).abs() < 1e-6), "{bias:?}");
+    // Inference scores are the sigmoid of the best class logit: with the prior bias and a
+    // zero class weight, every score is 0.01.
+    let mut state = s.clone();
+    let w = state.get("class_embed.weight").unwrap().to_f32();
+    state.insert("class_embed.weight", Tensor::F32(ArrayD::zeros(w.shape())));
+    let model = c.inference_graph(Some(&state), 5, &[]).unwrap();
+    let side = c.image_size as usize;
+    let out = run(
+        &model,
+        vec![(
+            "images".into(),
+            Tensor::F32(ArrayD::zeros(IxDyn(&[1, 3, side, side]))),
+        )],
+    );
+    let scores = out["scores"].to_f32();
+    assert!(
+        scores.iter().all(|&p| (p - 0.01).abs() < 1e-5),
+        "{scores:?}"
+    );
 }

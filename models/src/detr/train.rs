@@ -49,7 +49,7 @@ pub fn step_graphs(
             .metric(&format!("loss_bbox.{l}"), bbox)
             .metric(&format!("loss_giou.{l}"), giou);
     }
-    for (l, e) in t.embedding_losses.into_iter().enumerate() {
+    for (l, e) in t.embedding_losses {
         fwd = fwd.metric(&format!("loss_embed.{l}"), e);
     }
     let whole = build_train_step(fwd, train)?;
@@ -215,7 +215,7 @@ impl DetrTrainer {
     ) -> Result<HashMap<String, Tensor>, DetrError> {
         let q = self.config.num_queries;
         let classes = self.config.num_classes();
-        let k = classes + 1;
+        let k = self.config.class_outputs();
         let n = targets.len();
         let mut host = HashMap::new();
         for (l, (logits_name, boxes_name)) in self.predictions.iter().enumerate() {
@@ -247,6 +247,7 @@ impl DetrTrainer {
                 .map(|(i, t)| {
                     match_image(
                         &self.matcher,
+                        &self.config.loss.class,
                         &ls[i * q * k..(i + 1) * q * k],
                         &bs[i * q * 4..(i + 1) * q * 4],
                         q,
@@ -255,7 +256,11 @@ impl DetrTrainer {
                     )
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            if let Some(e) = &self.config.embedding {
+            if let Some(e) = self
+                .config
+                .embedding
+                .filter(|e| e.on_layer(l, self.config.decoder_layers))
+            {
                 let values = query_embeddings(&matches, targets, e.dim)?;
                 host.insert(
                     names::embeddings(l),

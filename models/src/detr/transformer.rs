@@ -78,6 +78,17 @@ impl Linear {
         out_features: usize,
     ) -> Result<Linear, BuildError> {
         let bound = 1.0 / (in_features.max(1) as f32).sqrt();
+        Linear::with_bias_init(b, name, in_features, out_features, Init::Uniform(bound))
+    }
+
+    /// [`Linear::new`] with the bias initialised by `bias` (Deformable DETR's class prior).
+    pub fn with_bias_init(
+        b: &mut GraphBuilder,
+        name: &str,
+        in_features: usize,
+        out_features: usize,
+        bias: Init,
+    ) -> Result<Linear, BuildError> {
         b.scoped(name, |b| {
             Ok(Linear {
                 weight: b.param(
@@ -86,12 +97,7 @@ impl Linear {
                     Init::KaimingUniformFanIn,
                     ParamKind::Param,
                 )?,
-                bias: b.param(
-                    "bias",
-                    &[out_features],
-                    Init::Uniform(bound),
-                    ParamKind::Param,
-                )?,
+                bias: b.param("bias", &[out_features], bias, ParamKind::Param)?,
                 in_features,
                 out_features,
             })

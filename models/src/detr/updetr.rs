@@ -653,6 +653,7 @@ impl DetrPretext for UpDetr {
             layers: self.settings.positive("feature_layers")?,
             loss: EmbeddingLoss::NormalizedSquared,
             weight: self.settings.f64("feature_weight") as f32,
+            last_layer_only: false,
         });
         self.config.check(&c).map_err(|e| invalid(e.to_string()))?;
         Ok(c)

@@ -236,8 +236,8 @@ impl DetrPretext for PairDetrPretrain {
 
     fn config(&self, ctx: &DetrPretextContext) -> Result<DetrConfig, PretextError> {
         let mut c = detr_config(&self.settings, ctx)?;
-        // Batch statistics, frozen or not (PyTorch's `model.train()` with frozen parameters):
-        // inference-mode batch norm on state inputs is what tract does not load.
+        // Batch statistics whether the backbone is frozen or not (PyTorch's `model.train()`
+        // with frozen parameters; our choice, Pair DETR's code being unreleased).
         c.train_batch_norm = true;
         self.pair_config(&c)?
             .check()
