@@ -165,7 +165,7 @@ pub fn run_plan(out: &Path, plan: &DemoPlan) -> Result<()> {
     let run_dir = out.join("finetune");
     let args = FinetuneArgs {
         task: Task::Detect,
-        arch: Arch::Edge,
+        arch: Arch::Edge.into(),
         data: train.join("annotations.json"),
         images: None,
         val_data: Some(val.join("annotations.json")),
@@ -176,7 +176,7 @@ pub fn run_plan(out: &Path, plan: &DemoPlan) -> Result<()> {
         label_fraction: Some(plan.label_fraction),
         shots: None,
         freeze_backbone: false,
-        detector: super::finetune::DetectorKind::Fcos,
+        detector: Some(super::finetune::DetectorKind::Fcos),
         epochs: plan.epochs,
         batch_size: plan.batch_size,
         lr: None,

@@ -29,17 +29,53 @@ pub enum DetectorKind {
     Detr,
 }
 
+/// `--arch`: a backbone (`resnet-edge`, ...) or `detr-<backbone>`, the DETR on that backbone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ArchArg {
+    pub backbone: Arch,
+    /// Written `detr-<backbone>`: picks the DETR-family detector.
+    pub detr: bool,
+}
+
+impl From<Arch> for ArchArg {
+    fn from(backbone: Arch) -> ArchArg {
+        ArchArg {
+            backbone,
+            detr: false,
+        }
+    }
+}
+
+impl std::str::FromStr for ArchArg {
+    type Err = String;
+    fn from_str(s: &str) -> Result<ArchArg, String> {
+        let lower = s.to_ascii_lowercase();
+        match lower.strip_prefix("detr-") {
+            Some(rest) => Ok(ArchArg {
+                backbone: rest.parse()?,
+                detr: true,
+            }),
+            None => Ok(ArchArg {
+                backbone: lower.parse()?,
+                detr: false,
+            }),
+        }
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct FinetuneArgs {
     /// What to train.
     #[arg(long)]
     pub task: Task,
-    /// Backbone architecture: resnet18, resnet34, resnet50 or resnet-edge.
+    /// Backbone architecture: resnet18, resnet34, resnet50 or resnet-edge; `detr-<backbone>`
+    /// (e.g. detr-resnet-edge) is the DETR-family detector on it (`--detector detr`).
     #[arg(long, default_value = "resnet-edge")]
-    pub arch: Arch,
-    /// The detector of `--task detect`: `fcos` (dense) or `detr` (`detr-<arch>`).
-    #[arg(long, value_enum, default_value = "fcos")]
-    pub detector: DetectorKind,
+    pub arch: ArchArg,
+    /// The detector of `--task detect`: `fcos` (dense; the default) or `detr` (the default
+    /// with `--arch detr-<backbone>`).
+    #[arg(long, value_enum)]
+    pub detector: Option<DetectorKind>,
     /// Training annotations, COCO instances JSON (`densa synth` writes one).
     #[arg(long)]
     pub data: PathBuf,
@@ -100,18 +136,39 @@ pub struct FinetuneArgs {
     pub backend: BackendArgs,
 }
 
+impl FinetuneArgs {
+    /// The backbone architecture.
+    pub fn backbone(&self) -> Arch {
+        self.arch.backbone
+    }
+
+    /// The detector `--detector` and `--arch` ask for (they must agree).
+    pub fn detector(&self) -> Result<DetectorKind> {
+        match (self.detector, self.arch.detr) {
+            (Some(DetectorKind::Fcos), true) => bail!(
+                "--arch detr-{} is the DETR-family detector; it conflicts with --detector fcos",
+                self.arch.backbone
+            ),
+            (Some(kind), _) => Ok(kind),
+            (None, true) => Ok(DetectorKind::Detr),
+            (None, false) => Ok(DetectorKind::Fcos),
+        }
+    }
+}
+
 pub fn run(args: FinetuneArgs) -> Result<()> {
     let comm = super::distributed::communicator()?;
+    let detector = args.detector()?;
     let result = match args.task {
-        Task::Detect if args.detector == DetectorKind::Detr => {
+        Task::Detect if detector == DetectorKind::Detr => {
             if comm.size() > 1 {
                 bail!("--detector detr trains on one process only (host matching per batch)");
             }
             super::finetune_detr::run(&args)
         }
         Task::Detect => super::finetune_detect::run(&args, &comm),
-        Task::Segment if args.detector == DetectorKind::Detr => {
-            bail!("--detector detr goes with --task detect, not --task segment")
+        Task::Segment if detector == DetectorKind::Detr => {
+            bail!("the DETR (--detector detr, --arch detr-...) goes with --task detect, not --task segment")
         }
         Task::Segment => super::finetune_segment::run(&args, &comm),
     };
@@ -249,4 +306,48 @@ pub fn apply_backbone_init(b: &mut GraphBuilder, init: &BackboneInit) -> Result<
         })?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: FinetuneArgs,
+    }
+
+    fn parse(extra: &[&str]) -> Result<FinetuneArgs, clap::Error> {
+        let base = [
+            "densa", "--task", "detect", "--data", "a.json", "--out", "o",
+        ];
+        Cli::try_parse_from(base.iter().chain(extra)).map(|c| c.args)
+    }
+
+    #[test]
+    fn arch_detr_prefix_picks_the_detr_and_conflicts_with_fcos() {
+        let a = parse(&[]).unwrap();
+        assert_eq!(
+            (a.backbone(), a.detector().unwrap()),
+            (Arch::Edge, DetectorKind::Fcos)
+        );
+        let a = parse(&["--arch", "detr-resnet18"]).unwrap();
+        assert_eq!(
+            (a.backbone(), a.detector().unwrap()),
+            (Arch::ResNet18, DetectorKind::Detr)
+        );
+        let a = parse(&["--arch", "resnet-edge", "--detector", "detr"]).unwrap();
+        assert_eq!(a.detector().unwrap(), DetectorKind::Detr);
+        let e = parse(&["--arch", "detr-resnet-edge", "--detector", "fcos"])
+            .unwrap()
+            .detector()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("conflicts with --detector fcos"), "{e}");
+        let e = parse(&["--arch", "detr-vgg"]).err().unwrap().to_string();
+        assert!(e.contains("unknown architecture `vgg`"), "{e}");
+    }
 }

@@ -299,7 +299,7 @@ pub fn finetune_ranks(
         masks: None,
     })
     .with_context(|| format!("reading {}", args.data.display()))?;
-    let mut config = DetectorConfig::new(args.arch, source.classes().to_vec());
+    let mut config = DetectorConfig::new(args.backbone(), source.classes().to_vec());
     config.image_size = args.image_size.unwrap_or(DEFAULT_SIZE);
     // The file CocoSource parsed; not read a second time.
     let gt = source.dataset().clone();
@@ -366,7 +366,7 @@ pub fn finetune_ranks(
         config.image_size,
         val_gt.images.len()
     ));
-    let init = load_backbone_init(&args.init, args.arch)?;
+    let init = load_backbone_init(&args.init, args.backbone())?;
     if let Some(init) = &init {
         say(init.describe());
     }

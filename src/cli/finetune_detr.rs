@@ -172,7 +172,7 @@ pub fn run(args: &FinetuneArgs) -> Result<()> {
         masks: None,
     })
     .with_context(|| format!("reading {}", args.data.display()))?;
-    let mut config = DetrConfig::new(args.arch, source.classes().to_vec());
+    let mut config = DetrConfig::new(args.backbone(), source.classes().to_vec());
     config.image_size = args.image_size.unwrap_or(DEFAULT_SIZE);
     let gt = source.dataset().clone();
     let classes_of: Vec<Vec<usize>> = {
@@ -298,7 +298,7 @@ pub fn run(args: &FinetuneArgs) -> Result<()> {
             init_config.arch,
             init_config.classes.len()
         );
-    } else if let Some(init) = load_backbone_init(&args.init, args.arch)? {
+    } else if let Some(init) = load_backbone_init(&args.init, args.backbone())? {
         let mut tensors = StateDict::new();
         for (name, t) in init.tensors.iter() {
             let v = if t.dtype().is_float() {

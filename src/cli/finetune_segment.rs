@@ -275,7 +275,7 @@ pub fn run(args: &FinetuneArgs, comm: &Arc<dyn Communicator>) -> Result<()> {
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     let run = SegmenterRun {
-        model: SegmenterConfig::new(args.arch, classes.len()),
+        model: SegmenterConfig::new(args.backbone(), classes.len()),
         classes: classes.clone(),
         image_size: size,
         mean: IMAGENET_MEAN,
@@ -301,7 +301,7 @@ pub fn run(args: &FinetuneArgs, comm: &Arc<dyn Communicator>) -> Result<()> {
 
     // The train step: forward + loss, AdamW, (frozen backbone).
     let mut forward = segment::training_forward(&run.model, size as usize, args.seed)?;
-    if let Some(init) = load_backbone_init(&args.init, args.arch)? {
+    if let Some(init) = load_backbone_init(&args.init, args.backbone())? {
         eprintln!("densa: {}", init.describe());
         apply_backbone_init(&mut forward.builder, &init)?;
     }
@@ -336,7 +336,7 @@ pub fn run(args: &FinetuneArgs, comm: &Arc<dyn Communicator>) -> Result<()> {
     eprintln!(
         "densa: fine-tuning a {} segmenter ({} classes) on {} of {} images at {size}px, {} \
          epochs x {batches_per_epoch} steps, backend {}",
-        args.arch,
+        args.backbone(),
         classes.len(),
         indices.len(),
         source.len(),
