@@ -5,8 +5,10 @@
 //!
 //! - **Targets** (computed once per image before training, [`DetReg::prepare`], kept in
 //!   memory and under `OUT/cache/detreg/` so that a resume reuses them): selective search on
-//!   the image resized to 128x128 (`selective_search_resized`, OpenCV's fast mode), the top 30
-//!   boxes (`ProposalFilter::detreg()`, `--set proposals=K`); for each box, the crop resized to
+//!   the image resized to 128x128 (`selective_search_resized`, OpenCV's fast mode), the top 10
+//!   boxes (`ProposalFilter::detreg()`, `--set proposals=K`; the paper's 30 are for DETR's 100
+//!   or Deformable DETR's 300 queries: 10 keeps DETR's share for our 30, leaving queries to
+//!   learn "no object"); for each box, the crop resized to
 //!   `crop_size` pixels through the frozen encoder (`--set encoder=PATH`: a wave-1
 //!   `backbone.safetensors`, e.g. SwAV's, or the folder holding it) and global average pooling
 //!   of its C5: an `E`-vector (`E` = the encoder's C5 channels). An image without proposals
@@ -105,8 +107,9 @@ fn hyper() -> Vec<Hyper> {
         ),
         Hyper::int(
             "proposals",
-            30,
-            "selective-search boxes kept per image (paper 30)",
+            10,
+            "selective-search boxes kept per image (paper 30 for DETR's 100 queries; 10 keeps \
+             that share of our 30)",
         ),
         Hyper::int(
             "proposal_size",
