@@ -449,6 +449,47 @@ fn two_processes_finetune_and_pretrain_with_a_queue_and_refuse_sinkhorn() {
         "mpirun -np 2 densa pretrain densecl",
     );
     assert!(out.contains("data parallel: 2 ranks"), "{out}");
+    // SCFS's DINO centres are averaged across ranks (`centres_are_averaged_across_ranks`
+    // checks the arithmetic): it trains on 2 processes.
+    let (train, scfs_out) = (p("train"), p("scfs"));
+    let mut args = vec![
+        "pretrain",
+        "--method",
+        "scfs",
+        "--data",
+        &train,
+        "--batch",
+        "2",
+        "--steps",
+        "2",
+        "--image-size",
+        "32",
+        "--backend",
+        "tract",
+        "--out",
+        &scfs_out,
+    ];
+    let tiny: Vec<String> = densa::models::pretext::method_info("scfs")
+        .unwrap()
+        .tiny
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    for t in &tiny {
+        args.extend(["--set", t.as_str()]);
+    }
+    let out = ok(
+        &mpirun_densa(&mpirun, &args),
+        "mpirun -np 2 densa pretrain scfs",
+    );
+    assert!(out.contains("data parallel: 2 ranks"), "{out}");
+    assert_eq!(
+        std::fs::read_to_string(Path::new(&scfs_out).join("train_log.jsonl"))
+            .unwrap()
+            .lines()
+            .count(),
+        2
+    );
     // SwAV's Sinkhorn sums would have to be all-reduced inside the step: refused, not trained
     // differently.
     let args = [

@@ -49,14 +49,18 @@ impl Samples for Noisy {
 /// AdamW with gradient clipping: an update that is not linear in the gradient, so only
 /// averaging the gradients (not the updated parameters) reproduces the doubled batch.
 fn artifact(batch_norm: bool) -> Artifact {
-    build_artifact(batch_norm, None)
+    build_artifact(batch_norm, None, None)
 }
 
 /// With `queue: Some(batch)` (a graph built for that batch, as pretext artifacts are): MoCo's
 /// structure in miniature. The normalised logits (stop-gradient) are the step's keys, enqueued
 /// into a 16-row `queue` buffer; the loss has the queue's similarities as extra negative
 /// classes, so it depends on what earlier steps enqueued.
-fn build_artifact(batch_norm: bool, queue: Option<usize>) -> Artifact {
+///
+/// With `center: Some(name)`: DINO's centring in miniature. The logits minus a `[1, 4]`
+/// buffer `name` enter the loss; the buffer's next value is `0.9 c + 0.1 mean(logits)` over
+/// the batch, so later losses depend on every earlier batch's mean.
+fn build_artifact(batch_norm: bool, queue: Option<usize>, center: Option<&str>) -> Artifact {
     let mut b = GraphBuilder::new("tiny", 3);
     let n = queue.map_or(densa_exporter::Dim::from("N"), |n| n.into());
     let x = b
@@ -83,6 +87,23 @@ fn build_artifact(batch_norm: bool, queue: Option<usize>) -> Artifact {
     let logits = b.flatten(&h, 1);
     let labels = b.input("labels", DType::I64, vec![n]).unwrap();
     let mut state = mode.into_state();
+    let logits = match center {
+        Some(name) => {
+            let c = b
+                .param(
+                    name,
+                    &[1, 4],
+                    densa_exporter::Init::Zeros,
+                    densa_exporter::ParamKind::Buffer,
+                )
+                .unwrap();
+            let centred = b.sub(&logits, &c).unwrap();
+            let next = crate::pretext::scfs::center_update(&mut b, &c, &logits, 0.9).unwrap();
+            state.update(c.name(), next);
+            centred
+        }
+        None => logits,
+    };
     let mut stopped = None;
     let logits = if queue.is_some() {
         use crate::pretext::ops;
@@ -210,8 +231,8 @@ fn two_ranks_of_batch_4_train_like_one_process_of_batch_8() {
 #[test]
 fn queues_gather_every_ranks_keys() {
     let (whole, shard) = (
-        build_artifact(false, Some(8)),
-        build_artifact(false, Some(4)),
+        build_artifact(false, Some(8), None),
+        build_artifact(false, Some(4), None),
     );
     let reference = one_process(&whole, 8, 5);
     let dp = ranks(&shard, 2, 4, 5);
@@ -226,6 +247,37 @@ fn queues_gather_every_ranks_keys() {
         let d = max_diff(&reference, state, "");
         assert!(d < 2e-6, "data parallel vs doubled batch: max |diff| {d}");
     }
+}
+
+/// A centre (DINO, SCFS: `center.*`): each rank's update is averaged, which is DINO's
+/// all-reduce of the batch centre, so the centre and every later loss are the doubled
+/// batch's. The same buffer under a name the trainer does not average keeps each rank's own
+/// update, and the ranks drift apart: the check can fail.
+#[test]
+fn centres_are_averaged_across_ranks() {
+    let artifact = build_artifact(false, None, Some("center.logits"));
+    let reference = one_process(&artifact, 8, 5);
+    let dp = ranks(&artifact, 2, 4, 5);
+    assert_eq!(max_diff(&dp[0], &dp[1], ""), 0.0);
+    let moved = max_diff(&reference, artifact.state(), "center");
+    assert!(moved > 0.01, "the centre did not move ({moved})");
+    for state in &dp {
+        let c = max_diff(&reference, state, "center");
+        assert!(c < 2e-6, "centre: data parallel vs doubled batch {c}");
+        let d = max_diff(&reference, state, "");
+        assert!(d < 2e-6, "data parallel vs doubled batch: max |diff| {d}");
+    }
+    let local = build_artifact(false, None, Some("centroid"));
+    let reference = one_process(&local, 8, 5);
+    let dp = ranks(&local, 2, 4, 5);
+    let apart = max_diff(&dp[0], &dp[1], "centroid");
+    let off = max_diff(&reference, &dp[0], "centroid");
+    // 50x the tolerance above (the shards' means are close: balanced labels).
+    assert!(
+        apart > 1e-4 && off > 1e-4,
+        "rank-local centres should differ from each other ({apart}) and from the doubled \
+         batch's ({off})"
+    );
 }
 
 #[test]

@@ -30,14 +30,19 @@
 //!   The running statistics are averaged across ranks: exact for `running_mean` (the mean of
 //!   the shard means is the batch mean), not for `running_var` (the mean of the shard
 //!   variances misses the spread of the shard means).
+//! - Centres (DINO's and SCFS's `center.*` buffers: `c <- m c + (1 - m) mean(teacher
+//!   outputs)`) are averaged across ranks like the running statistics, which is DINO's
+//!   all-reduce of the batch centre: the mean of the ranks' updates is the update with the
+//!   global batch mean (exact for equal shards). See [`averaged_buffer`].
 //! - Other buffers (the momentum encoder's EMA) are computed from the identical parameters and
 //!   stay identical on every rank without communication.
 //! - Queues (MoCo, DenseCL; buffers named `*queue*`, `[K, D]` FIFOs with the step's keys in
 //!   front): each rank's new keys are all-gathered and enqueued in rank order, the global
 //!   batch order, as MoCo's `concat_all_gather` before `_dequeue_and_enqueue`; the queue is
 //!   then the one-process queue of the N-times batch (tested exactly without batch norm).
-//! - Not exchanged: in-batch negatives, SwAV's Sinkhorn sums and other batch-wide terms
-//!   computed inside the step (`densa pretrain` refuses those methods for N > 1), and MoCo's
+//! - Not exchanged: in-batch negatives, SwAV's Sinkhorn sums, means over a batch's valid
+//!   regions and other batch-wide terms computed inside the step (`densa pretrain` refuses
+//!   those methods for N > 1), and MoCo's
 //!   shuffled batch norm (the key encoder normalises per shard, like the query encoder).
 //!
 //! # Failure
@@ -47,6 +52,16 @@
 //! on every rank.
 
 use std::sync::{Arc, Barrier, Mutex};
+
+/// Whether the data-parallel trainer averages buffer `name`'s next value across ranks: batch
+/// norm's `running_mean` / `running_var`, and centres (a `center` path segment, e.g.
+/// `center.dino`): exponential averages of batch means, whose per-rank updates average to the
+/// update by the whole batch (exact for `running_mean` and centres; not for `running_var`).
+pub fn averaged_buffer(name: &str) -> bool {
+    name.ends_with("running_mean")
+        || name.ends_with("running_var")
+        || name.split('.').any(|part| part == "center")
+}
 
 /// Why a communicator could not be set up.
 #[derive(Debug, thiserror::Error)]

@@ -269,7 +269,8 @@ struct DataParallel {
     update: Box<dyn Session>,
     /// Gradient outputs all-reduced, in order, with their shapes.
     grads: Vec<(String, Vec<usize>)>,
-    /// State indices of the buffers averaged across ranks (batch-norm running statistics).
+    /// State indices of the buffers averaged across ranks
+    /// ([`averaged_buffer`](super::distributed::averaged_buffer)).
     averaged: Vec<usize>,
     /// State indices of the key queues ([`gather_queue`]).
     queues: Vec<usize>,
@@ -427,9 +428,7 @@ impl<'a> Trainer<'a> {
                 .input(name)
                 .expect("state names come from the manifest");
             next_names.push(e.next.clone().expect("validated"));
-            if e.role == InputRole::Buffer
-                && (name.ends_with("running_mean") || name.ends_with("running_var"))
-            {
+            if e.role == InputRole::Buffer && super::distributed::averaged_buffer(name) {
                 averaged.push(k);
             }
             if e.role == InputRole::Buffer && name.contains("queue") {
