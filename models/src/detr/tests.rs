@@ -116,11 +116,12 @@ fn reference(c: &Case, logits: &[f64], boxes: &[f64], cfg: &LossConfig) -> [f64;
 }
 
 /// The loss graph (outputs `loss`, `ce`, `bbox`, `giou`) and its gradient graph (`loss`,
-/// `grad.logits`, `grad.boxes`).
+/// `grad.logits`, `grad.boxes`); `logits` are `[N, Q, cfg.class.outputs(C)]`.
 fn loss_model(cfg: &LossConfig) -> (ModelProto, ModelProto) {
     let mut b = GraphBuilder::new("set-loss", 0);
     let d = |s: &[usize]| s.iter().map(|&x| Dim::from(x)).collect::<Vec<_>>();
-    let logits = b.input("logits", DType::F32, d(&[N, Q, K])).unwrap();
+    let k = cfg.class.outputs(C);
+    let logits = b.input("logits", DType::F32, d(&[N, Q, k])).unwrap();
     let boxes = b.input("boxes", DType::F32, d(&[N, Q, 4])).unwrap();
     let targets = LayerTargets {
         classes: b.input("classes", DType::I64, d(&[N, Q])).unwrap(),
@@ -734,21 +735,7 @@ fn focal_set_loss_and_its_gradient_equal_a_direct_computation() {
         .chunks(K)
         .flat_map(|r| r[..C].iter().copied())
         .collect();
-    let mut b = GraphBuilder::new("focal-loss", 0);
-    let d = |s: &[usize]| s.iter().map(|&x| Dim::from(x)).collect::<Vec<_>>();
-    let lg = b.input("logits", DType::F32, d(&[N, Q, C])).unwrap();
-    let boxes = b.input("boxes", DType::F32, d(&[N, Q, 4])).unwrap();
-    let targets = LayerTargets {
-        classes: b.input("classes", DType::I64, d(&[N, Q])).unwrap(),
-        boxes: b.input("tboxes", DType::F32, d(&[N, Q, 4])).unwrap(),
-        mask: b.input("mask", DType::F32, d(&[N, Q])).unwrap(),
-    };
-    let num = b.input("num_boxes", DType::F32, vec![]).unwrap();
-    let l = loss::set_loss(&mut b, &lg, &boxes, &targets, &num, C, &cfg).unwrap();
-    b.output(&l.total, "loss").unwrap();
-    b.output(&l.ce, "ce").unwrap();
-    let plain = b.finish();
-    let model = with_gradients(&plain, &GradRequest::new("loss", &["logits"])).unwrap();
+    let (plain, model) = loss_model(&cfg);
     let mut inputs = feed(&c);
     inputs[0] = (
         "logits".into(),
