@@ -1,7 +1,9 @@
 //! The DETR-family detector (Carion et al. 2020, "End-to-End Object Detection with
 //! Transformers"): backbone C5 -> 1x1 projection -> tokens + 2-D sine positional encoding ->
 //! transformer encoder -> decoder over learned object queries -> a class head (classes + "no
-//! object") and a box head (3-layer MLP, sigmoid, normalised cxcywh) on every decoder layer.
+//! object" under a softmax, or Deformable DETR's one sigmoid per class with the focal loss:
+//! [`LossConfig::class`]) and a box head (3-layer MLP, sigmoid, normalised cxcywh) on every
+//! decoder layer.
 //! Training matches predictions to ground truth one-to-one on the host (Hungarian matching,
 //! [`hungarian`], [`matcher`]) and applies the set criterion ([`loss`]) to every decoder
 //! layer's output (auxiliary losses).
@@ -23,7 +25,8 @@
 //! - Batch norm as the dense detector: batch statistics while training by default
 //!   ([`DetrConfig::train_batch_norm`]), folded into the convolutions on export.
 //! - Inference keeps the last decoder layer: score and label are the best class probability
-//!   (softmax without "no object"), the top-k queries by score; no NMS (DETR needs none).
+//!   (softmax without "no object", or the sigmoids), the top-k queries by score; no NMS (DETR
+//!   needs none).
 
 #[cfg(feature = "train")]
 pub mod detreg;
