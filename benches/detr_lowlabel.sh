@@ -20,7 +20,8 @@
 #                runs for the dense rows unless DENSE=0
 #   PT_STEPS     pretraining steps, the same budget for every method [300]
 #   PT_BATCH     pretraining batch [16]      SIZE  DETR input and pretraining view size [128]
-#   REGIMES      fine-tuning label regimes ["fraction=0.01 shots=10"]
+#   REGIMES      fine-tuning label regimes ["fraction=0.01 shots=10"]; the README's 10% column:
+#                REGIMES=fraction=0.1 FT_EPOCHS=100
 #   FT_EPOCHS    DETR fine-tuning epochs [200 at 1% (10 images), 60 at 10 shots]; validation
 #                10 times per run
 #   DENSE_EPOCHS dense-detector epochs [the same as FT_EPOCHS]
