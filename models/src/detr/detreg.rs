@@ -43,13 +43,12 @@ use densa_runtime::proposals::{
 };
 use image::RgbImage;
 use ndarray::{Array4, ArrayD, Axis, IxDyn};
-use rand::RngExt;
 use rand_chacha::ChaCha8Rng;
 
 use super::loss::{EmbeddingConfig, LossConfig};
 use super::matcher::{xyxy_to_cxcywh, ImageTargets};
 use super::pretext::{
-    detr_config, detr_hyper, flip_boxes, images_tensor, DetrBatch, DetrPretext, DetrPretextContext,
+    detr_config, detr_hyper, prepared_batch, DetrBatch, DetrPretext, DetrPretextContext,
     PrepareContext, SampleImage,
 };
 use super::train::{step_graphs, DetrStepGraphs};
@@ -592,29 +591,7 @@ impl DetrPretext for DetReg {
         rng: &mut ChaCha8Rng,
     ) -> Result<DetrBatch, PretextError> {
         let flip = self.settings.bool("flip");
-        let mut flips = Vec::with_capacity(images.len());
-        let mut targets = Vec::with_capacity(images.len());
-        for s in images {
-            let mut t = self
-                .targets_of(s.index)
-                .cloned()
-                .ok_or_else(|| PretextError::Invalid {
-                    method: "detreg".into(),
-                    problem: format!("image {} has no prepared targets", s.index),
-                })?;
-            let f = flip && rng.random::<bool>();
-            if f {
-                flip_boxes(&mut t.boxes);
-            }
-            flips.push(f);
-            targets.push(t);
-        }
-        let refs: Vec<&RgbImage> = images.iter().map(|s| &s.image).collect();
-        Ok(DetrBatch {
-            images: images_tensor(config, &refs, &flips),
-            targets,
-            extra: Vec::new(),
-        })
+        prepared_batch("detreg", config, images, |i| self.targets_of(i), flip, rng)
     }
 }
 

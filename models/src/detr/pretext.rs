@@ -22,6 +22,7 @@ use densa_exporter::Tensor;
 use densa_runtime::backend::Backend;
 use image::RgbImage;
 use ndarray::Array4;
+use rand::RngExt;
 use rand_chacha::ChaCha8Rng;
 
 use super::matcher::ImageTargets;
@@ -253,6 +254,42 @@ pub fn flip_boxes(boxes: &mut [[f32; 4]]) {
     for b in boxes {
         b[0] = 1.0 - b[0];
     }
+}
+
+/// The batch of a method whose targets are prepared once per image (DetReg's and Pair DETR's
+/// proposals): each image's targets from `targets_of(index)`, the image and its boxes flipped
+/// horizontally with probability 1/2 when `flip`; an image without prepared targets is an
+/// error naming `method`.
+pub fn prepared_batch<'a>(
+    method: &str,
+    config: &DetrConfig,
+    images: &[SampleImage],
+    targets_of: impl Fn(usize) -> Option<&'a ImageTargets>,
+    flip: bool,
+    rng: &mut ChaCha8Rng,
+) -> Result<DetrBatch, PretextError> {
+    let mut flips = Vec::with_capacity(images.len());
+    let mut targets = Vec::with_capacity(images.len());
+    for s in images {
+        let mut t = targets_of(s.index)
+            .cloned()
+            .ok_or_else(|| PretextError::Invalid {
+                method: method.into(),
+                problem: format!("image {} has no prepared targets", s.index),
+            })?;
+        let f = flip && rng.random::<bool>();
+        if f {
+            flip_boxes(&mut t.boxes);
+        }
+        flips.push(f);
+        targets.push(t);
+    }
+    let refs: Vec<&RgbImage> = images.iter().map(|s| &s.image).collect();
+    Ok(DetrBatch {
+        images: images_tensor(config, &refs, &flips),
+        targets,
+        extra: Vec::new(),
+    })
 }
 
 #[cfg(test)]

@@ -25,12 +25,11 @@ use densa_exporter::Tensor;
 use densa_runtime::data::image::read_rgb;
 use image::RgbImage;
 use ndarray::{ArrayD, IxDyn};
-use rand::RngExt;
 use rand_chacha::ChaCha8Rng;
 
 use super::super::matcher::{xyxy_to_cxcywh, ImageTargets};
 use super::super::pretext::{
-    detr_config, detr_hyper, flip_boxes, images_tensor, DetrBatch, DetrPretext, DetrPretextContext,
+    detr_config, detr_hyper, prepared_batch, DetrBatch, DetrPretext, DetrPretextContext,
     PrepareContext, SampleImage, BACKBONE_PREFIXES,
 };
 use super::super::train::DetrStepGraphs;
@@ -344,26 +343,14 @@ impl DetrPretext for PairDetrPretrain {
         rng: &mut ChaCha8Rng,
     ) -> Result<DetrBatch, PretextError> {
         let flip = self.settings.bool("flip");
-        let mut flips = Vec::with_capacity(images.len());
-        let mut targets = Vec::with_capacity(images.len());
-        for s in images {
-            let mut t = self
-                .targets_of(s.index)
-                .cloned()
-                .ok_or_else(|| invalid(format!("image {} has no prepared targets", s.index)))?;
-            let f = flip && rng.random::<bool>();
-            if f {
-                flip_boxes(&mut t.boxes);
-            }
-            flips.push(f);
-            targets.push(t);
-        }
-        let refs: Vec<&RgbImage> = images.iter().map(|s| &s.image).collect();
-        Ok(DetrBatch {
-            images: images_tensor(config, &refs, &flips),
-            targets,
-            extra: Vec::new(),
-        })
+        prepared_batch(
+            "pairdetr",
+            config,
+            images,
+            |i| self.targets_of(i),
+            flip,
+            rng,
+        )
     }
 }
 
