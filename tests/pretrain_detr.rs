@@ -7,28 +7,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{assert_clean_failure, run_densa, stderr};
-use densa::models::backbone::Arch;
-
-fn ok(args: &[&str]) -> (String, String) {
-    let o = run_densa(args);
-    assert!(o.status.success(), "densa {args:?} failed:\n{}", stderr(&o));
-    (String::from_utf8_lossy(&o.stdout).into_owned(), stderr(&o))
-}
-
-/// A randomly initialised edge backbone in torchvision names: a stand-in for a wave-1
-/// `backbone.safetensors` (the encoder's values only change the targets' numbers).
-fn random_encoder(path: &Path) {
-    let mut b = densa::exporter::GraphBuilder::new("encoder", 7);
-    Arch::Edge.config().init(&mut b).unwrap();
-    let mut sd = densa::exporter::weights::StateDict::new();
-    for p in b.params() {
-        if let Some(t) = b.initializer_value(&p.name) {
-            sd.insert(p.name.clone(), t.clone());
-        }
-    }
-    densa::exporter::weights::save_safetensors(&sd, path).unwrap();
-}
+use common::{assert_clean_failure, finetune_detr_from, ok, random_backbone, run_densa};
 
 fn log_lines(out: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(out.join("train_log.jsonl"))
@@ -56,7 +35,7 @@ fn detreg_pretrains_resumes_and_initialises_detr_finetuning() {
         "2",
     ]);
     std::fs::create_dir_all(tmp.path().join("swav")).unwrap();
-    random_encoder(&tmp.path().join("swav/backbone.safetensors"));
+    random_backbone(&tmp.path().join("swav/backbone.safetensors"), 7);
     let encoder = format!("encoder={}", p("swav"));
     let args = |steps: &'static str, extra: &[&'static str]| -> Vec<String> {
         let mut v: Vec<String> = [
@@ -150,31 +129,7 @@ fn detreg_pretrains_resumes_and_initialises_detr_finetuning() {
     assert!(msg.contains("other settings"), "{msg}");
 
     // The whole pretrained detector initialises DETR fine-tuning.
-    let (_, log) = ok(&[
-        "finetune",
-        "--task",
-        "detect",
-        "--detector",
-        "detr",
-        "--data",
-        &p("scenes/annotations.json"),
-        "--image-size",
-        "64",
-        "--epochs",
-        "1",
-        "--batch-size",
-        "2",
-        "--init",
-        &p("run"),
-        "--out",
-        &p("ft"),
-        "--backend",
-        "tract",
-    ]);
-    let loaded = log
-        .lines()
-        .find(|l| l.starts_with("init: loaded"))
-        .unwrap_or_else(|| panic!("{log}"));
+    let loaded = finetune_detr_from(&p("run"), &p("scenes/annotations.json"), &p("ft"));
     let words: Vec<&str> = loaded.split_whitespace().collect();
     let (n, total): (usize, usize) = (words[2].parse().unwrap(), words[4].parse().unwrap());
     // Everything but the class head (1 pretraining class, the scenes' classes here).

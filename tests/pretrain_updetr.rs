@@ -5,31 +5,7 @@
 
 mod common;
 
-use std::path::Path;
-
-use common::{run_densa, stderr};
-use densa::models::backbone::Arch;
-
-fn ok(args: &[&str]) -> (String, String) {
-    let o = run_densa(args);
-    assert!(o.status.success(), "densa {args:?} failed:\n{}", stderr(&o));
-    (String::from_utf8_lossy(&o.stdout).into_owned(), stderr(&o))
-}
-
-/// A randomly initialised edge backbone in torchvision names: a stand-in for a wave-1
-/// `backbone.safetensors` (SwAV's in the paper).
-fn random_backbone(path: &Path) -> densa::exporter::weights::StateDict {
-    let mut b = densa::exporter::GraphBuilder::new("backbone", 11);
-    Arch::Edge.config().init(&mut b).unwrap();
-    let mut sd = densa::exporter::weights::StateDict::new();
-    for p in b.params() {
-        if let Some(t) = b.initializer_value(&p.name) {
-            sd.insert(p.name.clone(), t.clone());
-        }
-    }
-    densa::exporter::weights::save_safetensors(&sd, path).unwrap();
-    sd
-}
+use common::{finetune_detr_from, ok, random_backbone};
 
 #[test]
 fn updetr_pretrains_with_a_frozen_backbone_and_initialises_detr_finetuning() {
@@ -49,7 +25,7 @@ fn updetr_pretrains_with_a_frozen_backbone_and_initialises_detr_finetuning() {
         "2",
     ]);
     std::fs::create_dir_all(tmp.path().join("swav")).unwrap();
-    let init = random_backbone(&tmp.path().join("swav/backbone.safetensors"));
+    let init = random_backbone(&tmp.path().join("swav/backbone.safetensors"), 11);
     let backbone = format!("backbone={}", p("swav"));
     let (stdout, _) = ok(&[
         "pretrain",
@@ -118,31 +94,7 @@ fn updetr_pretrains_with_a_frozen_backbone_and_initialises_detr_finetuning() {
     assert!(state.get("patch2query.weight").is_some());
 
     // A plain DETR (no query patches, no mask) fine-tunes from it.
-    let (_, log) = ok(&[
-        "finetune",
-        "--task",
-        "detect",
-        "--detector",
-        "detr",
-        "--data",
-        &p("scenes/annotations.json"),
-        "--image-size",
-        "64",
-        "--epochs",
-        "1",
-        "--batch-size",
-        "2",
-        "--init",
-        &p("run"),
-        "--out",
-        &p("ft"),
-        "--backend",
-        "tract",
-    ]);
-    let loaded = log
-        .lines()
-        .find(|l| l.starts_with("init: loaded"))
-        .unwrap_or_else(|| panic!("{log}"));
+    let loaded = finetune_detr_from(&p("run"), &p("scenes/annotations.json"), &p("ft"));
     let n: usize = loaded.split_whitespace().nth(2).unwrap().parse().unwrap();
     let transformer = state
         .iter()

@@ -114,3 +114,58 @@ pub fn fixture(rel: &str) -> PathBuf {
         .join("tests/fixtures")
         .join(rel)
 }
+
+/// Runs `densa args`, fails the test with its stderr unless it succeeds; stdout and stderr.
+pub fn ok(args: &[&str]) -> (String, String) {
+    let o = run_densa(args);
+    assert!(o.status.success(), "densa {args:?} failed:\n{}", stderr(&o));
+    (String::from_utf8_lossy(&o.stdout).into_owned(), stderr(&o))
+}
+
+/// A randomly initialised (`seed`) edge backbone in torchvision names, saved to `path`: a
+/// stand-in for a wave-1 `backbone.safetensors`.
+pub fn random_backbone(path: &Path, seed: u64) -> densa::exporter::weights::StateDict {
+    let mut b = densa::exporter::GraphBuilder::new("backbone", seed);
+    densa::models::backbone::Arch::Edge
+        .config()
+        .init(&mut b)
+        .unwrap();
+    let mut sd = densa::exporter::weights::StateDict::new();
+    for p in b.params() {
+        if let Some(t) = b.initializer_value(&p.name) {
+            sd.insert(p.name.clone(), t.clone());
+        }
+    }
+    densa::exporter::weights::save_safetensors(&sd, path).unwrap();
+    sd
+}
+
+/// `densa finetune --task detect --detector detr --init RUN` for one epoch at 64 px on
+/// `annotations` (tract), into `out`: the stderr line saying how many DETR tensors loaded.
+pub fn finetune_detr_from(run: &str, annotations: &str, out: &str) -> String {
+    let (_, log) = ok(&[
+        "finetune",
+        "--task",
+        "detect",
+        "--detector",
+        "detr",
+        "--data",
+        annotations,
+        "--image-size",
+        "64",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "2",
+        "--init",
+        run,
+        "--out",
+        out,
+        "--backend",
+        "tract",
+    ]);
+    log.lines()
+        .find(|l| l.starts_with("init: loaded"))
+        .unwrap_or_else(|| panic!("{log}"))
+        .to_string()
+}
