@@ -48,8 +48,8 @@ use rand_chacha::ChaCha8Rng;
 use super::loss::{EmbeddingConfig, LossConfig};
 use super::matcher::{xyxy_to_cxcywh, ImageTargets};
 use super::pretext::{
-    detr_config, detr_hyper, prepared_batch, DetrBatch, DetrPretext, DetrPretextContext,
-    PrepareContext, SampleImage,
+    backbone_file, detr_config, detr_hyper, prepared_batch, DetrBatch, DetrPretext,
+    DetrPretextContext, PrepareContext, SampleImage,
 };
 use super::train::{step_graphs, DetrStepGraphs};
 use super::DetrConfig;
@@ -167,30 +167,15 @@ fn arch_of_run(dir: &Path) -> Option<Arch> {
 impl DetReg {
     /// Checks the settings; the encoder file must exist.
     pub fn new(settings: Settings) -> Result<DetReg, PretextError> {
-        let path = settings.text("encoder").to_string();
-        if path.is_empty() {
+        let Some(encoder) = backbone_file(&settings, "encoder")? else {
             return Err(settings.bad(
                 "encoder",
                 "DetReg needs a frozen self-supervised encoder for its box embeddings: pass \
                  --set encoder=PATH with a backbone.safetensors (e.g. the output folder of \
                  `densa pretrain --method swav`)",
             ));
-        }
-        let given = PathBuf::from(&path);
-        let (encoder, folder) = if given.is_dir() {
-            (given.join("backbone.safetensors"), Some(given.clone()))
-        } else {
-            (given.clone(), given.parent().map(Path::to_path_buf))
         };
-        if !encoder.is_file() {
-            return Err(settings.bad(
-                "encoder",
-                &format!(
-                    "{} is not a file (a backbone.safetensors)",
-                    encoder.display()
-                ),
-            ));
-        }
+        let folder = encoder.parent().map(Path::to_path_buf);
         let encoder_arch = match settings.text("encoder_arch") {
             "" => folder.as_deref().and_then(arch_of_run),
             name => Some(

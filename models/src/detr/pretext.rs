@@ -191,6 +191,30 @@ pub fn detr_config(
     Ok(c)
 }
 
+/// The weights file a path setting names (DetReg's `encoder`, UP-DETR's and Pair DETR's
+/// `backbone`): a `backbone.safetensors`, or a run folder holding one (what `densa pretrain`
+/// writes). `None` when the setting is empty; an error naming the setting when the file is
+/// not there.
+pub fn backbone_file(settings: &Settings, key: &str) -> Result<Option<PathBuf>, PretextError> {
+    let given = settings.text(key);
+    if given.is_empty() {
+        return Ok(None);
+    }
+    let given = Path::new(given);
+    let file = if given.is_dir() {
+        given.join("backbone.safetensors")
+    } else {
+        given.to_path_buf()
+    };
+    if !file.is_file() {
+        return Err(settings.bad(
+            key,
+            &format!("{} is not a file (a backbone.safetensors)", file.display()),
+        ));
+    }
+    Ok(Some(file))
+}
+
 /// The gradient clipping of the settings' `grad_clip` (`None` at 0).
 pub fn grad_clip(settings: &Settings) -> Result<Option<f64>, PretextError> {
     let v = settings.checked("grad_clip", |v| v >= 0.0, "must be >= 0")?;

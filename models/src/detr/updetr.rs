@@ -32,7 +32,7 @@
 //! random initial backbone); the reconstruction head is the generic embedding head
 //! ([`DetrConfig::embedding`], 2 layers, [`EmbeddingLoss::NormalizedSquared`], weight 1).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Mutex;
 
 use densa_exporter::onnx::ModelProto;
@@ -51,8 +51,8 @@ use rand_chacha::ChaCha8Rng;
 use super::loss::{EmbeddingConfig, EmbeddingLoss};
 use super::matcher::{xyxy_to_cxcywh, ImageTargets};
 use super::pretext::{
-    detr_config, detr_hyper, DetrBatch, DetrPretext, DetrPretextContext, PrepareContext,
-    SampleImage,
+    backbone_file, detr_config, detr_hyper, DetrBatch, DetrPretext, DetrPretextContext,
+    PrepareContext, SampleImage,
 };
 use super::train::{step_graphs, DetrStepGraphs};
 use super::{names, DetrConfig, DetrError};
@@ -582,17 +582,7 @@ impl UpDetr {
             shuffle: settings.bool("shuffle"),
             jitter: ColorJitterConfig::default(),
         };
-        let backbone = match settings.text("backbone") {
-            "" => None,
-            p => {
-                let p = Path::new(p);
-                Some(if p.is_dir() {
-                    p.join("backbone.safetensors")
-                } else {
-                    p.to_path_buf()
-                })
-            }
-        };
+        let backbone = backbone_file(&settings, "backbone")?;
         Ok(UpDetr {
             settings,
             config,

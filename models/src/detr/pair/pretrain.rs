@@ -29,8 +29,8 @@ use rand_chacha::ChaCha8Rng;
 
 use super::super::matcher::{xyxy_to_cxcywh, ImageTargets};
 use super::super::pretext::{
-    detr_config, detr_hyper, prepared_batch, DetrBatch, DetrPretext, DetrPretextContext,
-    PrepareContext, SampleImage, BACKBONE_PREFIXES,
+    backbone_file, detr_config, detr_hyper, prepared_batch, DetrBatch, DetrPretext,
+    DetrPretextContext, PrepareContext, SampleImage, BACKBONE_PREFIXES,
 };
 use super::super::train::DetrStepGraphs;
 use super::super::DetrConfig;
@@ -135,24 +135,7 @@ pub struct PairDetrPretrain {
 impl PairDetrPretrain {
     /// Checks the settings (the backbone file must exist when given).
     pub fn new(settings: Settings) -> Result<PairDetrPretrain, PretextError> {
-        let given = settings.text("backbone").to_string();
-        let backbone = if given.is_empty() {
-            None
-        } else {
-            let p = PathBuf::from(&given);
-            let file = if p.is_dir() {
-                p.join("backbone.safetensors")
-            } else {
-                p
-            };
-            if !file.is_file() {
-                return Err(settings.bad(
-                    "backbone",
-                    &format!("{} is not a file (a backbone.safetensors)", file.display()),
-                ));
-            }
-            Some(file)
-        };
+        let backbone = backbone_file(&settings, "backbone")?;
         Ok(PairDetrPretrain {
             settings,
             backbone,
