@@ -19,7 +19,10 @@
 //! whose first polygon has 4, and reads odd counts short);
 //! run lists are kept canonical (no empty runs except a leading one), so unions of
 //! non-canonical inputs may differ from pycocotools in their run lists, never in the pixels;
-//! counts are validated (they must sum to `height * width`) instead of read out of bounds.
+//! counts are validated (they must sum to `height * width`) instead of read out of bounds;
+//! polygon coordinates must be finite and within [`polygon_margin`] of the image (the edge walk
+//! costs memory in proportion to an edge's length, so a vertex at `1e20` would ask for gigabytes;
+//! pycocotools overflows its `int` there).
 
 use crate::data::coco::{RleCounts, Segmentation};
 
@@ -45,6 +48,24 @@ pub enum MaskError {
     NoPolygons,
     #[error("mask size {height}x{width} is empty")]
     EmptySize { height: u32, width: u32 },
+    #[error(
+        "polygon {index}: coordinate {position} is {value}, not a finite number within \
+         {margin} pixels of the {height}x{width} image"
+    )]
+    PolygonOutOfRange {
+        index: usize,
+        position: usize,
+        value: f64,
+        margin: f64,
+        height: u32,
+        width: u32,
+    },
+}
+
+/// How far outside a `height x width` image a polygon vertex may lie: four image sizes, and at
+/// least 1024 pixels. Real annotations stray a few pixels; this bounds the rasteriser's work.
+pub fn polygon_margin(height: u32, width: u32) -> f64 {
+    (4.0 * height.max(width) as f64).max(1024.0)
 }
 
 /// A run-length encoded binary mask (pycocotools' `RLE`).
@@ -313,6 +334,10 @@ impl Rle {
     /// Rasterises one polygon `[x1, y1, x2, y2, ...]` exactly as pycocotools' `rleFrPoly`:
     /// vertices are scaled by 5 and rounded, the edges walked pixel by pixel, and a pixel is
     /// inside when its centre is below a crossing of the upsampled boundary in its column.
+    ///
+    /// Coordinates are first clamped to [`polygon_margin`] around the image (NaN to 0), which
+    /// bounds the work; [`Rle::from_segmentation`] refuses polygons that would be clamped. For an
+    /// axis-aligned box (as [`Rle::from_bbox`]) the clamp never changes a pixel.
     pub fn from_polygon(xy: &[f64], height: u32, width: u32) -> Rle {
         const SCALE: f64 = 5.0;
         let k = xy.len() / 2;
@@ -320,12 +345,20 @@ impl Rle {
         if k == 0 {
             return RunBuilder::new().finish(height, width);
         }
+        let margin = polygon_margin(height, width);
+        let clamp = |v: f64, size: u32| {
+            if v.is_nan() {
+                0.0
+            } else {
+                v.clamp(-margin, size as f64 + margin)
+            }
+        };
         // Vertices on the 5x grid; `as i32` truncates toward zero like C's `(int)` cast.
         let px: Vec<i32> = (0..=k)
-            .map(|j| (SCALE * xy[(j % k) * 2] + 0.5) as i32)
+            .map(|j| (SCALE * clamp(xy[(j % k) * 2], width) + 0.5) as i32)
             .collect();
         let py: Vec<i32> = (0..=k)
-            .map(|j| (SCALE * xy[(j % k) * 2 + 1] + 0.5) as i32)
+            .map(|j| (SCALE * clamp(xy[(j % k) * 2 + 1], height) + 0.5) as i32)
             .collect();
         // Dense boundary points along every edge.
         let mut u: Vec<i32> = Vec::new();
@@ -419,6 +452,21 @@ impl Rle {
                         return Err(MaskError::BadPolygon {
                             index,
                             len: p.len(),
+                        });
+                    }
+                    let margin = polygon_margin(height, width);
+                    let outside = p.iter().enumerate().find(|&(position, &v)| {
+                        let size = if position % 2 == 0 { width } else { height };
+                        !(v >= -margin && v <= size as f64 + margin)
+                    });
+                    if let Some((position, &value)) = outside {
+                        return Err(MaskError::PolygonOutOfRange {
+                            index,
+                            position,
+                            value,
+                            margin,
+                            height,
+                            width,
                         });
                     }
                     parts.push(Self::from_polygon(p, height, width));

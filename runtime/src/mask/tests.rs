@@ -260,3 +260,41 @@ fn malformed_rles_are_errors() {
         Err(MaskError::NoPolygons)
     );
 }
+
+#[test]
+fn far_out_polygon_vertices_are_refused_not_walked() {
+    // A vertex at 1e20 once asked the edge walk for 2^31 points (a fuzzed COCO file did this).
+    let seg = Segmentation::Polygons(vec![vec![1.0, 1.0, 1e20, 1.0, 2.0, 3.0]]);
+    let err = Rle::from_segmentation(&seg, 4, 4).unwrap_err();
+    assert!(matches!(
+        err,
+        MaskError::PolygonOutOfRange {
+            index: 0,
+            position: 2,
+            ..
+        }
+    ));
+    assert!(err.to_string().contains("1e20") || err.to_string().contains("100000000000000000000"));
+    let nan = Segmentation::Polygons(vec![vec![1.0, 1.0, 2.0, f64::NAN, 2.0, 3.0]]);
+    assert!(matches!(
+        Rle::from_segmentation(&nan, 4, 4),
+        Err(MaskError::PolygonOutOfRange { position: 3, .. })
+    ));
+    // A few pixels outside the image is ordinary and accepted.
+    let stray = Segmentation::Polygons(vec![vec![-3.0, -2.0, 7.5, -2.0, 7.5, 6.0]]);
+    assert!(Rle::from_segmentation(&stray, 4, 4).is_ok());
+}
+
+#[test]
+fn clamping_a_huge_box_changes_no_pixel() {
+    // Detections without masks are rasterised as their box; a box reaching 1e12 must give the
+    // same pixels as one that just covers the image edge (and finish at once).
+    for (h, w) in [(5u32, 7u32), (40, 33)] {
+        for &(x, y) in &[(-1e12, -1e12), (-2.0, -3.0), (1.5, 2.5)] {
+            let far = Rle::from_bbox([x, y, 2e12, 2e12], h, w);
+            let (x0, y0) = (x.max(-1.0), y.max(-1.0));
+            let near = Rle::from_bbox([x0, y0, w as f64 + 1.0 - x0, h as f64 + 1.0 - y0], h, w);
+            assert_eq!(far, near, "{h}x{w} box from ({x}, {y})");
+        }
+    }
+}
