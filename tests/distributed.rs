@@ -118,7 +118,7 @@ fn mpirun_command(mpirun: &Path) -> Command {
 }
 
 /// `mpirun -np 2 --oversubscribe densa <args>`.
-fn mpirun_densa(mpirun: &Path, args: &[&str]) -> Output {
+fn mpirun_densa<S: AsRef<std::ffi::OsStr>>(mpirun: &Path, args: &[S]) -> Output {
     let mut cmd = mpirun_command(mpirun);
     cmd.args(["-np", "2", env!("CARGO_BIN_EXE_densa")])
         .args(args);
@@ -351,7 +351,7 @@ fn an_mpi_launch_of_a_build_without_the_feature_is_refused() {
 
 #[cfg(feature = "mpi")]
 #[test]
-fn two_processes_finetune_and_pretrain_with_a_queue_and_refuse_sinkhorn() {
+fn two_processes_finetune_and_pretrain_with_queues_centres_and_sinkhorn() {
     let Some(mpirun) = mpirun() else { return };
     let dir = tempfile::tempdir().unwrap();
     let p = |rel: &str| dir.path().join(rel).display().to_string();
@@ -451,66 +451,75 @@ fn two_processes_finetune_and_pretrain_with_a_queue_and_refuse_sinkhorn() {
     assert!(out.contains("data parallel: 2 ranks"), "{out}");
     // SCFS's DINO centres are averaged across ranks (`centres_are_averaged_across_ranks`
     // checks the arithmetic): it trains on 2 processes.
-    let (train, scfs_out) = (p("train"), p("scfs"));
-    let mut args = vec![
-        "pretrain",
-        "--method",
-        "scfs",
-        "--data",
-        &train,
-        "--batch",
-        "2",
-        "--steps",
-        "2",
-        "--image-size",
-        "32",
-        "--backend",
-        "tract",
-        "--out",
-        &scfs_out,
-    ];
-    let tiny: Vec<String> = densa::models::pretext::method_info("scfs")
-        .unwrap()
-        .tiny
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect();
-    for t in &tiny {
-        args.extend(["--set", t.as_str()]);
-    }
+    let train = p("train");
+    let scfs_out = p("scfs");
     let out = ok(
-        &mpirun_densa(&mpirun, &args),
+        &mpirun_densa(&mpirun, &tiny_pretrain("scfs", &train, &scfs_out, 2)),
         "mpirun -np 2 densa pretrain scfs",
     );
     assert!(out.contains("data parallel: 2 ranks"), "{out}");
-    assert_eq!(
-        std::fs::read_to_string(Path::new(&scfs_out).join("train_log.jsonl"))
-            .unwrap()
-            .lines()
-            .count(),
-        2
+    assert_eq!(log_lines(&scfs_out), 2);
+    // SwAV's Sinkhorn sums are all-reduced between the halves of the gradient graph
+    // (`swav_sinkhorn_sums_cross_ranks` checks the arithmetic): it trains on 2 processes and
+    // resumes from its saved artifact (which holds the forward half).
+    let swav_out = p("swav");
+    let out = ok(
+        &mpirun_densa(&mpirun, &tiny_pretrain("swav", &train, &swav_out, 1)),
+        "mpirun -np 2 densa pretrain swav",
     );
-    // SwAV's Sinkhorn sums would have to be all-reduced inside the step: refused, not trained
-    // differently.
-    let args = [
+    assert!(out.contains("data parallel: 2 ranks"), "{out}");
+    assert!(Path::new(&swav_out)
+        .join("artifact/grad_forward.onnx")
+        .is_file());
+    let out = ok(
+        &mpirun_densa(&mpirun, &tiny_pretrain("swav", &train, &swav_out, 2)),
+        "mpirun -np 2 densa pretrain swav (resumed)",
+    );
+    assert!(out.contains("step 2"), "{out}");
+    assert_eq!(log_lines(&swav_out), 2);
+    // DenseSiam's region negatives come from the whole batch inside the step: refused, not
+    // trained differently.
+    let o = mpirun_densa(
+        &mpirun,
+        &tiny_pretrain("densesiam", &train, &p("densesiam"), 1),
+    );
+    let err = stderr(&o);
+    assert!(!o.status.success(), "{err}");
+    assert!(err.contains("`densesiam` on 2 processes"), "{err}");
+}
+
+/// `densa pretrain` arguments for `steps` steps of `method` at its tiny smoke settings
+/// (batch 2, 32 px, tract).
+fn tiny_pretrain(method: &str, data: &str, out: &str, steps: u64) -> Vec<String> {
+    let mut args: Vec<String> = [
         "pretrain",
         "--method",
-        "swav",
+        method,
         "--data",
-        &p("train"),
+        data,
         "--batch",
         "2",
         "--steps",
-        "1",
+        &steps.to_string(),
         "--image-size",
         "32",
         "--backend",
         "tract",
         "--out",
-        &p("swav"),
-    ];
-    let o = mpirun_densa(&mpirun, &args);
-    let err = stderr(&o);
-    assert!(!o.status.success(), "{err}");
-    assert!(err.contains("`swav` on 2 processes"), "{err}");
+        out,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    for (k, v) in densa::models::pretext::method_info(method).unwrap().tiny {
+        args.extend(["--set".to_string(), format!("{k}={v}")]);
+    }
+    args
+}
+
+fn log_lines(out: &str) -> usize {
+    std::fs::read_to_string(Path::new(out).join("train_log.jsonl"))
+        .unwrap()
+        .lines()
+        .count()
 }

@@ -94,7 +94,7 @@ use densa_exporter::train::optim::{
 use densa_exporter::train::{next_name, Fragment, InputRole as FragmentRole, TrainError};
 use densa_exporter::weights::StateDict;
 use densa_exporter::{BuildError, DType, GraphBuilder, ParamKind, Value};
-use densa_runtime::train::manifest::{DataParallelGraphs, GradEntry};
+use densa_runtime::train::manifest::{DataParallelGraphs, GradEntry, SinkhornExchange};
 use densa_runtime::train::{Artifact, InputRole, Manifest, ManifestError, OutputRole};
 
 /// Why a train step could not be composed. Each variant names the value or setting concerned.
@@ -284,6 +284,11 @@ pub struct ForwardGraph {
     /// Values no gradient flows through (PyTorch's `detach`: SimSiam's stop-gradient branch,
     /// Sinkhorn codes).
     pub stop_gradient: HashSet<String>,
+    /// Sinkhorn-Knopp codes the graph computes over its own batch which data-parallel training
+    /// must compute over the global batch (SwAV): with [`TrainStepConfig::data_parallel`] the
+    /// gradient graph is cut before them and the host computes them with every rank. The
+    /// fused step keeps the graph's own Sinkhorn.
+    pub sinkhorn: Option<SinkhornExchange>,
 }
 
 impl ForwardGraph {
@@ -295,7 +300,14 @@ impl ForwardGraph {
             metrics: Vec::new(),
             norm: Fragment::default(),
             stop_gradient: HashSet::new(),
+            sinkhorn: None,
         }
+    }
+
+    /// Declares the graph's Sinkhorn codes (see [`ForwardGraph::sinkhorn`]).
+    pub fn host_sinkhorn(mut self, exchange: SinkhornExchange) -> ForwardGraph {
+        self.sinkhorn = Some(exchange);
+        self
     }
 
     /// Stops the gradient at `value` (PyTorch: `value.detach()`).
@@ -327,9 +339,9 @@ pub struct TrainStep {
     /// The values computed by the forward pass (before the backward and the update), for
     /// [`split_train_step`].
     pub forward_values: HashSet<String>,
-    /// With [`TrainStepConfig::data_parallel`]: the gradient and update graphs and the
-    /// (parameter, gradient) pairs, for [`Artifact::with_data_parallel`].
-    pub data_parallel: Option<(DataParallelGraphs, Vec<GradEntry>)>,
+    /// With [`TrainStepConfig::data_parallel`]: the gradient and update graphs, the
+    /// (parameter, gradient) pairs and the host step, for [`Artifact::with_data_parallel`].
+    pub data_parallel: Option<(DataParallelGraphs, Vec<GradEntry>, Option<SinkhornExchange>)>,
 }
 
 /// Composes the train step of `forward` (see the module docs).
@@ -343,6 +355,7 @@ pub fn build_train_step(
         metrics,
         norm,
         stop_gradient,
+        sinkhorn,
     } = forward;
     if loss.dtype() != DType::F32 || !loss.shape().iter().all(|d| d.fixed() == Some(1)) {
         return Err(TrainStepError::Loss {
@@ -503,7 +516,7 @@ pub fn build_train_step(
     let opt = ob.finish().graph.unwrap_or_default();
     let data_parallel = if config.data_parallel {
         let grad_pairs: Vec<(String, String)> = grads.grads.clone();
-        Some(data_parallel_graphs(
+        let (graphs, entries) = data_parallel_graphs(
             &model,
             &graph,
             &opt,
@@ -511,7 +524,12 @@ pub fn build_train_step(
             &params,
             &buffers,
             &updated_buffers,
-        )?)
+        )?;
+        let graphs = match &sinkhorn {
+            Some(ex) => host_sinkhorn_cut(graphs, ex, &forward_values)?,
+            None => graphs,
+        };
+        Some((graphs, entries, sinkhorn))
     } else {
         None
     };
@@ -707,9 +725,74 @@ fn data_parallel_graphs(
         DataParallelGraphs {
             grad: grad_model,
             update: update_model,
+            forward: None,
         },
         entries,
     ))
+}
+
+/// Cuts the gradient graph of `graphs` around `exchange`'s codes: the nodes computing each
+/// stage's codes go (its inputs, the detached scores, become outputs of the forward half), the
+/// codes become inputs of the rest, and the graph is split where the forward pass meets them
+/// ([`cut_graph`]).
+fn host_sinkhorn_cut(
+    mut graphs: DataParallelGraphs,
+    exchange: &SinkhornExchange,
+    forward_values: &HashSet<String>,
+) -> Result<DataParallelGraphs, TrainStepError> {
+    use densa_exporter::autodiff::infer::ShapeInfo;
+    let fail = |problem: String| TrainStepError::Split(format!("Sinkhorn step: {problem}"));
+    let mut g = graphs.grad.graph.clone().ok_or(AutodiffError::NoGraph)?;
+    let info = ShapeInfo::infer(&g);
+    let typed = |name: &str| -> Result<ValueInfoProto, TrainStepError> {
+        let shape = info
+            .shape(name)
+            .ok_or_else(|| fail(format!("the shape of `{name}` is not known")))?;
+        Ok(ValueInfoProto {
+            name: name.to_string(),
+            r#type: Some(tensor_type(info.dtype(name).unwrap_or(DType::F32), &shape)),
+            ..Default::default()
+        })
+    };
+    let mut host_inputs = Vec::new();
+    let mut host_outputs = Vec::new();
+    for st in &exchange.stages {
+        let outputs = std::iter::once(&st.scores).chain(&st.queue_used);
+        for o in outputs {
+            if !forward_values.contains(o) {
+                return Err(fail(format!("`{o}` is not a value of the forward pass")));
+            }
+            g.output.push(typed(o)?);
+            host_outputs.push(o.clone());
+        }
+        let producer = g
+            .node
+            .iter()
+            .position(|n| n.output.iter().any(|o| *o == st.codes))
+            .ok_or_else(|| fail(format!("no node computes the codes `{}`", st.codes)))?;
+        g.input.push(typed(&st.codes)?);
+        g.node.remove(producer);
+        host_inputs.push(st.codes.clone());
+    }
+    let model = ModelProto {
+        graph: Some(g),
+        ..graphs.grad.clone()
+    };
+    // The graph's own Sinkhorn is now dead.
+    let model = densa_exporter::passes::eliminate_dead_code(&model).map_err(AutodiffError::from)?;
+    let g = model.graph.as_ref().ok_or(AutodiffError::NoGraph)?;
+    let inputs: Vec<&str> = host_inputs.iter().map(String::as_str).collect();
+    let outputs: Vec<&str> = host_outputs.iter().map(String::as_str).collect();
+    let (forward, rest, _) = cut_graph(g, forward_values, &inputs, &outputs)?;
+    graphs.forward = Some(ModelProto {
+        graph: Some(forward),
+        ..model.clone()
+    });
+    graphs.grad = ModelProto {
+        graph: Some(rest),
+        ..model
+    };
+    Ok(graphs)
 }
 
 /// Renames nodes whose name is a module prefix of a value name (`conv` and the input
@@ -761,8 +844,8 @@ pub fn train_step_artifact(
 ) -> Result<Artifact, TrainStepError> {
     let step = build_train_step(forward, config)?;
     let mut artifact = Artifact::new(step.manifest, step.graph, step.state)?;
-    if let Some((graphs, grads)) = step.data_parallel {
-        artifact = artifact.with_data_parallel(graphs, grads)?;
+    if let Some((graphs, grads, sinkhorn)) = step.data_parallel {
+        artifact = artifact.with_data_parallel(graphs, grads, sinkhorn)?;
     }
     Ok(match eval {
         Some(e) => artifact.with_eval_graph(e),
@@ -924,8 +1007,36 @@ pub fn split_train_step(
     host_inputs: &[&str],
     host_outputs: &[&str],
 ) -> Result<SplitStep, TrainStepError> {
-    use densa_exporter::autodiff::infer::ShapeInfo;
     let graph = step.graph.graph.as_ref().ok_or(AutodiffError::NoGraph)?;
+    let (forward, backward, activations) =
+        cut_graph(graph, &step.forward_values, host_inputs, host_outputs)?;
+    let model = |g| ModelProto {
+        graph: Some(g),
+        ..step.graph.clone()
+    };
+    Ok(SplitStep {
+        forward: model(forward),
+        backward: model(backward),
+        activations,
+    })
+}
+
+/// The cut of [`split_train_step`] on any graph whose forward nodes output `forward_values`:
+/// the forward part, the rest, and the activations crossing between them.
+fn cut_graph(
+    graph: &densa_exporter::onnx::GraphProto,
+    forward_values: &HashSet<String>,
+    host_inputs: &[&str],
+    host_outputs: &[&str],
+) -> Result<
+    (
+        densa_exporter::onnx::GraphProto,
+        densa_exporter::onnx::GraphProto,
+        Vec<String>,
+    ),
+    TrainStepError,
+> {
+    use densa_exporter::autodiff::infer::ShapeInfo;
     for h in host_inputs {
         if !graph.input.iter().any(|i| i.name == *h) {
             return Err(TrainStepError::Split(format!(
@@ -937,7 +1048,7 @@ pub fn split_train_step(
     let mut in_forward = vec![false; graph.node.len()];
     for (i, n) in graph.node.iter().enumerate() {
         let depends = n.input.iter().any(|v| tainted.contains(v.as_str()));
-        if depends || !n.output.iter().all(|o| step.forward_values.contains(o)) {
+        if depends || !n.output.iter().all(|o| forward_values.contains(o)) {
             tainted.extend(n.output.iter().map(String::as_str));
         } else {
             in_forward[i] = true;
@@ -1056,15 +1167,7 @@ pub fn split_train_step(
             ..Default::default()
         }
     };
-    let model = |g| ModelProto {
-        graph: Some(g),
-        ..step.graph.clone()
-    };
-    Ok(SplitStep {
-        forward: model(part(true)),
-        backward: model(part(false)),
-        activations,
-    })
+    Ok((part(true), part(false), activations))
 }
 
 /// A torchvision-style classifier: backbone, global average pool, `fc` (PyTorch's `Linear`

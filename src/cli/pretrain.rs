@@ -90,14 +90,15 @@ pub const BACKBONE_FILE: &str = "backbone.safetensors";
 /// `densa_runtime::train::distributed`): the loss is a mean of per-image terms, the momentum
 /// teacher is identical on every rank, and the only other cross-step state is queues of
 /// keys, which the trainer gathers from every rank (MoCo's `concat_all_gather`; DetCo's 12),
-/// or centres, which it averages (DINO's all-reduced batch centre; SCFS).
+/// or centres, which it averages (DINO's all-reduced batch centre; SCFS). SwAV's Sinkhorn
+/// codes are computed between the halves of the gradient graph with all-reduced sums (SwAV's
+/// `distributed_sinkhorn`).
 ///
-/// The others couple the images of a batch inside the step: SwAV (Sinkhorn sums over the
-/// batch), DenseSiam (region negatives from the whole batch), RegionCL (partner images in
-/// the batch), LC-loss (the local term averaged over the batch's valid locations) and CCOP
-/// (RoI terms averaged over the batch's valid boxes); their shards' losses do not average to
-/// the whole batch's.
-const DATA_PARALLEL_METHODS: [&str; 5] = ["densecl", "detco", "mocov2", "pixpro", "scfs"];
+/// The others couple the images of a batch inside the step: DenseSiam (region negatives from
+/// the whole batch), RegionCL (partner images in the batch), LC-loss (the local term averaged
+/// over the batch's valid locations) and CCOP (RoI terms averaged over the batch's valid
+/// boxes); their shards' losses do not average to the whole batch's.
+const DATA_PARALLEL_METHODS: [&str; 6] = ["densecl", "detco", "mocov2", "pixpro", "scfs", "swav"];
 
 pub(super) fn overrides(args: &PretrainArgs) -> Result<Vec<(String, String)>> {
     let mut out = Vec::new();
@@ -154,9 +155,10 @@ fn run_rank(args: PretrainArgs, comm: &Arc<dyn Communicator>) -> Result<()> {
         bail!(
             "`{}` on {ranks} processes: data-parallel pretraining is implemented for {} (a \
              per-image loss, a momentum teacher, queues gathered from every rank, centres \
-             averaged). `{}` couples the images of a batch (in-batch negatives, Sinkhorn sums, \
-             partner images or a mean over the batch's valid regions), which would have to be \
-             gathered or all-reduced inside the step; run it on one process",
+             averaged, Sinkhorn sums all-reduced). `{}` couples the images of a batch \
+             (in-batch negatives, partner images or a mean over the batch's valid regions), \
+             which would have to be gathered or all-reduced inside the step; run it on one \
+             process",
             spec.method,
             DATA_PARALLEL_METHODS.join(", "),
             spec.method

@@ -36,12 +36,18 @@
 //!   SwAV's Apex LARC adapts every parameter; densa's train step excludes biases and
 //!   normalisation parameters from LARS's decay and adaptation by default (see
 //!   [`crate::train_step`]). No final-lr floor (SwAV: 0.0048) and no warm-up by default.
-//! - One process: no `all_reduce` in Sinkhorn (the single-process `distributed_sinkhorn`).
+//! - One process: Sinkhorn runs in the graph (the single-process `distributed_sinkhorn`).
+//!   Data parallel (`mpirun -np N densa pretrain --method swav`): the gradient graph is cut
+//!   before the codes and the host computes them over every rank's scores with all-reduced
+//!   sums, SwAV's `distributed_sinkhorn` ([`densa_runtime::train::sinkhorn_codes`]). The queue
+//!   is gathered from every rank (one queue of the global batch's embeddings, counted once)
+//!   where SwAV keeps one queue per GPU of `queue_length / world_size` rows.
 
 use densa_exporter::builder::attr;
 use densa_exporter::train::Fragment;
 use densa_exporter::{BuildError, DType, GraphBuilder, Init, ParamKind, Value};
 use densa_runtime::augment::{MultiCropConfig, ViewConfig};
+use densa_runtime::train::manifest::{SinkhornExchange, SinkhornStage};
 
 use super::ops::{self, Linear};
 use super::settings::{common, Hyper, Settings};
@@ -322,6 +328,9 @@ pub struct SwavLoss {
     pub codes: Vec<Value>,
     /// Values to register with [`ForwardGraph::stop_gradient`] (Sinkhorn's inputs).
     pub detached: Vec<Value>,
+    /// Each large crop's Sinkhorn problem by value names, for data-parallel training
+    /// ([`ForwardGraph::host_sinkhorn`]).
+    pub stages: Vec<SinkhornStage>,
 }
 
 /// A large crop's queue for [`swav_loss`]: the queue's scores `[L, K]` against the
@@ -363,6 +372,7 @@ pub fn swav_loss(
         .collect::<Result<_, _>>()?;
     let mut codes = Vec::new();
     let mut detached = Vec::new();
+    let mut stages = Vec::new();
     let mut total: Option<Value> = None;
     for i in 0..n_large {
         let (out, mask) = match queues.get(i) {
@@ -408,6 +418,12 @@ pub fn swav_loss(
             }
             None => sinkhorn_codes(b, &frozen, epsilon, iterations, None)?,
         };
+        stages.push(SinkhornStage {
+            scores: frozen.name().to_string(),
+            queue_rows: mask.as_ref().map_or(0, |(_, _, l)| *l),
+            queue_used: queues.get(i).map(|q| q.used.name().to_string()),
+            codes: q.name().to_string(),
+        });
         let mut sub: Option<Value> = None;
         for (v, p) in crops.iter().enumerate() {
             if v == i {
@@ -433,7 +449,41 @@ pub fn swav_loss(
         loss,
         codes,
         detached,
+        stages,
     })
+}
+
+/// A large crop's queue: a zero-initialised `[length, D]` buffer `name` whose rows are scored
+/// against the prototypes (`protos_t`, `[D, K]`) and used once full (SwAV's test: its last row
+/// is not all zeros); while `on` (a boolean scalar) it takes the crop's embeddings `z` `[B, D]`
+/// in front, FIFO, recorded in `state`.
+pub fn crop_queue(
+    b: &mut GraphBuilder,
+    name: &str,
+    length: usize,
+    protos_t: &Value,
+    z: &Value,
+    on: &Value,
+    state: &mut Fragment,
+) -> Result<QueueScores, PretextError> {
+    let dim = ops::dims(b, z)?[1];
+    let queue = b.param(name, &[length, dim], Init::Zeros, ParamKind::Buffer)?;
+    let last = ops::slice(b, &queue, 0, length - 1, length)?;
+    let mag = b.abs(&last);
+    let mag = b.reduce_sum(&mag, &[], false)?;
+    let zero = b.const_f32(0.0);
+    let full = b.greater(&mag, &zero)?;
+    let used = b.cast(&full, DType::F32);
+    let scores = ops::matmul(b, &queue, protos_t)?;
+    let mut fifo = Fragment::default();
+    ops::enqueue(b, &queue, z, &mut fifo)?;
+    let filled = fifo
+        .next_of(queue.name())
+        .expect("enqueue records it")
+        .clone();
+    let next = b.select(on, &filled, &queue)?;
+    state.update(queue.name(), next);
+    Ok(QueueScores { scores, used })
 }
 
 /// The resolved settings SwAV builds with.
@@ -617,31 +667,16 @@ impl Pretext for Swav {
                 b.greater(&on, &half)?
             };
             for i in 0..r.n_large {
-                let queue = b.param(
-                    &format!("queue.swav.{i}"),
-                    &[r.queue_length, r.dim],
-                    Init::Zeros,
-                    ParamKind::Buffer,
-                )?;
-                // SwAV's "full" test: the last row is not all zeros.
-                let last = ops::slice(&mut b, &queue, 0, r.queue_length - 1, r.queue_length)?;
-                let mag = b.abs(&last);
-                let mag = b.reduce_sum(&mag, &[], false)?;
-                let zero = b.const_f32(0.0);
-                let full = b.greater(&mag, &zero)?;
-                let used = b.cast(&full, DType::F32);
-                let qs = ops::matmul(&mut b, &queue, &protos_t)?;
-                queues.push(QueueScores { scores: qs, used });
-                // FIFO update with this crop's embeddings, only while the queue is on.
-                let mut fifo = Fragment::default();
                 let zi = ops::slice(&mut b, &z_large, 0, i * bsz, (i + 1) * bsz)?;
-                ops::enqueue(&mut b, &queue, &zi, &mut fifo)?;
-                let filled = fifo
-                    .next_of(queue.name())
-                    .expect("enqueue records it")
-                    .clone();
-                let next = b.select(&on_bool, &filled, &queue)?;
-                norm.update(queue.name(), next);
+                queues.push(crop_queue(
+                    &mut b,
+                    &format!("queue.swav.{i}"),
+                    r.queue_length,
+                    &protos_t,
+                    &zi,
+                    &on_bool,
+                    &mut norm,
+                )?);
             }
         }
         let out = swav_loss(
@@ -657,7 +692,12 @@ impl Pretext for Swav {
         norm.extend(hyper);
         let mut g = ForwardGraph::new(b, out.loss)
             .norm_state(norm)
-            .stop_gradient(&protos_frozen);
+            .stop_gradient(&protos_frozen)
+            .host_sinkhorn(SinkhornExchange {
+                epsilon: r.epsilon,
+                iterations: r.iterations,
+                stages: out.stages,
+            });
         for d in &out.detached {
             g = g.stop_gradient(d);
         }

@@ -40,10 +40,17 @@
 //!   front): each rank's new keys are all-gathered and enqueued in rank order, the global
 //!   batch order, as MoCo's `concat_all_gather` before `_dequeue_and_enqueue`; the queue is
 //!   then the one-process queue of the N-times batch (tested exactly without batch norm).
-//! - Not exchanged: in-batch negatives, SwAV's Sinkhorn sums, means over a batch's valid
-//!   regions and other batch-wide terms computed inside the step (`densa pretrain` refuses
-//!   those methods for N > 1), and MoCo's
-//!   shuffled batch norm (the key encoder normalises per shard, like the query encoder).
+//! - SwAV's Sinkhorn-Knopp codes ([`sinkhorn_codes`]): the artifact cuts the gradient graph
+//!   before the codes (`data_parallel.sinkhorn`); each rank's scores stay on the rank and the
+//!   sums Sinkhorn normalises by (the total, every prototype's column, the sample count) are
+//!   all-reduced, as SwAV's `distributed_sinkhorn` does, so the codes are those of the whole
+//!   global batch. SwAV's queue is gathered like MoCo's (below), so its rows are the same on
+//!   every rank and count once (SwAV keeps a queue per GPU; ours is the one-process queue of
+//!   the N-times batch).
+//! - Not exchanged: in-batch negatives, means over a batch's valid regions and other
+//!   batch-wide terms computed inside the step (`densa pretrain` refuses those methods for
+//!   N > 1), and MoCo's shuffled batch norm (the key encoder normalises per shard, like the
+//!   query encoder).
 //!
 //! # Failure
 //! A rank whose step fails prints the error with its rank and calls `MPI_Abort`, which makes
@@ -52,6 +59,8 @@
 //! on every rank.
 
 use std::sync::{Arc, Barrier, Mutex};
+
+use ndarray::{Array2, ArrayView2, Axis};
 
 /// Whether the data-parallel trainer averages buffer `name`'s next value across ranks: batch
 /// norm's `running_mean` / `running_var`, and centres (a `center` path segment, e.g.
@@ -327,9 +336,155 @@ mod mpi_impl {
     }
 }
 
+/// Sinkhorn-Knopp codes of every rank's `scores` (`[N_r, K]`, samples x prototypes), SwAV's
+/// `distributed_sinkhorn`: `Q = exp(scores / epsilon)`, `Q /= sum(Q)`, then `iterations` times
+/// { every prototype's column divided by its sum over all ranks' rows and by `K`; every row
+/// divided by its sum and by `B` }, finally `Q *= B`, where `B` counts the rows of all ranks.
+/// The sums cross ranks through `comm` (`2 + iterations` all-reduces of `K + 1` floats or
+/// fewer); the result is this rank's rows of the codes of the concatenated problem.
+///
+/// Rows with `keep[i] == false` take no part (their codes are 0), as the graph's masked
+/// Sinkhorn (a queue before it is full, or a shared queue on every rank but one). Computed in
+/// f64 with the largest score subtracted first (which changes nothing mathematically), so
+/// large `scores / epsilon` do not overflow.
+pub fn sinkhorn_codes(
+    scores: ArrayView2<f32>,
+    keep: &[bool],
+    epsilon: f64,
+    iterations: usize,
+    comm: &dyn Communicator,
+) -> Array2<f32> {
+    let (n, k) = scores.dim();
+    assert_eq!(keep.len(), n, "one keep flag per row");
+    let local_max = scores
+        .outer_iter()
+        .zip(keep)
+        .filter(|(_, &kept)| kept)
+        .flat_map(|(row, _)| row.to_vec())
+        .fold(f32::NEG_INFINITY, f32::max);
+    let max = comm
+        .all_gather(&[local_max])
+        .into_iter()
+        .fold(f32::NEG_INFINITY, f32::max);
+    let max = if max.is_finite() { f64::from(max) } else { 0.0 };
+    let mut q = Array2::<f64>::zeros((n, k));
+    for ((mut row, s), &kept) in q.outer_iter_mut().zip(scores.outer_iter()).zip(keep) {
+        if kept {
+            row.zip_mut_with(&s, |o, &v| *o = ((f64::from(v) - max) / epsilon).exp());
+        }
+    }
+    let mut sums = vec![
+        q.sum() as f32,
+        keep.iter().filter(|&&kept| kept).count() as f32,
+    ];
+    comm.all_reduce_sum(&mut sums);
+    let (total, count) = (f64::from(sums[0]), f64::from(sums[1]));
+    q /= total;
+    for _ in 0..iterations {
+        let mut cols: Vec<f32> = q.sum_axis(Axis(0)).iter().map(|&v| v as f32).collect();
+        comm.all_reduce_sum(&mut cols);
+        for mut row in q.outer_iter_mut() {
+            for (v, &c) in row.iter_mut().zip(&cols) {
+                *v /= f64::from(c) * k as f64;
+            }
+        }
+        for mut row in q.outer_iter_mut() {
+            let s = row.sum();
+            if s > 0.0 {
+                row /= s * count;
+            }
+        }
+    }
+    q *= count;
+    q.mapv(|v| v as f32)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Scores like SwAV's (cosines), deterministic.
+    fn scores(n: usize, k: usize, seed: u32) -> Array2<f32> {
+        Array2::from_shape_fn((n, k), |(i, j)| {
+            let x = (i as u32 * 7919 + j as u32 * 104_729 + seed * 31) % 1000;
+            x as f32 / 500.0 - 1.0
+        })
+    }
+
+    #[test]
+    fn sinkhorn_codes_have_the_transport_marginals() {
+        let (n, k) = (12, 5);
+        let s = scores(n, k, 1);
+        let q = sinkhorn_codes(s.view(), &[true; 12], 0.05, 200, &SingleProcess);
+        // Converged: every row sums to 1, every prototype gets n / k of the mass.
+        for row in q.outer_iter() {
+            assert!((row.sum() - 1.0).abs() < 1e-5, "row sum {}", row.sum());
+        }
+        for col in q.axis_iter(Axis(1)) {
+            let target = n as f32 / k as f32;
+            assert!(
+                (col.sum() - target).abs() < 1e-3,
+                "column sum {}",
+                col.sum()
+            );
+        }
+        // A dropped row is 0 and the others are the codes of the kept rows alone.
+        let mut keep = [true; 12];
+        keep[3] = false;
+        let masked = sinkhorn_codes(s.view(), &keep, 0.05, 3, &SingleProcess);
+        let mut rows: Vec<usize> = (0..n).collect();
+        rows.remove(3);
+        let alone = sinkhorn_codes(
+            s.select(Axis(0), &rows).view(),
+            &[true; 11],
+            0.05,
+            3,
+            &SingleProcess,
+        );
+        assert!(masked.row(3).iter().all(|&v| v == 0.0));
+        for (a, &r) in rows.iter().enumerate() {
+            for j in 0..k {
+                assert!((masked[[r, j]] - alone[[a, j]]).abs() < 1e-6);
+            }
+        }
+    }
+
+    #[test]
+    fn sinkhorn_codes_of_shards_are_the_whole_batchs() {
+        let (n, k) = (8, 6);
+        let s = scores(n, k, 2);
+        let whole = sinkhorn_codes(s.view(), &[true; 8], 0.05, 3, &SingleProcess);
+        let handles: Vec<_> = LocalGroup::new(2)
+            .into_iter()
+            .map(|c| {
+                let part = s
+                    .slice(ndarray::s![c.rank() * 4..(c.rank() + 1) * 4, ..])
+                    .to_owned();
+                std::thread::spawn(move || sinkhorn_codes(part.view(), &[true; 4], 0.05, 3, &c))
+            })
+            .collect();
+        let parts: Vec<Array2<f32>> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        let joined = ndarray::concatenate(Axis(0), &[parts[0].view(), parts[1].view()]).unwrap();
+        let d = (&joined - &whole)
+            .mapv(f32::abs)
+            .fold(0.0f32, |a, &b| a.max(b));
+        assert!(d < 1e-6, "sharded vs whole codes differ by {d}");
+        // Without the all-reduce (each shard alone) the codes differ: the check can fail.
+        let alone = sinkhorn_codes(
+            s.slice(ndarray::s![..4, ..]),
+            &[true; 4],
+            0.05,
+            3,
+            &SingleProcess,
+        );
+        let d = (&alone - &whole.slice(ndarray::s![..4, ..]))
+            .mapv(f32::abs)
+            .fold(0.0f32, |a, &b| a.max(b));
+        assert!(
+            d > 1e-3,
+            "a shard's own codes equal the whole batch's ({d})"
+        );
+    }
 
     #[test]
     fn local_group_collectives_match_their_definitions() {

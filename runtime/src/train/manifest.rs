@@ -592,7 +592,13 @@ pub enum ManifestError {
 ///
 /// Every input and output is named as in the fused graph's manifest, so the host routes
 /// values by name; parameters the update graph does not output (frozen) keep their value.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// With `sinkhorn` (SwAV), the gradient graph is itself cut in two around a computation over
+/// the whole global batch: `forward_graph` (batch, state, hyperparameters -> the Sinkhorn
+/// inputs, the forward's activations and its state updates), then the host computes the codes
+/// with every rank ([`crate::train::distributed::sinkhorn_codes`]), then `grad_graph` takes the
+/// codes and the activations.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct DataParallelEntry {
     /// The gradient graph, relative to the artifact directory.
     pub grad_graph: String,
@@ -600,6 +606,42 @@ pub struct DataParallelEntry {
     pub update_graph: String,
     /// Trained parameters and the name of their gradient, in the order they are all-reduced.
     pub grads: Vec<GradEntry>,
+    /// The forward half of the gradient graph, when a host step sits inside it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forward_graph: Option<String>,
+    /// The host step between `forward_graph` and `grad_graph`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sinkhorn: Option<SinkhornExchange>,
+}
+
+/// Sinkhorn-Knopp codes computed over every rank's samples (SwAV's `distributed_sinkhorn`):
+/// the graph's in-step Sinkhorn, cut out of the data-parallel gradient graph and run on the
+/// host with all-reduced sums.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SinkhornExchange {
+    /// Entropy regularisation: `exp(scores / epsilon)`.
+    pub epsilon: f64,
+    /// Sinkhorn-Knopp iterations.
+    pub iterations: usize,
+    /// One per set of codes (SwAV: per large crop).
+    pub stages: Vec<SinkhornStage>,
+}
+
+/// One Sinkhorn problem of a [`SinkhornExchange`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SinkhornStage {
+    /// Output of the forward graph: the detached scores `[queue_rows + B, K]` (queue rows
+    /// first).
+    pub scores: String,
+    /// Leading rows of `scores` that come from a queue shared by every rank (gathered, so the
+    /// same on every rank): they count once, on rank 0.
+    #[serde(default)]
+    pub queue_rows: usize,
+    /// Output of the forward graph: a float32 scalar, > 0 when the queue rows take part.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_used: Option<String>,
+    /// Input of the gradient graph: the codes of the batch rows `[B, K]`.
+    pub codes: String,
 }
 
 /// A trained parameter and its gradient output.
@@ -613,11 +655,16 @@ pub struct GradEntry {
 pub const GRAD_FILE: &str = "grad_step.onnx";
 pub const UPDATE_FILE: &str = "update_step.onnx";
 
-/// The two graphs of [`DataParallelEntry`].
+/// File name of the forward half of the gradient graph ([`DataParallelEntry::forward_graph`]).
+pub const GRAD_FORWARD_FILE: &str = "grad_forward.onnx";
+
+/// The graphs of [`DataParallelEntry`].
 #[derive(Clone, Debug)]
 pub struct DataParallelGraphs {
     pub grad: ModelProto,
     pub update: ModelProto,
+    /// With a host step: the forward half of the gradient graph.
+    pub forward: Option<ModelProto>,
 }
 
 /// A training artifact in memory: manifest, graphs and initial state, checked against each
@@ -664,15 +711,20 @@ impl Artifact {
     /// Adds the data-parallel graphs (written as `grad_step.onnx` and `update_step.onnx`);
     /// `grads` lists the trained parameters and their gradient names. Checks that every
     /// gradient is an output of `grad` and an input of `update`.
+    ///
+    /// `sinkhorn` is the host step inside the gradient graph; it needs `graphs.forward`.
     pub fn with_data_parallel(
         mut self,
         graphs: DataParallelGraphs,
         grads: Vec<GradEntry>,
+        sinkhorn: Option<SinkhornExchange>,
     ) -> Result<Artifact, ManifestError> {
         self.manifest.data_parallel = Some(DataParallelEntry {
             grad_graph: GRAD_FILE.into(),
             update_graph: UPDATE_FILE.into(),
             grads,
+            forward_graph: graphs.forward.as_ref().map(|_| GRAD_FORWARD_FILE.into()),
+            sinkhorn,
         });
         self.data_parallel = Some(graphs);
         self.validate_data_parallel()?;
@@ -694,6 +746,41 @@ impl Artifact {
         let path = self.manifest_path();
         let grad_if = Interface::of(&graphs.grad);
         let update_if = Interface::of(&graphs.update);
+        if let Some(ex) = &entry.sinkhorn {
+            let Some(forward) = &graphs.forward else {
+                return Err(ManifestError::Entry {
+                    path,
+                    name: "data_parallel.sinkhorn".into(),
+                    problem: "a Sinkhorn step needs the forward half of the gradient graph \
+                              (`forward_graph`)"
+                        .into(),
+                });
+            };
+            let forward_if = Interface::of(forward);
+            for st in &ex.stages {
+                let outputs = std::iter::once(&st.scores).chain(&st.queue_used);
+                let problem = if let Some(o) = outputs
+                    .into_iter()
+                    .find(|o| !forward_if.outputs.iter().any(|p| &p.name == *o))
+                {
+                    Some(format!("`{o}` is not an output of the forward graph"))
+                } else if !grad_if.inputs.iter().any(|p| p.name == st.codes) {
+                    Some(format!(
+                        "`{}` is not an input of the gradient graph",
+                        st.codes
+                    ))
+                } else {
+                    None
+                };
+                if let Some(problem) = problem {
+                    return Err(ManifestError::Entry {
+                        path,
+                        name: "data_parallel.sinkhorn".into(),
+                        problem,
+                    });
+                }
+            }
+        }
         for g in &entry.grads {
             let problem = if self.manifest.input(&g.param).map(|e| e.role) != Some(InputRole::Param)
             {
@@ -738,6 +825,14 @@ impl Artifact {
             Some(e) => Some(DataParallelGraphs {
                 grad: densa_exporter::io::load(&relative(dir, &e.grad_graph, &manifest_path)?)?,
                 update: densa_exporter::io::load(&relative(dir, &e.update_graph, &manifest_path)?)?,
+                forward: match &e.forward_graph {
+                    Some(f) => Some(densa_exporter::io::load(&relative(
+                        dir,
+                        f,
+                        &manifest_path,
+                    )?)?),
+                    None => None,
+                },
             }),
             None => None,
         };
@@ -777,6 +872,9 @@ impl Artifact {
                 &graphs.update,
                 &relative(dir, &entry.update_graph, &manifest_path)?,
             )?;
+            if let (Some(file), Some(forward)) = (&entry.forward_graph, &graphs.forward) {
+                densa_exporter::io::save(forward, &relative(dir, file, &manifest_path)?)?;
+            }
         }
         save_safetensors(
             &self.state,

@@ -35,7 +35,7 @@ use super::checkpoint::{
 use super::data::{Batch, BatchAt, DataSource};
 use super::distributed::Communicator;
 use super::log::{self, JsonlLog, Progress, StepRecord, LOG_FILE, PLOT_FILE};
-use super::manifest::{hyper_tensor, Artifact, InputRole, OutputRole};
+use super::manifest::{hyper_tensor, Artifact, InputRole, OutputRole, SinkhornExchange};
 use super::schedule::Schedule;
 use super::TrainError;
 use crate::backend::{Backend, Port, Session};
@@ -265,6 +265,8 @@ pub struct CommStats {
 /// The data-parallel engine of a [`Trainer`] (see [`super::distributed`]).
 struct DataParallel {
     comm: Arc<dyn Communicator>,
+    /// With a host step inside the gradient graph: its forward half and the step.
+    forward: Option<(Box<dyn Session>, SinkhornExchange)>,
     grad: Box<dyn Session>,
     update: Box<dyn Session>,
     /// Gradient outputs all-reduced, in order, with their shapes.
@@ -410,6 +412,21 @@ impl<'a> Trainer<'a> {
         let grad = backend.load_model(&graphs.grad, &format!("{label}/{}", entry.grad_graph))?;
         let update =
             backend.load_model(&graphs.update, &format!("{label}/{}", entry.update_graph))?;
+        let forward = match (&graphs.forward, &entry.sinkhorn) {
+            (Some(f), Some(ex)) => {
+                let file = entry.forward_graph.as_deref().unwrap_or("forward");
+                Some((
+                    backend.load_model(f, &format!("{label}/{file}"))?,
+                    ex.clone(),
+                ))
+            }
+            (None, None) => None,
+            _ => {
+                return Err(fail(
+                    "the gradient graph's forward half and its host step come together".into(),
+                ))
+            }
+        };
         let mut grads = Vec::new();
         for g in &entry.grads {
             let shape = self
@@ -449,8 +466,27 @@ impl<'a> Trainer<'a> {
                 || self.plan.hyper.iter().any(|(h, _, _)| h == n)
                 || grads.iter().any(|(g, _)| g == n)
         };
-        for (graph, session) in [("gradient", &grad), ("update", &update)] {
-            if let Some(p) = session.interface().inputs.iter().find(|p| !known(&p.name)) {
+        // With a host step, the gradient graph also takes the forward half's outputs and the
+        // codes.
+        let exchanged = |n: &str| {
+            forward.as_ref().is_some_and(|(f, ex)| {
+                f.interface().outputs.iter().any(|p| p.name == n)
+                    || ex.stages.iter().any(|s| s.codes == n)
+            })
+        };
+        let mut graphs: Vec<(&str, &dyn Session)> = vec![("gradient", grad.as_ref())];
+        graphs.push(("update", update.as_ref()));
+        if let Some((f, _)) = &forward {
+            graphs.push(("forward", f.as_ref()));
+        }
+        for (graph, session) in graphs {
+            let extra = graph == "gradient";
+            if let Some(p) = session
+                .interface()
+                .inputs
+                .iter()
+                .find(|p| !known(&p.name) && !(extra && exchanged(&p.name)))
+            {
                 return Err(fail(format!(
                     "input `{}` of the {graph} graph is not a batch, state, hyper or gradient name",
                     p.name
@@ -463,7 +499,8 @@ impl<'a> Trainer<'a> {
             .sum::<usize>()
             + averaged.iter().map(|&k| self.state[k].len()).sum::<usize>()
             + 2
-            + self.plan.metrics.len();
+            + self.plan.metrics.len()
+            + sinkhorn_floats(forward.as_ref());
         self.dp = Some(DataParallel {
             stats: CommStats {
                 ranks: comm.size(),
@@ -471,6 +508,7 @@ impl<'a> Trainer<'a> {
                 ..CommStats::default()
             },
             comm,
+            forward,
             grad,
             update,
             grads,
@@ -916,18 +954,53 @@ impl<'a> Trainer<'a> {
                 .position(|s| s == n)
                 .map(|k| self.state[k].clone())
         };
-        let mut inputs = Vec::new();
-        for p in &dp.grad.interface().inputs {
-            let t = batch
-                .iter()
-                .chain(&hyper_t)
-                .find(|(n, _)| *n == p.name)
-                .map(|(_, t)| t.clone())
-                .or_else(|| state_of(&p.name))
-                .expect("checked in data_parallel");
-            inputs.push((p.name.clone(), t));
-        }
-        let mut grad_out: BTreeMap<String, Tensor> = dp.grad.run(inputs)?.into_iter().collect();
+        let fed = |session: &dyn Session, extra: &[(String, Tensor)]| {
+            let mut inputs = Vec::new();
+            for p in &session.interface().inputs {
+                let t = batch
+                    .iter()
+                    .chain(&hyper_t)
+                    .chain(extra)
+                    .find(|(n, _)| *n == p.name)
+                    .map(|(_, t)| t.clone())
+                    .or_else(|| state_of(&p.name))
+                    .expect("checked in data_parallel");
+                inputs.push((p.name.clone(), t));
+            }
+            inputs
+        };
+        // A host step inside the gradient graph: its forward half, the step over every rank,
+        // then the rest with the forward's activations and the step's results.
+        let mut sinkhorn_s = 0.0;
+        let mut grad_out: BTreeMap<String, Tensor> = match &mut dp.forward {
+            Some((forward, exchange)) => {
+                let mut fwd_out = forward.run(fed(forward.as_ref(), &[]))?;
+                let t = Instant::now();
+                let codes =
+                    exchange_sinkhorn(exchange, &fwd_out, dp.comm.as_ref()).map_err(|problem| {
+                        TrainError::DataParallel {
+                            artifact: self.artifact.label(),
+                            problem,
+                        }
+                    })?;
+                sinkhorn_s = t.elapsed().as_secs_f64();
+                fwd_out.extend(codes);
+                let mut out: BTreeMap<String, Tensor> = dp
+                    .grad
+                    .run(fed(dp.grad.as_ref(), &fwd_out))?
+                    .into_iter()
+                    .collect();
+                for (name, t) in fwd_out {
+                    out.entry(name).or_insert(t);
+                }
+                out
+            }
+            None => dp
+                .grad
+                .run(fed(dp.grad.as_ref(), &[]))?
+                .into_iter()
+                .collect(),
+        };
 
         // Pack, all-reduce, average.
         let take = |out: &BTreeMap<String, Tensor>, name: &str| {
@@ -1096,7 +1169,7 @@ impl<'a> Trainer<'a> {
         let seconds = t0.elapsed().as_secs_f64().max(1e-9);
         if let Some(dp) = self.dp.as_mut() {
             dp.stats.steps += 1;
-            dp.stats.all_reduce_s += comm_s;
+            dp.stats.all_reduce_s += comm_s + sinkhorn_s;
             dp.stats.wait_s += wait_s;
             dp.stats.step_s += seconds;
         }
@@ -1272,6 +1345,82 @@ impl<'a> Trainer<'a> {
 }
 
 /// The mean of a tensor's elements as f64 (NaN for an empty tensor).
+/// Floats a step's Sinkhorn exchange sends: per stage, the maximum, the total and the count,
+/// then one prototype row per iteration (0 when the forward graph's shapes are not fixed).
+fn sinkhorn_floats(forward: Option<&(Box<dyn Session>, SinkhornExchange)>) -> usize {
+    let Some((f, ex)) = forward else {
+        return 0;
+    };
+    ex.stages
+        .iter()
+        .map(|st| {
+            let k = f
+                .interface()
+                .outputs
+                .iter()
+                .find(|p| p.name == st.scores)
+                .and_then(|p| p.shape.as_ref())
+                .and_then(|s| s.last())
+                .and_then(|d| d.fixed())
+                .map_or(0, |k| k.max(0) as usize);
+            3 + ex.iterations * k
+        })
+        .sum()
+}
+
+/// The codes of every stage of `exchange`, computed with every rank from the forward half's
+/// outputs `fwd` (see [`super::distributed::sinkhorn_codes`]): a shared queue's rows count on
+/// rank 0 only, and only while the stage's `queue_used` flag is set.
+fn exchange_sinkhorn(
+    exchange: &SinkhornExchange,
+    fwd: &[(String, Tensor)],
+    comm: &dyn Communicator,
+) -> Result<Vec<(String, Tensor)>, String> {
+    let get = |name: &str| {
+        fwd.iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, t)| t.to_f32())
+            .ok_or_else(|| format!("the forward graph has no output `{name}`"))
+    };
+    let mut out = Vec::new();
+    for stage in &exchange.stages {
+        let scores = get(&stage.scores)?;
+        let scores = scores
+            .view()
+            .into_dimensionality::<ndarray::Ix2>()
+            .map_err(|_| {
+                format!(
+                    "`{}` is {:?}, expected [N, K]",
+                    stage.scores,
+                    scores.shape()
+                )
+            })?;
+        let n = scores.nrows();
+        if stage.queue_rows > n {
+            return Err(format!(
+                "`{}` has {n} rows, fewer than its {} queue rows",
+                stage.scores, stage.queue_rows
+            ));
+        }
+        let used = match &stage.queue_used {
+            Some(flag) => get(flag)?.iter().next().is_some_and(|&v| v > 0.0),
+            None => true,
+        };
+        let queue = used && comm.rank() == 0;
+        let keep: Vec<bool> = (0..n).map(|i| i >= stage.queue_rows || queue).collect();
+        let codes = super::distributed::sinkhorn_codes(
+            scores,
+            &keep,
+            exchange.epsilon,
+            exchange.iterations,
+            comm,
+        );
+        let batch = codes.slice(ndarray::s![stage.queue_rows.., ..]).to_owned();
+        out.push((stage.codes.clone(), Tensor::F32(batch.into_dyn())));
+    }
+    Ok(out)
+}
+
 fn mean(t: &Tensor) -> f64 {
     let n = t.len();
     if n == 0 {
