@@ -277,9 +277,11 @@ fn a_failing_rank_stops_the_job_with_its_message() {
     assert!(err.contains("/nonexistent/densa-images"), "{err}");
 }
 
+/// PixPro, a dense method, on 2 processes: with `batch_norm=frozen` (running statistics, so
+/// no per-shard batch statistics) it trains to one process's parameters at the doubled batch.
 #[cfg(feature = "mpi")]
 #[test]
-fn two_processes_pretrain_pixpro() {
+fn two_processes_pretrain_pixpro_like_one_with_the_doubled_batch() {
     let Some(mpirun) = mpirun() else { return };
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
@@ -291,38 +293,61 @@ fn two_processes_pretrain_pixpro() {
             .unwrap(),
         "densa synth",
     );
-    let out = dir.path().join("pixpro");
-    let args = [
-        "pretrain",
-        "--method",
-        "pixpro",
-        "--arch",
-        "resnet-edge",
-        "--data",
-        data.to_str().unwrap(),
-        "--batch",
-        "2",
-        "--steps",
-        "2",
-        "--image-size",
-        "32",
-        "--set",
-        "hidden_dim=16",
-        "--set",
-        "dim=8",
-        "--backend",
-        "tract",
-        "--out",
-        out.to_str().unwrap(),
-    ];
+    let args = |out: &Path, batch: &str| -> Vec<String> {
+        [
+            "pretrain",
+            "--method",
+            "pixpro",
+            "--arch",
+            "resnet-edge",
+            "--data",
+            data.to_str().unwrap(),
+            "--batch",
+            batch,
+            "--steps",
+            "2",
+            "--image-size",
+            "32",
+            "--set",
+            "hidden_dim=16",
+            "--set",
+            "dim=8",
+            "--set",
+            "batch_norm=frozen",
+            "--backend",
+            "tract",
+            "--out",
+            out.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let two = dir.path().join("two");
     let stdout = ok(
-        &mpirun_densa(&mpirun, &args),
+        &mpirun_densa(&mpirun, &args(&two, "2")),
         "mpirun -np 2 densa pretrain pixpro",
     );
     assert!(stdout.contains("data parallel: 2 ranks"), "{stdout}");
-    assert!(out.join("backbone.safetensors").is_file());
-    let log = std::fs::read_to_string(out.join("train_log.jsonl")).unwrap();
+    assert!(two.join("backbone.safetensors").is_file());
+    let log = std::fs::read_to_string(two.join("train_log.jsonl")).unwrap();
     assert_eq!(log.lines().count(), 2, "{log}");
+    let one = dir.path().join("one");
+    ok(
+        &densa().args(args(&one, "4")).output().unwrap(),
+        "densa pretrain pixpro --batch 4",
+    );
+    let (a, b) = (final_state(&one), final_state(&two));
+    let moved = max_diff(
+        &a,
+        &load_safetensors(&one.join("artifact/state.safetensors")).unwrap(),
+    );
+    let d = max_diff(&a, &b);
+    assert!(moved > 1e-3, "two steps changed nothing ({moved})");
+    assert!(
+        d < 1e-5,
+        "data parallel vs doubled batch: max |diff| {d} (moved {moved})"
+    );
 }
 
 /// Without the feature, an `mpirun` launch is refused with the way out, not run N times.

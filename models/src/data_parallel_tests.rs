@@ -328,17 +328,7 @@ fn split_engine_matches_the_fused_step(
     use crate::pretext::data::{image_files, PretextSamples};
     use crate::pretext::{self, PretextContext};
 
-    let dir = tempfile::tempdir().unwrap();
-    for i in 0..4u32 {
-        let img = image::RgbImage::from_fn(48, 48, |x, y| {
-            image::Rgb([
-                (x * 5 + i * 40) as u8,
-                (y * 5) as u8,
-                ((x + y) * 3 + i * 7) as u8,
-            ])
-        });
-        img.save(dir.path().join(format!("{i}.png"))).unwrap();
-    }
+    let dir = pretext_images(4);
     let overrides: Vec<(String, String)> = overrides
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -384,6 +374,119 @@ fn split_engine_matches_the_fused_step(
     assert!(
         d < tolerance,
         "split engine vs fused step: max relative diff {d} (steps moved {moved})"
+    );
+}
+
+/// `n` small distinct RGB images in a temporary folder.
+fn pretext_images(n: u32) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for i in 0..n {
+        let img = image::RgbImage::from_fn(48, 48, |x, y| {
+            image::Rgb([
+                (x * 5 + i * 40) as u8,
+                (y * 5 + i * 3) as u8,
+                ((x + y) * 3 + i * 7) as u8,
+            ])
+        });
+        img.save(dir.path().join(format!("{i}.png"))).unwrap();
+    }
+    dir
+}
+
+/// PixPro, the real method (augmented views, host-computed matching masks, the EMA teacher
+/// with its momentum ramp, LARS) with `batch_norm`, trained `steps` steps: one process of
+/// batch 4, and 2 ranks of batch 2 (threads). Returns the largest difference between the
+/// one process and rank 0, and how far the one process moved.
+fn pixpro_two_ranks_vs_doubled_batch(batch_norm: &str, steps: u64) -> (f32, f32) {
+    use crate::pretext::data::{image_files, PretextSamples};
+    use crate::pretext::{self, Pretext, PretextContext};
+
+    let dir = pretext_images(8);
+    let overrides: Vec<(String, String)> = [
+        ("hidden_dim", "16"),
+        ("dim", "8"),
+        ("batch_norm", batch_norm),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let method: Arc<dyn Pretext> = Arc::from(pretext::create("pixpro", &overrides).unwrap());
+    let ctx = |batch| PretextContext {
+        arch: crate::Arch::Edge.config(),
+        batch,
+        image_size: 32,
+        seed: 0,
+    };
+    // The learning rate of the global batch, as `densa pretrain` scales it.
+    let mut config = TrainStepConfig::new(method.optimizer(4).unwrap());
+    config.data_parallel = true;
+    let artifact =
+        |batch| train_step_artifact(method.build(&ctx(batch)).unwrap(), None, &config).unwrap();
+    let (whole, shard) = (artifact(4), artifact(2));
+    assert_eq!(max_diff(whole.state(), shard.state(), ""), 0.0);
+    let trainer = |artifact: &Artifact, batch, rank, out: &std::path::Path| {
+        let files = image_files(dir.path()).unwrap();
+        let (samples, _) = PretextSamples::new(files, method.clone(), ctx(batch));
+        let data = Shuffled::new(samples, batch)
+            .unwrap()
+            .shard(rank, 4 / batch)
+            .unwrap();
+        let m = method.clone();
+        Trainer::new(
+            artifact.clone(),
+            &TractBackend,
+            data,
+            move |step: u64| m.schedule(step, steps),
+            options(out, steps),
+        )
+        .unwrap()
+    };
+    let out = tempfile::tempdir().unwrap();
+    let mut one = trainer(&whole, 4, 0, out.path());
+    one.run().unwrap();
+    let reference = one.state();
+    let states: Vec<StateDict> = std::thread::scope(|s| {
+        let handles: Vec<_> = LocalGroup::new(2)
+            .into_iter()
+            .map(|comm| {
+                let (trainer, shard) = (&trainer, &shard);
+                s.spawn(move || {
+                    let out = tempfile::tempdir().unwrap();
+                    let rank = comm.rank();
+                    let comm: Arc<dyn Communicator> = Arc::new(comm);
+                    let mut t = trainer(shard, 2, rank, out.path())
+                        .data_parallel(&TractBackend, comm)
+                        .unwrap();
+                    t.run().unwrap();
+                    t.state()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(max_diff(&states[0], &states[1], ""), 0.0);
+    (
+        max_diff(&reference, &states[0], ""),
+        max_diff(&reference, whole.state(), ""),
+    )
+}
+
+/// A dense method trains on 2 ranks like one process with the doubled batch when its batch
+/// norms use running statistics (`batch_norm=frozen`): PixPro, 3 steps, within float
+/// tolerance. With batch statistics (the papers' setting, no SyncBatchNorm) each rank
+/// normalises with its own shard's and the runs part: the check can fail.
+#[test]
+fn pixpro_with_frozen_batch_norm_trains_like_the_doubled_batch() {
+    let (d, moved) = pixpro_two_ranks_vs_doubled_batch("frozen", 3);
+    assert!(moved > 1e-3, "the steps changed nothing ({moved})");
+    assert!(
+        d < 1e-5,
+        "data parallel vs doubled batch: max |diff| {d} (moved {moved})"
+    );
+    let (d, _) = pixpro_two_ranks_vs_doubled_batch("batch", 3);
+    assert!(
+        d > 1e-4,
+        "per-shard batch statistics gave the doubled batch's run ({d})"
     );
 }
 

@@ -230,6 +230,19 @@ impl NormMode {
         }
     }
 
+    /// A mode of the same kind with nothing recorded (a pass whose running statistics are not
+    /// kept: training mode with the same momentum, the other modes as they are).
+    pub fn fresh(&self) -> NormMode {
+        match self {
+            NormMode::Train { momentum, .. } => NormMode::Train {
+                momentum: *momentum,
+                state: Fragment::default(),
+            },
+            NormMode::Inference => NormMode::Inference,
+            NormMode::Frozen => NormMode::Frozen,
+        }
+    }
+
     /// The running-statistic updates recorded in training mode (none in inference mode).
     pub fn into_state(self) -> Fragment {
         match self {

@@ -63,7 +63,6 @@ use super::settings::{common, Hyper, Settings};
 use super::twin::momentum_twin;
 use super::{Family, MethodInfo, Pretext, PretextContext, PretextError, SampleInfo};
 use crate::backbone::ResNet;
-use crate::nn::NormMode;
 use crate::train_step::ForwardGraph;
 
 pub static INFO: MethodInfo = MethodInfo {
@@ -110,6 +109,7 @@ const REFERENCE_SIDE: f32 = 640.0;
 
 fn hyper() -> Vec<Hyper> {
     let mut h = common("sgd", 0.03, 256, 1e-4);
+    h.push(super::settings::batch_norm());
     h.extend(contrastive_defaults());
     h.extend([
         Hyper::int("roi_queue_size", 65536, "RoI keys kept as negatives"),
@@ -752,7 +752,7 @@ impl Pretext for Ccop {
         )?;
         let queue = ops::queue(&mut b, "queue.global", c.queue_size, dim)?;
         let rqueue = ops::queue(&mut b, "queue.roi", roi_queue, dim)?;
-        let mut mode = NormMode::train();
+        let mut mode = self.settings.norm_mode()?;
         let embed = |b: &mut GraphBuilder, head: &MlpHead, p: &Value| -> Result<_, PretextError> {
             let z = head.forward(b, p)?;
             Ok(ops::l2_normalize(b, &z, 1)?)

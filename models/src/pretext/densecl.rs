@@ -37,6 +37,7 @@ pub static INFO: MethodInfo = MethodInfo {
 
 fn hyper() -> Vec<Hyper> {
     let mut h = common("sgd", 0.03, 256, 1e-4);
+    h.push(super::settings::batch_norm());
     h.extend(contrastive_defaults());
     h.push(Hyper::float(
         "loss_lambda",
@@ -186,7 +187,7 @@ impl Pretext for DenseCl {
         })?;
         let queue = ops::queue(&mut b, "queue.global", k_size, dim)?;
         let queue_dense = ops::queue(&mut b, "queue.dense", k_size, dim)?;
-        let mut mode = NormMode::train();
+        let mut mode = self.settings.norm_mode()?;
         let q = encode(&mut b, &twin.student, &v0, &mut mode)?;
         let k = encode(&mut b, &twin.teacher, &v1, &mut mode)?;
 

@@ -46,7 +46,7 @@ use super::ops::{self, ConvHead};
 use super::pixpro::C5_STRIDE;
 use super::settings::{common, Hyper, Settings};
 use super::{Family, MethodInfo, Pretext, PretextContext, PretextError};
-use crate::nn::{Conv2d, Conv2dConfig, NormMode};
+use crate::nn::{Conv2d, Conv2dConfig};
 use crate::train_step::ForwardGraph;
 
 pub static INFO: MethodInfo = MethodInfo {
@@ -74,6 +74,7 @@ pub const VALID: &str = "densesiam.valid";
 
 fn hyper() -> Vec<Hyper> {
     let mut h = common("sgd", 0.05, 256, 1e-4);
+    h.push(super::settings::batch_norm());
     h.extend([
         Hyper::int("hidden_dim", 2048, "hidden width of the dense projector"),
         Hyper::int("dim", 2048, "output width of the projector and predictor"),
@@ -416,7 +417,7 @@ impl Pretext for DenseSiam {
         let projector = ConvHead::init(&mut b, "head.projector", c5, hidden, dim, true)?;
         let predictor = ConvHead::init(&mut b, "head.predictor", dim, pred_hidden, dim, true)?;
         let assign = Conv2dConfig::new(dim, regions, 1).init(&mut b, "head.region")?;
-        let mut modes = [NormMode::train(), NormMode::train()];
+        let mut modes = [self.settings.norm_mode()?, self.settings.norm_mode()?];
         let mut maps = Vec::new();
         for (x, mode) in [&v0, &v1].into_iter().zip(modes.iter_mut()) {
             let f = net.forward_mode(&mut b, x, mode)?;

@@ -75,6 +75,7 @@ const LEVELS: [(&str, &str); 4] = [
 
 fn hyper() -> Vec<Hyper> {
     let mut h = common("sgd", 0.03, 256, 1e-4);
+    h.push(super::settings::batch_norm());
     h.extend(contrastive_defaults());
     h.push(Hyper::float(
         "weight_res2",
@@ -215,7 +216,7 @@ fn encode(
     let (n, p) = (d[0], d[3]);
     let f = net.forward_mode(b, view, mode)?;
     let flat = b.reshape(patches, &[(n * PATCHES) as i64, 3, p as i64, d[4] as i64])?;
-    let fp = net.forward_mode(b, &flat, &mut NormMode::train())?;
+    let fp = net.forward_mode(b, &flat, &mut mode.fresh())?;
     let mut out = Vec::new();
     for (l, (fg, fl)) in f.as_array().into_iter().zip(fp.as_array()).enumerate() {
         let pg = ops::pool(b, fg)?;
@@ -329,7 +330,7 @@ impl Pretext for DetCo {
                 gl: ops::queue(&mut b, &format!("queue.{name}.gl"), k_size, dim)?,
             });
         }
-        let mut mode = NormMode::train();
+        let mut mode = self.settings.norm_mode()?;
         let q = encode(&mut b, &twin.student, &v0, &p0, &mut mode)?;
         let k = encode(&mut b, &twin.teacher, &v1, &p1, &mut mode)?;
         let levels: Vec<(LevelEmbeddings, LevelQueues, f64)> = q

@@ -63,6 +63,7 @@ const MASKED_LOGIT: f32 = -1e4;
 
 fn hyper() -> Vec<Hyper> {
     let mut h = common("sgd", 0.03, 256, 1e-4);
+    h.push(super::settings::batch_norm());
     h.extend(contrastive_defaults());
     h.extend([
         Hyper::float("local_temperature", 0.2, "temperature of the local InfoNCE"),
@@ -223,7 +224,7 @@ impl Pretext for LcLoss {
             ))
         })?;
         let queue = ops::queue(&mut b, "queue.global", k_size, dim)?;
-        let mut mode = NormMode::train();
+        let mut mode = self.settings.norm_mode()?;
         let encode = |b: &mut GraphBuilder,
                       (net, mlp, local): &Encoder,
                       x: &Value,

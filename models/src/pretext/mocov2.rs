@@ -36,6 +36,7 @@ pub const TINY: &[(&str, &str)] = &[("queue_size", "8"), ("hidden_dim", "16"), (
 
 fn hyper() -> Vec<Hyper> {
     let mut h = common("sgd", 0.03, 256, 1e-4);
+    h.push(super::settings::batch_norm());
     h.extend(contrastive_defaults());
     h
 }
@@ -153,7 +154,7 @@ impl Pretext for MocoV2 {
             ))
         })?;
         let queue = ops::queue(&mut b, "queue.global", k_size, dim)?;
-        let mut mode = NormMode::train();
+        let mut mode = self.settings.norm_mode()?;
         let embed = |b: &mut GraphBuilder,
                      (net, head): &(ResNet, MlpHead),
                      x,

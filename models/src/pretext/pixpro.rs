@@ -73,6 +73,7 @@ pub const C5_STRIDE: u32 = 32;
 
 fn hyper() -> Vec<Hyper> {
     let mut h = common("lars", 1.0, 256, 1e-5);
+    h.push(super::settings::batch_norm());
     h.extend([
         Hyper::float(
             "momentum",
@@ -359,7 +360,7 @@ impl Pretext for PixPro {
         })?;
         let ppm = PpmTransform::init(&mut b, "head.ppm", dim, layers)?;
         // One batch-norm pass per view, chained as PyTorch's two forward calls would be.
-        let mut modes = [NormMode::train(), NormMode::train()];
+        let mut modes = [self.settings.norm_mode()?, self.settings.norm_mode()?];
         let project = |b: &mut GraphBuilder,
                        (net, head): &(ResNet, ConvHead),
                        x: &Value,

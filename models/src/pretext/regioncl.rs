@@ -44,7 +44,6 @@ use super::settings::{common, Hyper, Settings};
 use super::twin::momentum_twin;
 use super::{Family, MethodInfo, Pretext, PretextContext, PretextError};
 use crate::backbone::ResNet;
-use crate::nn::NormMode;
 use crate::train_step::ForwardGraph;
 
 pub static INFO: MethodInfo = MethodInfo {
@@ -72,6 +71,7 @@ const STRIDE: usize = 32;
 
 fn hyper() -> Vec<Hyper> {
     let mut h = common("sgd", 0.03, 256, 1e-4);
+    h.push(super::settings::batch_norm());
     h.extend(contrastive_defaults());
     h.push(Hyper::float(
         "region_weight",
@@ -377,7 +377,7 @@ impl Pretext for RegionCl {
             ))
         })?;
         let queue = ops::queue(&mut b, "queue.global", k_size, dim)?;
-        let mut mode = NormMode::train();
+        let mut mode = self.settings.norm_mode()?;
         let embed = |b: &mut GraphBuilder, head: &MlpHead, p: &Value| -> Result<_, PretextError> {
             let z = head.forward(b, p)?;
             Ok(ops::l2_normalize(b, &z, 1)?)
@@ -390,7 +390,7 @@ impl Pretext for RegionCl {
         let mixed = composite(&mut b, &v0, &px_mask)?;
         // Batch statistics of the composites, but their running statistics are not recorded:
         // the plain view's pass updates them (one update per buffer and step).
-        let fm = net.forward_mode(&mut b, &mixed, &mut NormMode::train())?;
+        let fm = net.forward_mode(&mut b, &mixed, &mut self.settings.norm_mode()?)?;
         let (canvas, paste) = masked_means(&mut b, &fm.c5, &cell_mask)?;
         let q_canvas = embed(&mut b, head, &canvas)?;
         let q_paste = embed(&mut b, head, &paste)?;

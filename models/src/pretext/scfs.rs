@@ -55,7 +55,6 @@ use super::swav::{crop_group_input, multi_crop_views, scale_gradient, small_crop
 use super::twin::{momentum_twin, EMA_MOMENTUM};
 use super::{Family, MethodInfo, Pretext, PretextContext, PretextError};
 use crate::backbone::ResNet;
-use crate::nn::NormMode;
 use crate::train_step::ForwardGraph;
 
 pub static INFO: MethodInfo = MethodInfo {
@@ -87,6 +86,7 @@ pub const LAST_LAYER_GRAD: &str = "scfs.last_layer_grad";
 
 fn hyper() -> Vec<Hyper> {
     let mut h = common("sgd", 0.1, 256, 1e-4);
+    h.push(super::settings::batch_norm());
     h.extend([
         Hyper::float(
             "momentum",
@@ -567,13 +567,13 @@ impl Pretext for Scfs {
         ];
 
         let (stu, tea) = (&twin.student, &twin.teacher);
-        let mut mode_g = NormMode::train();
+        let mut mode_g = self.settings.norm_mode()?;
         let sg = stu.net.forward_mode(&mut b, &global, &mut mode_g)?;
-        let mut mode_l = NormMode::train();
+        let mut mode_l = self.settings.norm_mode()?;
         let sl = stu.net.forward_mode(&mut b, &local, &mut mode_l)?;
         let mut norm =
             ops::chain_norm_state(&mut b, mode_g.into_state(), mode_l.into_state(), 0.1)?;
-        let mut mode_t = NormMode::train();
+        let mut mode_t = self.settings.norm_mode()?;
         let tg = tea.net.forward_mode(&mut b, &global, &mut mode_t)?;
         norm.extend(mode_t.into_state());
 

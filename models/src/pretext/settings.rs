@@ -114,6 +114,18 @@ pub fn common(optimizer: &str, lr: f64, reference_batch: i64, weight_decay: f64)
     ]
 }
 
+/// The backbone methods' `batch_norm` setting: how the networks' batch norms normalise while
+/// pretraining ([`Settings::norm_mode`]).
+pub fn batch_norm() -> Hyper {
+    Hyper::text(
+        "batch_norm",
+        "batch",
+        "batch: batch statistics, as the papers; frozen: the running statistics \
+         (FrozenBatchNorm2d), for per-process batches too small for statistics; a data-parallel \
+         run is then exactly the N-times batch",
+    )
+}
+
 /// Resolved hyperparameters of one method: every declared key with its default or override.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Settings {
@@ -263,6 +275,17 @@ impl Settings {
         match self.get(key) {
             HyperValue::Text(v) => v,
             other => panic!("{}: `{key}` = {other} is not text", self.method),
+        }
+    }
+
+    /// How the method's batch norms run ([`batch_norm`]): `batch` is training mode (batch
+    /// statistics, running statistics updated), `frozen` the running statistics as constants
+    /// of the step (the affine weight and bias still train).
+    pub fn norm_mode(&self) -> Result<crate::nn::NormMode, PretextError> {
+        match self.text("batch_norm") {
+            "batch" => Ok(crate::nn::NormMode::train()),
+            "frozen" => Ok(crate::nn::NormMode::Frozen),
+            _ => Err(self.bad("batch_norm", "must be batch or frozen")),
         }
     }
 

@@ -84,6 +84,7 @@ pub const QUEUE_ON: &str = "swav.queue_on";
 
 fn hyper() -> Vec<Hyper> {
     let mut h = common("lars", 4.8, 4096, 1e-6);
+    h.push(super::settings::batch_norm());
     h.extend([
         Hyper::int(
             "nmb_crops_large",
@@ -637,12 +638,12 @@ impl Pretext for Swav {
             let z = head.forward(b, &p, mode)?;
             Ok::<_, PretextError>(ops::l2_normalize(b, &z, 1)?)
         };
-        let mut mode_large = NormMode::train();
+        let mut mode_large = self.settings.norm_mode()?;
         let z_large = embed(&mut b, &large, &mut mode_large)?;
         let mut norm = mode_large.into_state();
         let z = match &small {
             Some(x) => {
-                let mut mode_small = NormMode::train();
+                let mut mode_small = self.settings.norm_mode()?;
                 let z_small = embed(&mut b, x, &mut mode_small)?;
                 norm = ops::chain_norm_state(&mut b, norm, mode_small.into_state(), 0.1)?;
                 b.concat(&[&z_large, &z_small], 0)?

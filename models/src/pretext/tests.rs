@@ -92,6 +92,15 @@ fn registry_lists_methods_and_resolves_settings() {
     let toml = Settings::parse_toml("temperature = 0.1\nqueue_size = 16\n").unwrap();
     let m = create("mocov2", &toml).unwrap();
     assert_eq!(m.settings().i64("queue_size"), 16);
+    // Every backbone method has `batch_norm`; a value it does not know fails the build by name.
+    for info in methods().iter().filter(|m| !m.family.is_detector()) {
+        let m = create(info.name, &[("batch_norm".into(), "group".into())]).unwrap();
+        let e = m.settings().norm_mode().err().unwrap().to_string();
+        assert!(
+            e.contains("batch_norm") && e.contains("batch or frozen"),
+            "{e}"
+        );
+    }
 }
 
 #[test]
