@@ -13,6 +13,10 @@
 # all-reduces per step (rank 0's `data parallel:` line). Threads: one process gets every core,
 # each of two processes half of them (`--threads`), so the rows compete for the same cores.
 # Needs a build with `--features mpi` (DENSA_BIN picks the binary; default: a release build).
+#
+# METHOD=swav (or another method `densa pretrain` runs on N processes) times pretraining on
+# 256 synthetic scenes instead of the classifier; its rank 0 line then also counts the
+# method's own exchange (SwAV: the Sinkhorn sums) in the all-reduce share.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 arch=${1:-resnet-edge}
@@ -38,10 +42,21 @@ print(statistics.median(d))
 PY
 }
 
+method=${METHOD:-}
+if [[ -n "$method" ]]; then
+  "$DENSA_BIN" synth --out "$work/scenes" --images 256 --size 128x128 --seed 0 >/dev/null
+fi
+
 train_args() { # OUT BATCH THREADS
-  echo train --synthetic 1024 --classes 10 --arch "$arch" --image-size "$size" \
-    --batch-size "$2" --steps "$steps" --holdout-every 0 --checkpoint-every 0 \
-    --backend "$backend" --threads "$3" --out "$1"
+  if [[ -n "$method" ]]; then
+    echo pretrain --method "$method" --data "$work/scenes" --arch "$arch" --image-size "$size" \
+      --batch "$2" --steps "$steps" --checkpoint-every 0 --backend "$backend" --threads "$3" \
+      --out "$1"
+  else
+    echo train --synthetic 1024 --classes 10 --arch "$arch" --image-size "$size" \
+      --batch-size "$2" --steps "$steps" --holdout-every 0 --checkpoint-every 0 \
+      --backend "$backend" --threads "$3" --out "$1"
+  fi
 }
 
 # shellcheck disable=SC2046
@@ -60,7 +75,9 @@ python3 - "$batch" "$s1" "$s2" "$sd" "$dp_line" "$arch" "$size" "$backend" "$cor
 import re, sys
 b, s1, s2, sd = int(sys.argv[1]), *map(float, sys.argv[2:5])
 line, arch, size, backend, cores = sys.argv[5:]
-print(f"{arch} at {size}px, {backend}, {cores} cores, batch {b} per process")
+import os
+what = f"pretraining {os.environ['METHOD']}" if os.environ.get("METHOD") else "classifier"
+print(f"{what}: {arch} at {size}px, {backend}, {cores} cores, batch {b} per process")
 print(f"{'run':<22}{'global batch':>13}{'step s':>10}{'images/s':>10}")
 for name, g, s in [("1 process x B", b, s1), ("1 process x 2B", 2 * b, s2), ("2 processes x B", 2 * b, sd)]:
     print(f"{name:<22}{g:>13}{s:>10.3f}{g / s:>10.1f}")
