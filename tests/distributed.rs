@@ -376,7 +376,7 @@ fn an_mpi_launch_of_a_build_without_the_feature_is_refused() {
 
 #[cfg(feature = "mpi")]
 #[test]
-fn two_processes_finetune_and_pretrain_with_queues_centres_and_sinkhorn() {
+fn two_processes_finetune_and_pretrain_with_queues_centres_sinkhorn_and_counts() {
     let Some(mpirun) = mpirun() else { return };
     let dir = tempfile::tempdir().unwrap();
     let p = |rel: &str| dir.path().join(rel).display().to_string();
@@ -502,6 +502,17 @@ fn two_processes_finetune_and_pretrain_with_queues_centres_and_sinkhorn() {
     );
     assert!(out.contains("step 2"), "{out}");
     assert_eq!(log_lines(&swav_out), 2);
+    // LC-loss's mean over valid locations and CCOP's means over valid boxes count every rank's
+    // entries (`masked_means_count_every_ranks_samples` checks the arithmetic).
+    for method in ["lcloss", "ccop"] {
+        let out_dir = p(method);
+        let out = ok(
+            &mpirun_densa(&mpirun, &tiny_pretrain(method, &train, &out_dir, 2)),
+            &format!("mpirun -np 2 densa pretrain {method}"),
+        );
+        assert!(out.contains("data parallel: 2 ranks"), "{out}");
+        assert_eq!(log_lines(&out_dir), 2);
+    }
     // DenseSiam's region negatives come from the whole batch inside the step: refused, not
     // trained differently.
     let o = mpirun_densa(

@@ -612,7 +612,7 @@ fn swav_two_ranks_train_like_the_doubled_batch(queue: Option<usize>) {
     let shard = swav_artifact(4, true, queue);
     assert_eq!(max_diff(whole.state(), shard.state(), ""), 0.0);
     let entry = shard.data_parallel().unwrap().0;
-    assert!(entry.forward_graph.is_some() && entry.sinkhorn.is_some());
+    assert!(entry.forward_graph.is_some() && entry.host.sinkhorn.is_some());
     let reference = one_process(&whole, 8, 5);
     let moved = max_diff(&reference, whole.state(), "");
     assert!(moved > 1e-3, "the steps changed nothing ({moved})");
@@ -631,5 +631,77 @@ fn swav_two_ranks_train_like_the_doubled_batch(queue: Option<usize>) {
     assert!(
         d > 1e-4,
         "shard-local Sinkhorn trains like the global one ({d}, queue {queue:?})"
+    );
+}
+
+/// A mean over the selected samples of the batch (LC-loss's valid locations, CCOP's valid
+/// boxes in miniature): the tiny network's `sum_c (logit_c - 1)^2` averaged over the samples
+/// whose label is not 0. With `global`, the count is declared for the data-parallel host step.
+fn masked_mean_artifact(global: bool) -> Artifact {
+    use crate::pretext::ops;
+    let mut b = GraphBuilder::new("tiny-masked", 3);
+    let n = densa_exporter::Dim::from("N");
+    let x = b
+        .input(
+            "images",
+            DType::F32,
+            vec![n.clone(), 3.into(), 8.into(), 8.into()],
+        )
+        .unwrap();
+    let labels = b.input("labels", DType::I64, vec![n]).unwrap();
+    let conv = Conv2dConfig::new(3, 6, 3)
+        .padding(1)
+        .init(&mut b, "conv")
+        .unwrap();
+    let head = Conv2dConfig::new(6, 4, 1).init(&mut b, "head").unwrap();
+    let h = conv.forward(&mut b, &x).unwrap();
+    let h = b.relu(&h);
+    let h = head.forward(&mut b, &h).unwrap();
+    let h = b.global_avg_pool(&h).unwrap();
+    let logits = b.flatten(&h, 1);
+    let one = b.const_f32(1.0);
+    let off = b.sub(&logits, &one).unwrap();
+    let sq = b.mul(&off, &off).unwrap();
+    let per = b.reduce_sum(&sq, &[1], false).unwrap();
+    let lf = b.cast(&labels, DType::F32);
+    let half = b.const_f32(0.5);
+    let valid = b.greater(&lf, &half).unwrap();
+    let valid = b.cast(&valid, DType::F32);
+    let picked = b.mul(&per, &valid).unwrap();
+    let total = b.reduce_sum(&picked, &[0], false).unwrap();
+    let count = b.reduce_sum(&valid, &[0], false).unwrap();
+    let m = ops::masked_mean(&mut b, &total, &count).unwrap();
+    let loss = b.reshape(&m.mean, &[1]).unwrap();
+    let mut forward = ForwardGraph::new(b, loss);
+    if global {
+        forward = forward.global_mean(&m.count, &m.denominator, 1.0);
+    }
+    let mut config = TrainStepConfig::new(OptimizerConfig::sgd(0.05, 0.9, 0.0));
+    config.data_parallel = true;
+    train_step_artifact(forward, None, &config).unwrap()
+}
+
+/// Means over the selected samples (LC-loss, CCOP): the ranks' counts are summed between the
+/// halves of the gradient graph, so 2 ranks of 4 train like one process of 8 although the
+/// shards select different numbers of samples. Each rank's own mean (the mean of the shards'
+/// means) trains differently: the check can fail.
+#[test]
+fn masked_means_count_every_ranks_samples() {
+    let artifact = masked_mean_artifact(true);
+    assert!(artifact.data_parallel().unwrap().0.forward_graph.is_some());
+    let reference = one_process(&artifact, 8, 5);
+    let moved = max_diff(&reference, artifact.state(), "");
+    assert!(moved > 1e-3, "the steps changed nothing ({moved})");
+    let dp = ranks(&artifact, 2, 4, 5);
+    assert_eq!(max_diff(&dp[0], &dp[1], ""), 0.0);
+    for state in &dp {
+        let d = max_diff(&reference, state, "");
+        assert!(d < 2e-6, "data parallel vs doubled batch: max |diff| {d}");
+    }
+    let local = ranks(&masked_mean_artifact(false), 2, 4, 5);
+    let d = max_diff(&reference, &local[0], "");
+    assert!(
+        d > 1e-4,
+        "the shards' own means train like the global mean ({d})"
     );
 }

@@ -94,7 +94,9 @@ use densa_exporter::train::optim::{
 use densa_exporter::train::{next_name, Fragment, InputRole as FragmentRole, TrainError};
 use densa_exporter::weights::StateDict;
 use densa_exporter::{BuildError, DType, GraphBuilder, ParamKind, Value};
-use densa_runtime::train::manifest::{DataParallelGraphs, GradEntry, SinkhornExchange};
+use densa_runtime::train::manifest::{
+    DataParallelGraphs, GlobalMean, GradEntry, HostStep, SinkhornExchange,
+};
 use densa_runtime::train::{Artifact, InputRole, Manifest, ManifestError, OutputRole};
 
 /// Why a train step could not be composed. Each variant names the value or setting concerned.
@@ -284,11 +286,11 @@ pub struct ForwardGraph {
     /// Values no gradient flows through (PyTorch's `detach`: SimSiam's stop-gradient branch,
     /// Sinkhorn codes).
     pub stop_gradient: HashSet<String>,
-    /// Sinkhorn-Knopp codes the graph computes over its own batch which data-parallel training
-    /// must compute over the global batch (SwAV): with [`TrainStepConfig::data_parallel`] the
-    /// gradient graph is cut before them and the host computes them with every rank. The
-    /// fused step keeps the graph's own Sinkhorn.
-    pub sinkhorn: Option<SinkhornExchange>,
+    /// Values the graph computes over its own batch which data-parallel training must compute
+    /// over the global batch (SwAV's Sinkhorn codes, LC-loss's and CCOP's counts of valid
+    /// entries): with [`TrainStepConfig::data_parallel`] the gradient graph is cut before them
+    /// and the host computes them with every rank. The fused step keeps the graph's own.
+    pub host: HostStep,
 }
 
 impl ForwardGraph {
@@ -300,13 +302,24 @@ impl ForwardGraph {
             metrics: Vec::new(),
             norm: Fragment::default(),
             stop_gradient: HashSet::new(),
-            sinkhorn: None,
+            host: HostStep::default(),
         }
     }
 
-    /// Declares the graph's Sinkhorn codes (see [`ForwardGraph::sinkhorn`]).
+    /// Declares the graph's Sinkhorn codes (see [`ForwardGraph::host`]).
     pub fn host_sinkhorn(mut self, exchange: SinkhornExchange) -> ForwardGraph {
-        self.sinkhorn = Some(exchange);
+        self.host.sinkhorn = Some(exchange);
+        self
+    }
+
+    /// Declares a mean over the selected entries of the batch, `sum / denominator` with
+    /// `denominator = max(count, floor)` (see [`ForwardGraph::host`], [`GlobalMean`]).
+    pub fn global_mean(mut self, count: &Value, denominator: &Value, floor: f64) -> ForwardGraph {
+        self.host.means.push(GlobalMean {
+            count: count.name().to_string(),
+            denominator: denominator.name().to_string(),
+            floor,
+        });
         self
     }
 
@@ -341,7 +354,7 @@ pub struct TrainStep {
     pub forward_values: HashSet<String>,
     /// With [`TrainStepConfig::data_parallel`]: the gradient and update graphs, the
     /// (parameter, gradient) pairs and the host step, for [`Artifact::with_data_parallel`].
-    pub data_parallel: Option<(DataParallelGraphs, Vec<GradEntry>, Option<SinkhornExchange>)>,
+    pub data_parallel: Option<(DataParallelGraphs, Vec<GradEntry>, HostStep)>,
 }
 
 /// Composes the train step of `forward` (see the module docs).
@@ -355,7 +368,7 @@ pub fn build_train_step(
         metrics,
         norm,
         stop_gradient,
-        sinkhorn,
+        host,
     } = forward;
     if loss.dtype() != DType::F32 || !loss.shape().iter().all(|d| d.fixed() == Some(1)) {
         return Err(TrainStepError::Loss {
@@ -525,11 +538,12 @@ pub fn build_train_step(
             &buffers,
             &updated_buffers,
         )?;
-        let graphs = match &sinkhorn {
-            Some(ex) => host_sinkhorn_cut(graphs, ex, &forward_values)?,
-            None => graphs,
+        let graphs = if host.is_empty() {
+            graphs
+        } else {
+            host_step_cut(graphs, &host, &forward_values)?
         };
-        Some((graphs, entries, sinkhorn))
+        Some((graphs, entries, host))
     } else {
         None
     };
@@ -731,17 +745,18 @@ fn data_parallel_graphs(
     ))
 }
 
-/// Cuts the gradient graph of `graphs` around `exchange`'s codes: the nodes computing each
-/// stage's codes go (its inputs, the detached scores, become outputs of the forward half), the
-/// codes become inputs of the rest, and the graph is split where the forward pass meets them
+/// Cuts the gradient graph of `graphs` around `host`'s values: the nodes computing each value
+/// the host provides (Sinkhorn codes, a mean's denominator) go, the values they are computed
+/// from (the detached scores, the count) become outputs of the forward half, the provided
+/// values inputs of the rest, and the graph is split where the forward pass meets them
 /// ([`cut_graph`]).
-fn host_sinkhorn_cut(
+fn host_step_cut(
     mut graphs: DataParallelGraphs,
-    exchange: &SinkhornExchange,
+    host: &HostStep,
     forward_values: &HashSet<String>,
 ) -> Result<DataParallelGraphs, TrainStepError> {
     use densa_exporter::autodiff::infer::ShapeInfo;
-    let fail = |problem: String| TrainStepError::Split(format!("Sinkhorn step: {problem}"));
+    let fail = |problem: String| TrainStepError::Split(format!("host step: {problem}"));
     let mut g = graphs.grad.graph.clone().ok_or(AutodiffError::NoGraph)?;
     let info = ShapeInfo::infer(&g);
     let typed = |name: &str| -> Result<ValueInfoProto, TrainStepError> {
@@ -754,31 +769,43 @@ fn host_sinkhorn_cut(
             ..Default::default()
         })
     };
+    // (values from the forward pass for the host, values from the host replacing the graph's)
+    let mut pairs: Vec<(Vec<&String>, &String)> = Vec::new();
+    for st in host.sinkhorn.iter().flat_map(|ex| &ex.stages) {
+        pairs.push((
+            std::iter::once(&st.scores).chain(&st.queue_used).collect(),
+            &st.codes,
+        ));
+    }
+    for m in &host.means {
+        pairs.push((vec![&m.count], &m.denominator));
+    }
     let mut host_inputs = Vec::new();
     let mut host_outputs = Vec::new();
-    for st in &exchange.stages {
-        let outputs = std::iter::once(&st.scores).chain(&st.queue_used);
+    for (outputs, replaced) in pairs {
         for o in outputs {
             if !forward_values.contains(o) {
                 return Err(fail(format!("`{o}` is not a value of the forward pass")));
             }
-            g.output.push(typed(o)?);
-            host_outputs.push(o.clone());
+            if !host_outputs.contains(o) {
+                g.output.push(typed(o)?);
+                host_outputs.push(o.clone());
+            }
         }
         let producer = g
             .node
             .iter()
-            .position(|n| n.output.iter().any(|o| *o == st.codes))
-            .ok_or_else(|| fail(format!("no node computes the codes `{}`", st.codes)))?;
-        g.input.push(typed(&st.codes)?);
+            .position(|n| n.output.iter().any(|o| o == replaced))
+            .ok_or_else(|| fail(format!("no node computes `{replaced}`")))?;
+        g.input.push(typed(replaced)?);
         g.node.remove(producer);
-        host_inputs.push(st.codes.clone());
+        host_inputs.push(replaced.clone());
     }
     let model = ModelProto {
         graph: Some(g),
         ..graphs.grad.clone()
     };
-    // The graph's own Sinkhorn is now dead.
+    // What computed the replaced values (the graph's own Sinkhorn) is now dead.
     let model = densa_exporter::passes::eliminate_dead_code(&model).map_err(AutodiffError::from)?;
     let g = model.graph.as_ref().ok_or(AutodiffError::NoGraph)?;
     let inputs: Vec<&str> = host_inputs.iter().map(String::as_str).collect();
@@ -844,8 +871,8 @@ pub fn train_step_artifact(
 ) -> Result<Artifact, TrainStepError> {
     let step = build_train_step(forward, config)?;
     let mut artifact = Artifact::new(step.manifest, step.graph, step.state)?;
-    if let Some((graphs, grads, sinkhorn)) = step.data_parallel {
-        artifact = artifact.with_data_parallel(graphs, grads, sinkhorn)?;
+    if let Some((graphs, grads, host)) = step.data_parallel {
+        artifact = artifact.with_data_parallel(graphs, grads, host)?;
     }
     Ok(match eval {
         Some(e) => artifact.with_eval_graph(e),

@@ -90,15 +90,16 @@ pub const BACKBONE_FILE: &str = "backbone.safetensors";
 /// `densa_runtime::train::distributed`): the loss is a mean of per-image terms, the momentum
 /// teacher is identical on every rank, and the only other cross-step state is queues of
 /// keys, which the trainer gathers from every rank (MoCo's `concat_all_gather`; DetCo's 12),
-/// or centres, which it averages (DINO's all-reduced batch centre; SCFS). SwAV's Sinkhorn
-/// codes are computed between the halves of the gradient graph with all-reduced sums (SwAV's
-/// `distributed_sinkhorn`).
+/// or centres, which it averages (DINO's all-reduced batch centre; SCFS). Values of the whole
+/// batch are computed between the halves of the gradient graph with every rank: SwAV's
+/// Sinkhorn codes (all-reduced sums, SwAV's `distributed_sinkhorn`), and the counts behind
+/// LC-loss's mean over valid locations and CCOP's means over valid boxes (summed).
 ///
 /// The others couple the images of a batch inside the step: DenseSiam (region negatives from
-/// the whole batch), RegionCL (partner images in the batch), LC-loss (the local term averaged
-/// over the batch's valid locations) and CCOP (RoI terms averaged over the batch's valid
-/// boxes); their shards' losses do not average to the whole batch's.
-const DATA_PARALLEL_METHODS: [&str; 6] = ["densecl", "detco", "mocov2", "pixpro", "scfs", "swav"];
+/// the whole batch) and RegionCL (partner images in the batch).
+const DATA_PARALLEL_METHODS: [&str; 8] = [
+    "ccop", "densecl", "detco", "lcloss", "mocov2", "pixpro", "scfs", "swav",
+];
 
 pub(super) fn overrides(args: &PretrainArgs) -> Result<Vec<(String, String)>> {
     let mut out = Vec::new();
@@ -155,10 +156,9 @@ fn run_rank(args: PretrainArgs, comm: &Arc<dyn Communicator>) -> Result<()> {
         bail!(
             "`{}` on {ranks} processes: data-parallel pretraining is implemented for {} (a \
              per-image loss, a momentum teacher, queues gathered from every rank, centres \
-             averaged, Sinkhorn sums all-reduced). `{}` couples the images of a batch \
-             (in-batch negatives, partner images or a mean over the batch's valid regions), \
-             which would have to be gathered or all-reduced inside the step; run it on one \
-             process",
+             averaged, Sinkhorn sums and counts of valid entries summed over the ranks). `{}` \
+             couples the images of a batch (in-batch negatives or partner images), which \
+             would have to be gathered inside the step; run it on one process",
             spec.method,
             DATA_PARALLEL_METHODS.join(", "),
             spec.method

@@ -583,19 +583,21 @@ pub fn hardest_key(
 }
 
 /// `sum(x) / max(sum(w), 1)`: a mean over the entries a mask selects.
-fn masked_mean(b: &mut GraphBuilder, x: &Value, w: &Value) -> Result<Value, PretextError> {
+fn masked_mean(
+    b: &mut GraphBuilder,
+    x: &Value,
+    w: &Value,
+) -> Result<ops::MaskedMean, PretextError> {
     let xw = b.mul(x, w)?;
     let rank = ops::dims(b, &xw)?.len();
     let axes: Vec<i64> = (0..rank as i64).collect();
     let num = b.reduce_sum(&xw, &axes, false)?;
-    let den = b.reduce_sum(
+    let count = b.reduce_sum(
         w,
         &(0..ops::dims(b, w)?.len() as i64).collect::<Vec<_>>(),
         false,
     )?;
-    let one = b.const_f32(1.0);
-    let den = b.max2(&den, &one)?;
-    Ok(b.div(&num, &den)?)
+    Ok(ops::masked_mean(b, &num, &count)?)
 }
 
 /// InfoNCE of `q` against `k` and the `queue`, averaged over the rows with `valid = 1`.
@@ -609,7 +611,7 @@ pub fn masked_info_nce(
     queue: &Value,
     valid: &Value,
     t: f64,
-) -> Result<Value, PretextError> {
+) -> Result<ops::MaskedMean, PretextError> {
     let pos = ops::dot(b, q, k, 1)?;
     let qt = ops::transpose(b, queue, &[1, 0])?;
     let neg = ops::matmul(b, q, &qt)?;
@@ -640,7 +642,7 @@ pub fn intra_loss(
     k: &Value,
     pairs: &Value,
     margin: f64,
-) -> Result<Value, PretextError> {
+) -> Result<ops::MaskedMean, PretextError> {
     let kt = ops::transpose(b, k, &[0, 2, 1])?;
     let s = ops::matmul(b, q, &kt)?;
     let own = ops::dot(b, q, k, 2)?;
@@ -777,11 +779,13 @@ impl Pretext for Ccop {
 
         let image = ops::info_nce(&mut b, &q, &k, &queue, t)?;
         let bvalid = b.reshape(&bvalid, &[n as i64, 1])?;
-        let roi = masked_info_nce(&mut b, &qr, &kpos, &rqueue, &bvalid, t)?;
+        let roi_mean = masked_info_nce(&mut b, &qr, &kpos, &rqueue, &bvalid, t)?;
+        let roi = roi_mean.mean.clone();
         let shape3 = [ctx.batch as i64, kb as i64, dim as i64];
         let qr3 = b.reshape(&qr, &shape3)?;
         let kp3 = b.reshape(&kpos, &shape3)?;
-        let intra = intra_loss(&mut b, &qr3, &kp3, &pairs, margin)?;
+        let intra_mean = intra_loss(&mut b, &qr3, &kp3, &pairs, margin)?;
+        let intra = intra_mean.mean.clone();
 
         let wr = b.const_f32(roi_w as f32);
         let wi = b.const_f32(intra_w as f32);
@@ -798,7 +802,9 @@ impl Pretext for Ccop {
             .metric("loss_image", image)
             .metric("loss_roi", roi)
             .metric("loss_intra", intra)
-            .norm_state(state))
+            .norm_state(state)
+            .global_mean(&roi_mean.count, &roi_mean.denominator, 1.0)
+            .global_mean(&intra_mean.count, &intra_mean.denominator, 1.0))
     }
 }
 

@@ -312,10 +312,12 @@ fn ccop_losses_equal_a_direct_computation() {
     let bv = b.input("bvalid", DType::F32, shape(&[n, 1])).unwrap();
     let pv = b.input("pairs", DType::F32, shape(&[bt, k, k])).unwrap();
     let pos = hardest_key(&mut b, &qv, &kv, &vv).unwrap();
-    let roi = masked_info_nce(&mut b, &qv, &pos, &uv, &bv, t).unwrap();
+    let roi = masked_info_nce(&mut b, &qv, &pos, &uv, &bv, t)
+        .unwrap()
+        .mean;
     let q3 = b.reshape(&qv, &[bt as i64, k as i64, d as i64]).unwrap();
     let p3 = b.reshape(&pos, &[bt as i64, k as i64, d as i64]).unwrap();
-    let intra = intra_loss(&mut b, &q3, &p3, &pv, margin).unwrap();
+    let intra = intra_loss(&mut b, &q3, &p3, &pv, margin).unwrap().mean;
     b.output(&pos, "pos").unwrap();
     b.output(&roi, "roi").unwrap();
     b.output(&intra, "intra").unwrap();

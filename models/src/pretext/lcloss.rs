@@ -88,7 +88,7 @@ pub struct LcLoss {
 /// and as keys. Mean over the valid queries of the batch (0 when there are none).
 ///
 /// # Shapes
-/// returns `[1]`.
+/// mean `[1]`.
 pub fn local_info_nce(
     b: &mut GraphBuilder,
     q: &Value,
@@ -96,7 +96,7 @@ pub fn local_info_nce(
     grid: &Value,
     valid: &Value,
     t: f64,
-) -> Result<Value, PretextError> {
+) -> Result<ops::MaskedMean, PretextError> {
     let dq = ops::dims(b, q)?;
     let (n, cells) = (dq[0], dq[2] * dq[3]);
     let ks = grid_sample(b, k, grid)?;
@@ -138,9 +138,9 @@ pub fn local_info_nce(
     let picked = b.mul(&ce, valid)?;
     let total = b.reduce_sum(&picked, &[0, 1], true)?;
     let count = b.reduce_sum(valid, &[0, 1], true)?;
-    let count = b.max2(&count, &one)?;
-    let mean = b.div(&total, &count)?;
-    Ok(b.reshape(&mean, &[1])?)
+    let mut m = ops::masked_mean(b, &total, &count)?;
+    m.mean = b.reshape(&m.mean, &[1])?;
+    Ok(m)
 }
 
 impl Pretext for LcLoss {
@@ -250,7 +250,11 @@ impl Pretext for LcLoss {
         let (q, q_dense) = encode(&mut b, &twin.student, &v0, &mut mode)?;
         let (k, k_dense) = encode(&mut b, &twin.teacher, &v1, &mut mode)?;
         let global = ops::info_nce(&mut b, &q, &k, &queue, t)?;
-        let local = local_info_nce(&mut b, &q_dense, &k_dense, &g, &valid, t_local)?;
+        let ops::MaskedMean {
+            mean: local,
+            count,
+            denominator,
+        } = local_info_nce(&mut b, &q_dense, &k_dense, &g, &valid, t_local)?;
         let w = b.const_f32(weight as f32);
         let weighted = b.mul(&local, &w)?;
         let loss = b.add(&global, &weighted)?;
@@ -260,7 +264,8 @@ impl Pretext for LcLoss {
         Ok(ForwardGraph::new(b, loss)
             .metric("loss_global", global)
             .metric("loss_local", local)
-            .norm_state(state))
+            .norm_state(state)
+            .global_mean(&count, &denominator, 1.0))
     }
 }
 
@@ -374,7 +379,7 @@ mod tests {
         let valid = b
             .input("valid", DType::F32, vec![n.into(), s.into()])
             .unwrap();
-        let loss = local_info_nce(&mut b, &q, &k, &g, &valid, t).unwrap();
+        let loss = local_info_nce(&mut b, &q, &k, &g, &valid, t).unwrap().mean;
         b.output(&loss, "loss").unwrap();
         let (qv, kv) = (random(&[n, d, h, h], 70), random(&[n, d, hk, hk], 71));
         let gv = random(&[n, h, h, 2], 72).mapv(|v| v * 1.2);

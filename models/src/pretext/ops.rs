@@ -383,3 +383,30 @@ pub fn chain_norm_state(
     }
     Ok(out)
 }
+
+/// A mean over the selected entries of a batch, with the values data-parallel training needs
+/// to make it the global batch's ([`crate::train_step::ForwardGraph::global_mean`]).
+pub struct MaskedMean {
+    /// `total / denominator`.
+    pub mean: Value,
+    /// How many entries were selected.
+    pub count: Value,
+    /// `max(count, 1)`.
+    pub denominator: Value,
+}
+
+/// `total / max(count, 1)` (0 for an empty selection).
+pub fn masked_mean(
+    b: &mut GraphBuilder,
+    total: &Value,
+    count: &Value,
+) -> Result<MaskedMean, BuildError> {
+    let one = b.const_f32(1.0);
+    let denominator = b.max2(count, &one)?;
+    let mean = b.div(total, &denominator)?;
+    Ok(MaskedMean {
+        mean,
+        count: count.clone(),
+        denominator,
+    })
+}

@@ -47,10 +47,14 @@
 //!   global batch. SwAV's queue is gathered like MoCo's (below), so its rows are the same on
 //!   every rank and count once (SwAV keeps a queue per GPU; ours is the one-process queue of
 //!   the N-times batch).
-//! - Not exchanged: in-batch negatives, means over a batch's valid regions and other
-//!   batch-wide terms computed inside the step (`densa pretrain` refuses those methods for
-//!   N > 1), and MoCo's shuffled batch norm (the key encoder normalises per shard, like the
-//!   query encoder).
+//! - Means over the selected entries of the batch (LC-loss's valid locations, CCOP's valid
+//!   boxes: `sum / max(count, 1)`): the artifact cuts the gradient graph before the
+//!   denominator (`data_parallel.means`); the ranks' counts are summed and each rank divides
+//!   its own sum by `max(total, 1) / N`, so the average over the ranks is the global sum over
+//!   the global count.
+//! - Not exchanged: in-batch negatives and partner images (DenseSiam, RegionCL: `densa
+//!   pretrain` refuses them for N > 1), and MoCo's shuffled batch norm (the key encoder
+//!   normalises per shard, like the query encoder).
 //!
 //! # Failure
 //! A rank whose step fails prints the error with its rank and calls `MPI_Abort`, which makes

@@ -593,11 +593,12 @@ pub enum ManifestError {
 /// Every input and output is named as in the fused graph's manifest, so the host routes
 /// values by name; parameters the update graph does not output (frozen) keep their value.
 ///
-/// With `sinkhorn` (SwAV), the gradient graph is itself cut in two around a computation over
-/// the whole global batch: `forward_graph` (batch, state, hyperparameters -> the Sinkhorn
-/// inputs, the forward's activations and its state updates), then the host computes the codes
-/// with every rank ([`crate::train::distributed::sinkhorn_codes`]), then `grad_graph` takes the
-/// codes and the activations.
+/// With a [`HostStep`] (SwAV's Sinkhorn codes, LC-loss's and CCOP's means over the valid
+/// entries of the batch), the gradient graph is itself cut in two around values that depend on
+/// the whole global batch: `forward_graph` (batch, state, hyperparameters -> the host step's
+/// inputs, the forward's activations and its state updates), then the host computes the
+/// values with every rank ([`crate::train::distributed::sinkhorn_codes`], summed counts), then
+/// `grad_graph` takes them and the activations.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct DataParallelEntry {
     /// The gradient graph, relative to the artifact directory.
@@ -610,8 +611,42 @@ pub struct DataParallelEntry {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub forward_graph: Option<String>,
     /// The host step between `forward_graph` and `grad_graph`.
+    #[serde(flatten)]
+    pub host: HostStep,
+}
+
+/// What the host computes with every rank between the two halves of a data-parallel gradient
+/// graph: values that depend on the whole global batch.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct HostStep {
+    /// Sinkhorn-Knopp codes (SwAV).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sinkhorn: Option<SinkhornExchange>,
+    /// Means over the selected entries of the whole batch (LC-loss's valid locations, CCOP's
+    /// valid boxes).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub means: Vec<GlobalMean>,
+}
+
+impl HostStep {
+    /// Whether there is nothing to compute.
+    pub fn is_empty(&self) -> bool {
+        self.sinkhorn.is_none() && self.means.is_empty()
+    }
+}
+
+/// A mean over the selected entries of a batch, `sum / max(count, floor)`, made a mean over the
+/// global batch: the forward half outputs the rank's `count`; the host sums it over the ranks
+/// and feeds `max(total, floor) / N` as the gradient graph's `denominator`, so the average of
+/// the ranks' losses (and gradients) is the global sum over the global count.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GlobalMean {
+    /// Output of the forward graph: this rank's count (any shape, one value).
+    pub count: String,
+    /// Input of the gradient graph, in the fused graph `max(count, floor)`.
+    pub denominator: String,
+    /// The smallest denominator (1: an empty selection gives 0, not NaN).
+    pub floor: f64,
 }
 
 /// Sinkhorn-Knopp codes computed over every rank's samples (SwAV's `distributed_sinkhorn`):
@@ -712,19 +747,20 @@ impl Artifact {
     /// `grads` lists the trained parameters and their gradient names. Checks that every
     /// gradient is an output of `grad` and an input of `update`.
     ///
-    /// `sinkhorn` is the host step inside the gradient graph; it needs `graphs.forward`.
+    /// `host` is the host step inside the gradient graph; when not empty it needs
+    /// `graphs.forward`.
     pub fn with_data_parallel(
         mut self,
         graphs: DataParallelGraphs,
         grads: Vec<GradEntry>,
-        sinkhorn: Option<SinkhornExchange>,
+        host: HostStep,
     ) -> Result<Artifact, ManifestError> {
         self.manifest.data_parallel = Some(DataParallelEntry {
             grad_graph: GRAD_FILE.into(),
             update_graph: UPDATE_FILE.into(),
             grads,
             forward_graph: graphs.forward.as_ref().map(|_| GRAD_FORWARD_FILE.into()),
-            sinkhorn,
+            host,
         });
         self.data_parallel = Some(graphs);
         self.validate_data_parallel()?;
@@ -746,38 +782,35 @@ impl Artifact {
         let path = self.manifest_path();
         let grad_if = Interface::of(&graphs.grad);
         let update_if = Interface::of(&graphs.update);
-        if let Some(ex) = &entry.sinkhorn {
+        if !entry.host.is_empty() {
+            let fail = |problem: String| ManifestError::Entry {
+                path: path.clone(),
+                name: "data_parallel".into(),
+                problem,
+            };
             let Some(forward) = &graphs.forward else {
-                return Err(ManifestError::Entry {
-                    path,
-                    name: "data_parallel.sinkhorn".into(),
-                    problem: "a Sinkhorn step needs the forward half of the gradient graph \
-                              (`forward_graph`)"
+                return Err(fail(
+                    "a host step needs the forward half of the gradient graph (`forward_graph`)"
                         .into(),
-                });
+                ));
             };
             let forward_if = Interface::of(forward);
-            for st in &ex.stages {
-                let outputs = std::iter::once(&st.scores).chain(&st.queue_used);
-                let problem = if let Some(o) = outputs
-                    .into_iter()
-                    .find(|o| !forward_if.outputs.iter().any(|p| &p.name == *o))
-                {
-                    Some(format!("`{o}` is not an output of the forward graph"))
-                } else if !grad_if.inputs.iter().any(|p| p.name == st.codes) {
-                    Some(format!(
-                        "`{}` is not an input of the gradient graph",
-                        st.codes
-                    ))
-                } else {
-                    None
-                };
-                if let Some(problem) = problem {
-                    return Err(ManifestError::Entry {
-                        path,
-                        name: "data_parallel.sinkhorn".into(),
-                        problem,
-                    });
+            let stages = entry.host.sinkhorn.iter().flat_map(|ex| &ex.stages);
+            let outputs = stages
+                .clone()
+                .flat_map(|st| std::iter::once(&st.scores).chain(&st.queue_used))
+                .chain(entry.host.means.iter().map(|m| &m.count));
+            let inputs = stages
+                .map(|st| &st.codes)
+                .chain(entry.host.means.iter().map(|m| &m.denominator));
+            for o in outputs {
+                if !forward_if.outputs.iter().any(|p| &p.name == o) {
+                    return Err(fail(format!("`{o}` is not an output of the forward graph")));
+                }
+            }
+            for i in inputs {
+                if !grad_if.inputs.iter().any(|p| &p.name == i) {
+                    return Err(fail(format!("`{i}` is not an input of the gradient graph")));
                 }
             }
         }

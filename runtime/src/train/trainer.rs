@@ -35,7 +35,7 @@ use super::checkpoint::{
 use super::data::{Batch, BatchAt, DataSource};
 use super::distributed::Communicator;
 use super::log::{self, JsonlLog, Progress, StepRecord, LOG_FILE, PLOT_FILE};
-use super::manifest::{hyper_tensor, Artifact, InputRole, OutputRole, SinkhornExchange};
+use super::manifest::{hyper_tensor, Artifact, HostStep, InputRole, OutputRole, SinkhornExchange};
 use super::schedule::Schedule;
 use super::TrainError;
 use crate::backend::{Backend, Port, Session};
@@ -266,7 +266,7 @@ pub struct CommStats {
 struct DataParallel {
     comm: Arc<dyn Communicator>,
     /// With a host step inside the gradient graph: its forward half and the step.
-    forward: Option<(Box<dyn Session>, SinkhornExchange)>,
+    forward: Option<(Box<dyn Session>, HostStep)>,
     grad: Box<dyn Session>,
     update: Box<dyn Session>,
     /// Gradient outputs all-reduced, in order, with their shapes.
@@ -412,15 +412,15 @@ impl<'a> Trainer<'a> {
         let grad = backend.load_model(&graphs.grad, &format!("{label}/{}", entry.grad_graph))?;
         let update =
             backend.load_model(&graphs.update, &format!("{label}/{}", entry.update_graph))?;
-        let forward = match (&graphs.forward, &entry.sinkhorn) {
-            (Some(f), Some(ex)) => {
+        let forward = match (&graphs.forward, entry.host.is_empty()) {
+            (Some(f), false) => {
                 let file = entry.forward_graph.as_deref().unwrap_or("forward");
                 Some((
                     backend.load_model(f, &format!("{label}/{file}"))?,
-                    ex.clone(),
+                    entry.host.clone(),
                 ))
             }
-            (None, None) => None,
+            (None, true) => None,
             _ => {
                 return Err(fail(
                     "the gradient graph's forward half and its host step come together".into(),
@@ -469,9 +469,13 @@ impl<'a> Trainer<'a> {
         // With a host step, the gradient graph also takes the forward half's outputs and the
         // codes.
         let exchanged = |n: &str| {
-            forward.as_ref().is_some_and(|(f, ex)| {
+            forward.as_ref().is_some_and(|(f, host)| {
                 f.interface().outputs.iter().any(|p| p.name == n)
-                    || ex.stages.iter().any(|s| s.codes == n)
+                    || host
+                        .sinkhorn
+                        .iter()
+                        .any(|ex| ex.stages.iter().any(|s| s.codes == n))
+                    || host.means.iter().any(|m| m.denominator == n)
             })
         };
         let mut graphs: Vec<(&str, &dyn Session)> = vec![("gradient", grad.as_ref())];
@@ -973,18 +977,17 @@ impl<'a> Trainer<'a> {
         // then the rest with the forward's activations and the step's results.
         let mut sinkhorn_s = 0.0;
         let mut grad_out: BTreeMap<String, Tensor> = match &mut dp.forward {
-            Some((forward, exchange)) => {
+            Some((forward, host)) => {
                 let mut fwd_out = forward.run(fed(forward.as_ref(), &[]))?;
                 let t = Instant::now();
-                let codes =
-                    exchange_sinkhorn(exchange, &fwd_out, dp.comm.as_ref()).map_err(|problem| {
-                        TrainError::DataParallel {
-                            artifact: self.artifact.label(),
-                            problem,
-                        }
-                    })?;
+                let values = host_step(host, &fwd_out, dp.comm.as_ref()).map_err(|problem| {
+                    TrainError::DataParallel {
+                        artifact: self.artifact.label(),
+                        problem,
+                    }
+                })?;
                 sinkhorn_s = t.elapsed().as_secs_f64();
-                fwd_out.extend(codes);
+                fwd_out.extend(values);
                 let mut out: BTreeMap<String, Tensor> = dp
                     .grad
                     .run(fed(dp.grad.as_ref(), &fwd_out))?
@@ -1345,27 +1348,75 @@ impl<'a> Trainer<'a> {
 }
 
 /// The mean of a tensor's elements as f64 (NaN for an empty tensor).
-/// Floats a step's Sinkhorn exchange sends: per stage, the maximum, the total and the count,
-/// then one prototype row per iteration (0 when the forward graph's shapes are not fixed).
-fn sinkhorn_floats(forward: Option<&(Box<dyn Session>, SinkhornExchange)>) -> usize {
-    let Some((f, ex)) = forward else {
+/// Floats a step's host step sends: per Sinkhorn stage, the maximum, the total and the count,
+/// then one prototype row per iteration (0 when the forward graph's shapes are not fixed); one
+/// per mean.
+fn sinkhorn_floats(forward: Option<&(Box<dyn Session>, HostStep)>) -> usize {
+    let Some((f, host)) = forward else {
         return 0;
     };
-    ex.stages
-        .iter()
-        .map(|st| {
-            let k = f
-                .interface()
-                .outputs
-                .iter()
-                .find(|p| p.name == st.scores)
-                .and_then(|p| p.shape.as_ref())
-                .and_then(|s| s.last())
-                .and_then(|d| d.fixed())
-                .map_or(0, |k| k.max(0) as usize);
-            3 + ex.iterations * k
-        })
-        .sum()
+    host.means.len()
+        + host
+            .sinkhorn
+            .iter()
+            .flat_map(|ex| ex.stages.iter().map(move |st| (ex, st)))
+            .map(|(ex, st)| {
+                let k = f
+                    .interface()
+                    .outputs
+                    .iter()
+                    .find(|p| p.name == st.scores)
+                    .and_then(|p| p.shape.as_ref())
+                    .and_then(|s| s.last())
+                    .and_then(|d| d.fixed())
+                    .map_or(0, |k| k.max(0) as usize);
+                3 + ex.iterations * k
+            })
+            .sum::<usize>()
+}
+
+/// The values of `host` for the gradient graph: Sinkhorn codes ([`exchange_sinkhorn`]) and
+/// global means' denominators (`max(sum of the ranks' counts, floor) / N`), from the forward
+/// half's outputs `fwd`.
+fn host_step(
+    host: &HostStep,
+    fwd: &[(String, Tensor)],
+    comm: &dyn Communicator,
+) -> Result<Vec<(String, Tensor)>, String> {
+    let mut out = match &host.sinkhorn {
+        Some(ex) => exchange_sinkhorn(ex, fwd, comm)?,
+        None => Vec::new(),
+    };
+    if host.means.is_empty() {
+        return Ok(out);
+    }
+    let mut counts = Vec::new();
+    for m in &host.means {
+        let t = fwd
+            .iter()
+            .find(|(n, _)| *n == m.count)
+            .map(|(_, t)| t.to_f32())
+            .ok_or_else(|| format!("the forward graph has no output `{}`", m.count))?;
+        if t.len() != 1 {
+            return Err(format!(
+                "count `{}` is {:?}, not one value",
+                m.count,
+                t.shape()
+            ));
+        }
+        counts.push((t.shape().to_vec(), t.iter().next().copied().unwrap_or(0.0)));
+    }
+    let mut totals: Vec<f32> = counts.iter().map(|(_, c)| *c).collect();
+    comm.all_reduce_sum(&mut totals);
+    let ranks = comm.size() as f32;
+    for ((m, (shape, _)), total) in host.means.iter().zip(counts).zip(totals) {
+        let den = total.max(m.floor as f32) / ranks;
+        out.push((
+            m.denominator.clone(),
+            Tensor::F32(ndarray::ArrayD::from_elem(shape, den)),
+        ));
+    }
+    Ok(out)
 }
 
 /// The codes of every stage of `exchange`, computed with every rank from the forward half's
