@@ -98,8 +98,7 @@ fn detreg_pretrains_resumes_and_initialises_detr_finetuning() {
         assert!(l["metrics"]["loss_embed.1"].as_f64().unwrap() > 0.0, "{l}");
     }
     // One cached target file per image.
-    let cached = std::fs::read_dir(out.join("cache/detreg")).unwrap().count();
-    assert_eq!(cached, 8);
+    assert_eq!(cached_files(&out.join("cache/detreg")), 8);
     let config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("detr.json")).unwrap()).unwrap();
     assert_eq!(config["classes"], serde_json::json!(["object"]));
@@ -182,4 +181,14 @@ fn detreg_refuses_a_missing_encoder_with_the_flag_named() {
         text.contains("detreg") && text.contains("pretrains a detector"),
         "{text}"
     );
+}
+
+/// Files in the one settings-keyed folder under a method's cache folder.
+fn cached_files(dir: &std::path::Path) -> usize {
+    let keyed: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(keyed.len(), 1, "one settings key: {keyed:?}");
+    std::fs::read_dir(&keyed[0]).unwrap().count()
 }

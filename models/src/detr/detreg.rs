@@ -48,8 +48,8 @@ use rand_chacha::ChaCha8Rng;
 use super::loss::{EmbeddingConfig, LossConfig};
 use super::matcher::{xyxy_to_cxcywh, ImageTargets};
 use super::pretext::{
-    backbone_file, detr_config, detr_hyper, prepared_batch, DetrBatch, DetrPretext,
-    DetrPretextContext, PrepareContext, SampleImage,
+    backbone_file, detr_config, detr_hyper, keyed_cache_dir, prepared_batch, DetrBatch,
+    DetrPretext, DetrPretextContext, PrepareContext, SampleImage,
 };
 use super::train::{step_graphs, DetrStepGraphs};
 use super::DetrConfig;
@@ -84,6 +84,15 @@ pub const TINY: &[(&str, &str)] = &[
 
 /// Where the per-image targets are cached inside the run's cache folder.
 pub const CACHE_SUBDIR: &str = "detreg";
+
+/// The settings the cached targets depend on (see [`keyed_cache_dir`]).
+const CACHE_KEYS: &[&str] = &[
+    "encoder",
+    "encoder_arch",
+    "crop_size",
+    "proposal_size",
+    "proposals",
+];
 
 fn hyper() -> Vec<Hyper> {
     let mut h = detr_hyper();
@@ -484,7 +493,7 @@ impl DetrPretext for DetReg {
             self.backbone_tensors = Some(weights);
         }
         let dim = self.embedding_dim(ctx);
-        let dir = work.cache_dir.join(CACHE_SUBDIR);
+        let dir = keyed_cache_dir(work.cache_dir, CACHE_SUBDIR, &self.settings, CACHE_KEYS);
         std::fs::create_dir_all(&dir).map_err(|e| PretextError::Invalid {
             method: "detreg".into(),
             problem: format!("creating {}: {e}", dir.display()),

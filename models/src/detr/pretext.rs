@@ -191,6 +191,24 @@ pub fn detr_config(
     Ok(c)
 }
 
+/// The folder of `method`'s per-image cache inside `cache_dir`: `{method}/{key}`, `key` the
+/// FNV-1a hash (16 hex digits) of the `settings` named in `keys` with their values. Targets
+/// made with other settings (another `proposals`, another encoder path) are never reused, a
+/// copied cache included; a different file under the same encoder path is not noticed.
+pub fn keyed_cache_dir(
+    cache_dir: &Path,
+    method: &str,
+    settings: &Settings,
+    keys: &[&str],
+) -> PathBuf {
+    use std::hash::Hasher;
+    let mut h = fnv::FnvHasher::default();
+    for (k, v) in settings.iter().filter(|(k, _)| keys.contains(k)) {
+        h.write(format!("{k}={v};").as_bytes());
+    }
+    cache_dir.join(method).join(format!("{:016x}", h.finish()))
+}
+
 /// The weights file a path setting names (DetReg's `encoder`, UP-DETR's and Pair DETR's
 /// `backbone`): a `backbone.safetensors`, or a run folder holding one (what `densa pretrain`
 /// writes). `None` when the setting is empty; an error naming the setting when the file is

@@ -291,7 +291,12 @@ impl DetrPretext for PairDetrPretrain {
         _ctx: &DetrPretextContext,
         work: &PrepareContext<'_>,
     ) -> Result<(), PretextError> {
-        let dir = work.cache_dir.join(CACHE_SUBDIR);
+        let dir = crate::detr::pretext::keyed_cache_dir(
+            work.cache_dir,
+            CACHE_SUBDIR,
+            &self.settings,
+            &["proposal_size", "proposals"],
+        );
         std::fs::create_dir_all(&dir)
             .map_err(|e| invalid(format!("creating {}: {e}", dir.display())))?;
         let size = self.settings.positive("proposal_size")? as u32;
@@ -393,13 +398,24 @@ mod tests {
         assert!(!want.boxes.is_empty());
         assert_eq!(m.targets_of(0), Some(&want));
         // A second run reads the cache (same targets) instead of searching again.
-        assert_eq!(
-            std::fs::read_dir(cache.join(CACHE_SUBDIR)).unwrap().count(),
-            2
+        let folders = || std::fs::read_dir(cache.join(CACHE_SUBDIR)).unwrap().count();
+        assert_eq!(folders(), 1);
+        let keyed = crate::detr::pretext::keyed_cache_dir(
+            &cache,
+            CACHE_SUBDIR,
+            &m.settings,
+            &["proposal_size", "proposals"],
         );
+        assert_eq!(std::fs::read_dir(&keyed).unwrap().count(), 2);
         let mut again = PairDetrPretrain::new(settings(&[("proposals", "4")])).unwrap();
         again.prepare(&ctx, &work).unwrap();
         assert_eq!(again.targets_of(1), Some(&want));
+        assert_eq!(folders(), 1);
+        // Other settings never reuse those targets: a cache of their own.
+        let mut fewer = PairDetrPretrain::new(settings(&[("proposals", "1")])).unwrap();
+        fewer.prepare(&ctx, &work).unwrap();
+        assert_eq!(folders(), 2);
+        assert_eq!(fewer.targets_of(1).unwrap().boxes.len(), 1);
         // The config: one class, frozen backbone with frozen batch norm by default.
         let config = m.config(&ctx).unwrap();
         assert_eq!(config.classes, vec!["object".to_string()]);
