@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use densa_exporter::weights::StateDict;
-use densa_exporter::{DType, GraphBuilder, Tensor};
+use densa_exporter::{DType, GraphBuilder, Tensor, Value};
 use densa_runtime::backend::tract::TractBackend;
 use densa_runtime::train::{
     Artifact, Batch, Communicator, DataError, Defaults, Length, LocalGroup, Samples, Shuffled,
@@ -15,7 +15,7 @@ use ndarray::ArrayD;
 use rand::RngExt;
 use rand_chacha::ChaCha8Rng;
 
-use crate::nn::{BatchNorm2dConfig, Conv2dConfig, NormMode};
+use crate::nn::{BatchNorm2dConfig, Conv2d, Conv2dConfig, NormMode};
 use crate::train_step::{
     cross_entropy, train_step_artifact, ForwardGraph, OptimizerConfig, TrainStepConfig,
 };
@@ -46,6 +46,20 @@ impl Samples for Noisy {
     }
 }
 
+/// The tiny network's input `images` (`[n, 3, 8, 8]`) and its layers: `conv` (3 -> 6, 3x3)
+/// and `head` (6 -> 4, 1x1).
+fn tiny_layers(b: &mut GraphBuilder, n: densa_exporter::Dim) -> (Value, Conv2d, Conv2d) {
+    let x = b
+        .input("images", DType::F32, vec![n, 3.into(), 8.into(), 8.into()])
+        .unwrap();
+    let conv = Conv2dConfig::new(3, 6, 3)
+        .padding(1)
+        .init(b, "conv")
+        .unwrap();
+    let head = Conv2dConfig::new(6, 4, 1).init(b, "head").unwrap();
+    (x, conv, head)
+}
+
 /// AdamW with gradient clipping: an update that is not linear in the gradient, so only
 /// averaging the gradients (not the updated parameters) reproduces the doubled batch.
 fn artifact(batch_norm: bool) -> Artifact {
@@ -63,18 +77,7 @@ fn artifact(batch_norm: bool) -> Artifact {
 fn build_artifact(batch_norm: bool, queue: Option<usize>, center: Option<&str>) -> Artifact {
     let mut b = GraphBuilder::new("tiny", 3);
     let n = queue.map_or(densa_exporter::Dim::from("N"), |n| n.into());
-    let x = b
-        .input(
-            "images",
-            DType::F32,
-            vec![n.clone(), 3.into(), 8.into(), 8.into()],
-        )
-        .unwrap();
-    let conv = Conv2dConfig::new(3, 6, 3)
-        .padding(1)
-        .init(&mut b, "conv")
-        .unwrap();
-    let head = Conv2dConfig::new(6, 4, 1).init(&mut b, "head").unwrap();
+    let (x, conv, head) = tiny_layers(&mut b, n.clone());
     let mut mode = NormMode::train();
     let mut h = conv.forward(&mut b, &x).unwrap();
     if batch_norm {
@@ -531,20 +534,9 @@ fn relative_diff(a: &StateDict, b: &StateDict) -> f32 {
 fn swav_artifact(batch: usize, host: bool, queue: Option<usize>) -> Artifact {
     use crate::pretext::{ops, swav};
     let mut b = GraphBuilder::new("tiny-swav", 3);
-    let x = b
-        .input(
-            "images",
-            DType::F32,
-            vec![batch.into(), 3.into(), 8.into(), 8.into()],
-        )
-        .unwrap();
+    let (x, conv, head) = tiny_layers(&mut b, batch.into());
     // The labels are not used; the data source provides them.
     let _ = b.input("labels", DType::I64, vec![batch.into()]).unwrap();
-    let conv = Conv2dConfig::new(3, 6, 3)
-        .padding(1)
-        .init(&mut b, "conv")
-        .unwrap();
-    let head = Conv2dConfig::new(6, 4, 1).init(&mut b, "head").unwrap();
     let protos = b
         .param(
             "prototypes",
@@ -613,25 +605,39 @@ fn swav_two_ranks_train_like_the_doubled_batch(queue: Option<usize>) {
     assert_eq!(max_diff(whole.state(), shard.state(), ""), 0.0);
     let entry = shard.data_parallel().unwrap().0;
     assert!(entry.forward_graph.is_some() && entry.host.sinkhorn.is_some());
-    let reference = one_process(&whole, 8, 5);
+    let local = swav_artifact(4, false, queue);
+    let reference = two_ranks_match_the_doubled_batch(&whole, &shard, &local, "Sinkhorn");
+    if queue.is_some() {
+        let q = max_diff(&reference, whole.state(), "queue");
+        assert!(q > 0.1, "the queue did not fill ({q})");
+    }
+}
+
+/// 5 steps of one process of 8 on `whole` against 2 ranks of 4 on `shard` (within 2e-6, the
+/// ranks equal) and on `local` (the same model with the batch-wide `what` computed per shard:
+/// more than 1e-4 away). Returns the one process's state.
+fn two_ranks_match_the_doubled_batch(
+    whole: &Artifact,
+    shard: &Artifact,
+    local: &Artifact,
+    what: &str,
+) -> StateDict {
+    let reference = one_process(whole, 8, 5);
     let moved = max_diff(&reference, whole.state(), "");
     assert!(moved > 1e-3, "the steps changed nothing ({moved})");
-    let dp = ranks(&shard, 2, 4, 5);
+    let dp = ranks(shard, 2, 4, 5);
     assert_eq!(max_diff(&dp[0], &dp[1], ""), 0.0);
     for state in &dp {
         let d = max_diff(&reference, state, "");
         assert!(d < 2e-6, "data parallel vs doubled batch: max |diff| {d}");
     }
-    if queue.is_some() {
-        let q = max_diff(&reference, whole.state(), "queue");
-        assert!(q > 0.1, "the queue did not fill ({q})");
-    }
-    let local = ranks(&swav_artifact(4, false, queue), 2, 4, 5);
-    let d = max_diff(&reference, &local[0], "");
+    let apart = ranks(local, 2, 4, 5);
+    let d = max_diff(&reference, &apart[0], "");
     assert!(
         d > 1e-4,
-        "shard-local Sinkhorn trains like the global one ({d}, queue {queue:?})"
+        "{what} per shard trains like {what} over the global batch ({d})"
     );
+    reference
 }
 
 /// A mean over the selected samples of the batch (LC-loss's valid locations, CCOP's valid
@@ -641,19 +647,8 @@ fn masked_mean_artifact(global: bool) -> Artifact {
     use crate::pretext::ops;
     let mut b = GraphBuilder::new("tiny-masked", 3);
     let n = densa_exporter::Dim::from("N");
-    let x = b
-        .input(
-            "images",
-            DType::F32,
-            vec![n.clone(), 3.into(), 8.into(), 8.into()],
-        )
-        .unwrap();
+    let (x, conv, head) = tiny_layers(&mut b, n.clone());
     let labels = b.input("labels", DType::I64, vec![n]).unwrap();
-    let conv = Conv2dConfig::new(3, 6, 3)
-        .padding(1)
-        .init(&mut b, "conv")
-        .unwrap();
-    let head = Conv2dConfig::new(6, 4, 1).init(&mut b, "head").unwrap();
     let h = conv.forward(&mut b, &x).unwrap();
     let h = b.relu(&h);
     let h = head.forward(&mut b, &h).unwrap();
@@ -689,19 +684,6 @@ fn masked_mean_artifact(global: bool) -> Artifact {
 fn masked_means_count_every_ranks_samples() {
     let artifact = masked_mean_artifact(true);
     assert!(artifact.data_parallel().unwrap().0.forward_graph.is_some());
-    let reference = one_process(&artifact, 8, 5);
-    let moved = max_diff(&reference, artifact.state(), "");
-    assert!(moved > 1e-3, "the steps changed nothing ({moved})");
-    let dp = ranks(&artifact, 2, 4, 5);
-    assert_eq!(max_diff(&dp[0], &dp[1], ""), 0.0);
-    for state in &dp {
-        let d = max_diff(&reference, state, "");
-        assert!(d < 2e-6, "data parallel vs doubled batch: max |diff| {d}");
-    }
-    let local = ranks(&masked_mean_artifact(false), 2, 4, 5);
-    let d = max_diff(&reference, &local[0], "");
-    assert!(
-        d > 1e-4,
-        "the shards' own means train like the global mean ({d})"
-    );
+    let local = masked_mean_artifact(false);
+    two_ranks_match_the_doubled_batch(&artifact, &artifact, &local, "the masked mean");
 }
