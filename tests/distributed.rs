@@ -522,6 +522,16 @@ fn two_processes_finetune_and_pretrain_with_queues_centres_sinkhorn_and_counts()
     let err = stderr(&o);
     assert!(!o.status.success(), "{err}");
     assert!(err.contains("`densesiam` on 2 processes"), "{err}");
+    // The detector methods match on the host per batch: refused too, not run twice into one
+    // output folder.
+    let o = mpirun_densa(
+        &mpirun,
+        &tiny_pretrain("pairdetr", &train, &p("pairdetr"), 1),
+    );
+    let err = stderr(&o);
+    assert!(!o.status.success(), "{err}");
+    assert!(err.contains("`pairdetr` on 2 processes"), "{err}");
+    assert!(!Path::new(&p("pairdetr")).join("train_log.jsonl").exists());
 }
 
 /// `densa pretrain` arguments for `steps` steps of `method` at its tiny smoke settings
