@@ -504,7 +504,9 @@ fn two_processes_finetune_and_pretrain_with_queues_centres_sinkhorn_and_counts()
     assert_eq!(log_lines(&swav_out), 2);
     // LC-loss's mean over valid locations and CCOP's means over valid boxes count every rank's
     // entries (`masked_means_count_every_ranks_samples` checks the arithmetic).
-    for method in ["lcloss", "ccop"] {
+    // RegionCL's partners are each rank's own batch reversed, as its official code does on
+    // each GPU.
+    for method in ["lcloss", "ccop", "regioncl"] {
         let out_dir = p(method);
         let out = ok(
             &mpirun_densa(&mpirun, &tiny_pretrain(method, &train, &out_dir, 2)),

@@ -93,12 +93,15 @@ pub const BACKBONE_FILE: &str = "backbone.safetensors";
 /// or centres, which it averages (DINO's all-reduced batch centre; SCFS). Values of the whole
 /// batch are computed between the halves of the gradient graph with every rank: SwAV's
 /// Sinkhorn codes (all-reduced sums, SwAV's `distributed_sinkhorn`), and the counts behind
-/// LC-loss's mean over valid locations and CCOP's means over valid boxes (summed).
+/// LC-loss's mean over valid locations and CCOP's means over valid boxes (summed). RegionCL
+/// swaps regions with the partner in each rank's own batch (image `B-1-i`), as its official
+/// code does on each GPU (`torch.arange(B - 1, -1, -1)` on the local batch): N ranks of B are
+/// its multi-GPU run, not one process of N x B.
 ///
-/// The others couple the images of a batch inside the step: DenseSiam (region negatives from
-/// the whole batch) and RegionCL (partner images in the batch).
-const DATA_PARALLEL_METHODS: [&str; 8] = [
-    "ccop", "densecl", "detco", "lcloss", "mocov2", "pixpro", "scfs", "swav",
+/// DenseSiam couples the images of a batch inside the step (every region of the batch is a
+/// negative of the region term) and runs on one process.
+const DATA_PARALLEL_METHODS: [&str; 9] = [
+    "ccop", "densecl", "detco", "lcloss", "mocov2", "pixpro", "regioncl", "scfs", "swav",
 ];
 
 pub(super) fn overrides(args: &PretrainArgs) -> Result<Vec<(String, String)>> {

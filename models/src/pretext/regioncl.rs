@@ -27,7 +27,8 @@
 //!   paste pool the same cell and the region term degenerates to an instance term. The method
 //!   needs views of 64 pixels or more to be itself; the 32-pixel smoke test only runs it.
 //! - The composite is built in the graph (the partner is the batch reversed by a `Gather`),
-//!   since a per-sample host input cannot see its partner.
+//!   since a per-sample host input cannot see its partner. Data parallel, each rank reverses
+//!   its own batch, as the official code does on each GPU.
 //! - Both views keep MoCo-v2's recipe; the composite is made from `view0`.
 //! - The student's pass over the composites normalises with their own batch statistics but
 //!   does not update the running statistics (the plain view's pass does, once per step).

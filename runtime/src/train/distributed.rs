@@ -52,9 +52,10 @@
 //!   denominator (`data_parallel.means`); the ranks' counts are summed and each rank divides
 //!   its own sum by `max(total, 1) / N`, so the average over the ranks is the global sum over
 //!   the global count.
-//! - Not exchanged: in-batch negatives and partner images (DenseSiam, RegionCL: `densa
-//!   pretrain` refuses them for N > 1), and MoCo's shuffled batch norm (the key encoder
-//!   normalises per shard, like the query encoder).
+//! - Not exchanged: in-batch negatives (DenseSiam's regions: `densa pretrain` refuses it for
+//!   N > 1), partner images (RegionCL pairs within each rank's batch, as its official code
+//!   does per GPU), and MoCo's shuffled batch norm (the key encoder normalises per shard, like
+//!   the query encoder).
 //!
 //! # Failure
 //! A rank whose step fails prints the error with its rank and calls `MPI_Abort`, which makes
