@@ -18,7 +18,7 @@
 //! (`time_s`) and throughput are the only fields of the log that differ between two identical
 //! runs.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -504,7 +504,7 @@ impl<'a> Trainer<'a> {
             + averaged.iter().map(|&k| self.state[k].len()).sum::<usize>()
             + 2
             + self.plan.metrics.len()
-            + sinkhorn_floats(forward.as_ref());
+            + host_step_floats(forward.as_ref());
         self.dp = Some(DataParallel {
             stats: CommStats {
                 ranks: comm.size(),
@@ -958,16 +958,19 @@ impl<'a> Trainer<'a> {
                 .position(|s| s == n)
                 .map(|k| self.state[k].clone())
         };
-        let fed = |session: &dyn Session, extra: &[(String, Tensor)]| {
+        let base = |name: &str| {
+            batch
+                .iter()
+                .chain(&hyper_t)
+                .find(|(n, _)| n == name)
+                .map(|(_, t)| t.clone())
+                .or_else(|| state_of(name))
+        };
+        let fed = |session: &dyn Session, extra: &mut dyn FnMut(&str) -> Option<Tensor>| {
             let mut inputs = Vec::new();
             for p in &session.interface().inputs {
-                let t = batch
-                    .iter()
-                    .chain(&hyper_t)
-                    .chain(extra)
-                    .find(|(n, _)| *n == p.name)
-                    .map(|(_, t)| t.clone())
-                    .or_else(|| state_of(&p.name))
+                let t = extra(&p.name)
+                    .or_else(|| base(&p.name))
                     .expect("checked in data_parallel");
                 inputs.push((p.name.clone(), t));
             }
@@ -975,10 +978,10 @@ impl<'a> Trainer<'a> {
         };
         // A host step inside the gradient graph: its forward half, the step over every rank,
         // then the rest with the forward's activations and the step's results.
-        let mut sinkhorn_s = 0.0;
+        let mut host_step_s = 0.0;
         let mut grad_out: BTreeMap<String, Tensor> = match &mut dp.forward {
             Some((forward, host)) => {
-                let mut fwd_out = forward.run(fed(forward.as_ref(), &[]))?;
+                let fwd_out = forward.run(fed(forward.as_ref(), &mut |_| None))?;
                 let t = Instant::now();
                 let values = host_step(host, &fwd_out, dp.comm.as_ref()).map_err(|problem| {
                     TrainError::DataParallel {
@@ -986,21 +989,33 @@ impl<'a> Trainer<'a> {
                         problem,
                     }
                 })?;
-                sinkhorn_s = t.elapsed().as_secs_f64();
-                fwd_out.extend(values);
-                let mut out: BTreeMap<String, Tensor> = dp
-                    .grad
-                    .run(fed(dp.grad.as_ref(), &fwd_out))?
-                    .into_iter()
-                    .collect();
-                for (name, t) in fwd_out {
+                host_step_s = t.elapsed().as_secs_f64();
+                let mut fwd: HashMap<String, Tensor> = fwd_out.into_iter().chain(values).collect();
+                // The activations move into the gradient graph; what the step reads afterwards
+                // (loss, metrics, state updates) is copied.
+                let next_names = &dp.next_names;
+                let metrics = &self.plan.metrics;
+                let read_later = |n: &str| {
+                    n == "loss"
+                        || next_names.iter().any(|x| x == n)
+                        || metrics.iter().any(|(m, _)| m == n)
+                };
+                let inputs = fed(dp.grad.as_ref(), &mut |n| {
+                    if read_later(n) {
+                        fwd.get(n).cloned()
+                    } else {
+                        fwd.remove(n)
+                    }
+                });
+                let mut out: BTreeMap<String, Tensor> = dp.grad.run(inputs)?.into_iter().collect();
+                for (name, t) in fwd {
                     out.entry(name).or_insert(t);
                 }
                 out
             }
             None => dp
                 .grad
-                .run(fed(dp.grad.as_ref(), &[]))?
+                .run(fed(dp.grad.as_ref(), &mut |_| None))?
                 .into_iter()
                 .collect(),
         };
@@ -1172,7 +1187,7 @@ impl<'a> Trainer<'a> {
         let seconds = t0.elapsed().as_secs_f64().max(1e-9);
         if let Some(dp) = self.dp.as_mut() {
             dp.stats.steps += 1;
-            dp.stats.all_reduce_s += comm_s + sinkhorn_s;
+            dp.stats.all_reduce_s += comm_s + host_step_s;
             dp.stats.wait_s += wait_s;
             dp.stats.step_s += seconds;
         }
@@ -1351,7 +1366,7 @@ impl<'a> Trainer<'a> {
 /// Floats a step's host step sends: per Sinkhorn stage, the maximum, the total and the count,
 /// then one prototype row per iteration (0 when the forward graph's shapes are not fixed); one
 /// per mean.
-fn sinkhorn_floats(forward: Option<&(Box<dyn Session>, HostStep)>) -> usize {
+fn host_step_floats(forward: Option<&(Box<dyn Session>, HostStep)>) -> usize {
     let Some((f, host)) = forward else {
         return 0;
     };
