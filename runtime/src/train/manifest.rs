@@ -1031,10 +1031,11 @@ impl Artifact {
     /// as `fnv1a64:<16 hex digits>`. Checkpoints record it; resuming with another artifact is
     /// refused. It does not cover the initial state, which a resumed run does not use.
     pub fn fingerprint(&self) -> String {
-        let mut h = Fnv1a::new();
-        h.update(&self.graph.encode_to_vec());
-        h.update(self.manifest.to_json().as_bytes());
-        format!("fnv1a64:{:016x}", h.0)
+        use std::hash::Hasher;
+        let mut h = fnv::FnvHasher::default();
+        h.write(&self.graph.encode_to_vec());
+        h.write(self.manifest.to_json().as_bytes());
+        format!("fnv1a64:{:016x}", h.finish())
     }
 
     /// The artifact directory or `<in memory>`, for messages.
@@ -1075,22 +1076,6 @@ fn relative(dir: &Path, file: &str, manifest: &Path) -> Result<PathBuf, Manifest
         });
     }
     Ok(dir.join(rel))
-}
-
-/// FNV-1a, 64 bit: a small stable hash for fingerprints (not for security).
-pub(crate) struct Fnv1a(pub(crate) u64);
-
-impl Fnv1a {
-    pub(crate) fn new() -> Fnv1a {
-        Fnv1a(0xcbf2_9ce4_8422_2325)
-    }
-
-    pub(crate) fn update(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 ^= u64::from(b);
-            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    }
 }
 
 impl fmt::Display for InputRole {
