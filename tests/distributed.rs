@@ -517,23 +517,15 @@ fn two_processes_finetune_and_pretrain_with_queues_centres_sinkhorn_and_counts()
     }
     // DenseSiam's region negatives come from the whole batch inside the step: refused, not
     // trained differently.
-    let o = mpirun_densa(
-        &mpirun,
-        &tiny_pretrain("densesiam", &train, &p("densesiam"), 1),
-    );
-    let err = stderr(&o);
-    assert!(!o.status.success(), "{err}");
-    assert!(err.contains("`densesiam` on 2 processes"), "{err}");
     // The detector methods match on the host per batch: refused too, not run twice into one
     // output folder.
-    let o = mpirun_densa(
-        &mpirun,
-        &tiny_pretrain("pairdetr", &train, &p("pairdetr"), 1),
-    );
-    let err = stderr(&o);
-    assert!(!o.status.success(), "{err}");
-    assert!(err.contains("`pairdetr` on 2 processes"), "{err}");
-    assert!(!Path::new(&p("pairdetr")).join("train_log.jsonl").exists());
+    for method in ["densesiam", "pairdetr"] {
+        let o = mpirun_densa(&mpirun, &tiny_pretrain(method, &train, &p(method), 1));
+        let err = stderr(&o);
+        assert!(!o.status.success(), "{err}");
+        assert!(err.contains(&format!("`{method}` on 2 processes")), "{err}");
+        assert!(!Path::new(&p(method)).join("train_log.jsonl").exists());
+    }
 }
 
 /// `densa pretrain` arguments for `steps` steps of `method` at its tiny smoke settings

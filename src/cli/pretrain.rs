@@ -171,8 +171,8 @@ fn run_rank(args: PretrainArgs, comm: &Arc<dyn Communicator>) -> Result<()> {
             "`{}` on {ranks} processes: data-parallel pretraining is implemented for {} (a \
              per-image loss, a momentum teacher, queues gathered from every rank, centres \
              averaged, Sinkhorn sums and counts of valid entries summed over the ranks). `{}` \
-             couples the images of a batch (in-batch negatives or partner images), which \
-             would have to be gathered inside the step; run it on one process",
+             takes every region of the batch as a negative inside the step, which would have \
+             to be gathered from every rank; run it on one process",
             spec.method,
             DATA_PARALLEL_METHODS.join(", "),
             spec.method
