@@ -86,24 +86,6 @@ pub struct RunSpec {
 pub const SPEC_FILE: &str = "pretrain.json";
 pub const BACKBONE_FILE: &str = "backbone.safetensors";
 
-/// Methods whose data-parallel run is the doubled-batch run up to batch norm (see
-/// `densa_runtime::train::distributed`): the loss is a mean of per-image terms, the momentum
-/// teacher is identical on every rank, and the only other cross-step state is queues of
-/// keys, which the trainer gathers from every rank (MoCo's `concat_all_gather`; DetCo's 12),
-/// or centres, which it averages (DINO's all-reduced batch centre; SCFS). Values of the whole
-/// batch are computed between the halves of the gradient graph with every rank: SwAV's
-/// Sinkhorn codes (all-reduced sums, SwAV's `distributed_sinkhorn`), and the counts behind
-/// LC-loss's mean over valid locations and CCOP's means over valid boxes (summed). RegionCL
-/// swaps regions with the partner in each rank's own batch (image `B-1-i`), as its official
-/// code does on each GPU (`torch.arange(B - 1, -1, -1)` on the local batch): N ranks of B are
-/// its multi-GPU run, not one process of N x B.
-///
-/// DenseSiam couples the images of a batch inside the step (every region of the batch is a
-/// negative of the region term) and runs on one process.
-const DATA_PARALLEL_METHODS: [&str; 9] = [
-    "ccop", "densecl", "detco", "lcloss", "mocov2", "pixpro", "regioncl", "scfs", "swav",
-];
-
 pub(super) fn overrides(args: &PretrainArgs) -> Result<Vec<(String, String)>> {
     let mut out = Vec::new();
     if let Some(path) = &args.config {
@@ -151,6 +133,21 @@ pub fn run(args: PretrainArgs) -> Result<()> {
     distributed::or_abort(&comm, run_rank(args, &comm))
 }
 
+/// Pretrains a backbone method on this rank of `comm`.
+///
+/// Every backbone method runs data parallel, and its run is the doubled-batch run up to batch
+/// norm (see `densa_runtime::train::distributed`): the loss is a mean of per-image terms, the
+/// momentum teacher is identical on every rank, and the only other cross-step state is queues
+/// of keys, which the trainer gathers from every rank (MoCo's `concat_all_gather`; DetCo's 12),
+/// or centres, which it averages (DINO's all-reduced batch centre; SCFS). Values of the whole
+/// batch are computed between the halves of the gradient graph with every rank: SwAV's
+/// Sinkhorn codes (all-reduced sums, SwAV's `distributed_sinkhorn`), and the counts behind
+/// means over valid entries (LC-loss's locations, CCOP's boxes, DenseSiam's overlapping view
+/// pairs: summed). RegionCL swaps regions with a partner in each rank's own batch (image
+/// `B-1-i`), as its official code does on each GPU (`torch.arange(B - 1, -1, -1)` on the local
+/// batch): N ranks of B are its multi-GPU run, not one process of N x B. DenseSiam's region
+/// term contrasts an image's regions with the same image's other regions only, so the batch
+/// does not enter it.
 fn run_rank(args: PretrainArgs, comm: &Arc<dyn Communicator>) -> Result<()> {
     let (rank, ranks) = (comm.rank(), comm.size());
     let method: Arc<dyn Pretext> = Arc::from(pretext::create(&args.method, &overrides(&args)?)?);
@@ -166,18 +163,6 @@ fn run_rank(args: PretrainArgs, comm: &Arc<dyn Communicator>) -> Result<()> {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
     };
-    if ranks > 1 && !DATA_PARALLEL_METHODS.contains(&spec.method.as_str()) {
-        bail!(
-            "`{}` on {ranks} processes: data-parallel pretraining is implemented for {} (a \
-             per-image loss, a momentum teacher, queues gathered from every rank, centres \
-             averaged, Sinkhorn sums and counts of valid entries summed over the ranks). `{}` \
-             takes every region of the batch as a negative inside the step, which would have \
-             to be gathered from every rank; run it on one process",
-            spec.method,
-            DATA_PARALLEL_METHODS.join(", "),
-            spec.method
-        );
-    }
     if args.batch < 2 {
         bail!(
             "--batch {}: contrastive methods need at least 2 images per step",

@@ -28,8 +28,15 @@
 //!   and a softmax give each lattice point of a view a soft assignment to regions; a region's
 //!   embedding is the assignment-weighted mean of that view's resampled projector features (each
 //!   view uses its own assignment, so the same head must find the same region in both); InfoNCE
-//!   pairs the two views' embeddings of the same (image, region) against every other region of
-//!   the batch, both directions. The region term is differentiable all the way (no stop-gradient).
+//!   pairs the two views' embeddings of the same region of an image against the image's other
+//!   regions (as the official `kernel_contrast` does, `einsum('bnc,bmc->bnm')`), both
+//!   directions. The region term is differentiable all the way (no stop-gradient). The official
+//!   code takes the regions from the projector's own softmax and passes their embeddings through
+//!   a projector and predictor of their own; we use a separate assignment conv and compare the
+//!   embeddings directly.
+//! - Both terms are means over the images whose views overlap, declared as global means
+//!   ([`ForwardGraph::global_mean`]): data-parallel ranks share their counts, and as every image
+//!   is its own contrast, N ranks of B train like one process of N x B (up to batch norm).
 //! - Not implemented: an image-level SimSiam term; SimSiam's fixed predictor learning rate (the
 //!   predictor follows the same cosine schedule here); the projector has two layers (SimSiam's
 //!   has three, with a BN on its output).
@@ -184,7 +191,8 @@ pub fn grid_sample(b: &mut GraphBuilder, x: &Value, grid: &Value) -> Result<Valu
 /// SimSiam's symmetric pixel loss over matching lattice points: `p_k`, `z_k` (`[N, C, H, W]`,
 /// view `k`'s predictor and projector maps) resampled at `grids[k]` (`[N, S, S, 2]`), then
 /// `-(cos(p0_i, z1_i) + cos(p1_i, z0_i)) / 2` averaged over the `S*S` points of each image and
-/// over the images with `valid = 1` (`[N, 1]`).
+/// over the images with `valid = 1` (`[N, 1]`). (Both directions count as samples of the mean:
+/// `2 x` valid images.)
 ///
 /// Returns the loss and the values the caller must stop the gradient at.
 pub fn pixel_consistency(
@@ -220,13 +228,14 @@ pub fn pixel_consistency(
     let valid = b.reshape(valid, &[d[0] as i64])?;
     let weighted = b.mul(&per_image, &valid)?;
     let total = b.reduce_sum(&weighted, &[0], true)?;
-    let count = b.reduce_sum(&valid, &[0], true)?;
-    let one = b.const_f32(1.0);
-    let count = b.max2(&count, &one)?;
+    let images = b.reduce_sum(&valid, &[0], true)?;
     let two = b.const_f32(2.0);
-    let count = b.mul(&count, &two)?;
-    let mean = b.div(&total, &count)?;
-    let loss = b.neg(&mean);
+    let count = b.mul(&images, &two)?;
+    let m = ops::masked_mean(b, &total, &count)?;
+    let loss = ops::MaskedMean {
+        mean: b.neg(&m.mean),
+        ..m
+    };
     let [s0, s1]: [Value; 2] = stopped.try_into().expect("two views");
     let [z0, z1]: [Value; 2] = zs.try_into().expect("two views");
     Ok(PixelConsistency {
@@ -238,8 +247,8 @@ pub fn pixel_consistency(
 
 /// What [`pixel_consistency`] builds.
 pub struct PixelConsistency {
-    /// `[1]`.
-    pub loss: Value,
+    /// `[1]`, a mean over the valid images (with the values to share it across ranks).
+    pub loss: ops::MaskedMean,
     /// The targets, which the caller must stop the gradient at
     /// ([`ForwardGraph::stop_gradient`]).
     pub stop: [Value; 2],
@@ -250,23 +259,23 @@ pub struct PixelConsistency {
 /// DenseSiam's region consistency: a 1x1 conv `assign` (`C -> K`) and a softmax over `K` give
 /// each lattice point of view `v` a soft assignment to `K` regions; region `k`'s embedding is the
 /// assignment-weighted mean of the point features `z_v` (`[N, C, S, S]`), L2-normalised. InfoNCE
-/// at temperature `t` between the two views' embeddings of the same (image, region), the other
-/// regions of the batch as negatives, symmetric (mean of both directions), over the rows of
-/// images with `valid = 1` (`[N, 1]`).
+/// at temperature `t` between the two views' embeddings of the same region of an image, the
+/// image's other regions as negatives (the official code's `einsum('bnc,bmc->bnm')`),
+/// symmetric (mean of both directions), over the regions of images with `valid = 1` (`[N, 1]`).
+///
+/// Every image is its own contrast, so the term splits over data-parallel ranks; its mean over
+/// valid images is a [`ops::MaskedMean`] for the ranks to share.
 ///
 /// # Shapes
-/// returns `[1]`.
+/// returns a mean of shape `[1]`.
 pub fn region_consistency(
     b: &mut GraphBuilder,
     z: [&Value; 2],
     assign: &Conv2d,
     valid: &Value,
     t: f64,
-) -> Result<Value, PretextError> {
-    let d = ops::dims(b, z[0])?;
-    let (n, c) = (d[0], d[1]);
+) -> Result<ops::MaskedMean, PretextError> {
     let k = assign.config.out_channels;
-    let rows = n * k;
     let mut emb = Vec::new();
     for zv in z {
         let logits = assign.forward(b, zv)?;
@@ -284,58 +293,48 @@ pub fn region_consistency(
         let pooled = ops::matmul(b, &a, &ft)?; // [N, K, C]
         let mass = b.reduce_sum(&a, &[2], true)?;
         let mean = b.div(&pooled, &mass)?;
-        let e = b.reshape(&mean, &[rows as i64, c as i64])?;
-        emb.push(ops::l2_normalize(b, &e, 1)?);
+        emb.push(ops::l2_normalize(b, &mean, 2)?);
     }
     let eye = ops::host_tensor(
-        &[rows, rows],
-        (0..rows * rows)
-            .map(|x| if x / rows == x % rows { 1.0 } else { 0.0 })
+        &[k, k],
+        (0..k * k)
+            .map(|x| if x / k == x % k { 1.0 } else { 0.0 })
             .collect(),
     );
     let eye = b.constant(eye);
     let inv_t = b.const_f32((1.0 / t) as f32);
-    // valid per row: [N, 1] -> [N, K] -> [N*K].
-    let shape = b.const_i64(&[n as i64, k as i64]);
-    let row_valid = b.node1(
-        "Expand",
-        None,
-        &[valid, &shape],
-        vec![],
-        DType::F32,
-        vec![Dim::from(n), Dim::from(k)],
-    );
-    let row_valid = b.reshape(&row_valid, &[rows as i64])?;
     let mut total = None;
     for (x, y) in [(&emb[0], &emb[1]), (&emb[1], &emb[0])] {
-        let yt = ops::transpose(b, y, &[1, 0])?;
-        let logits = ops::matmul(b, x, &yt)?;
+        let yt = ops::transpose(b, y, &[0, 2, 1])?;
+        let logits = ops::matmul(b, x, &yt)?; // [N, K, K]
         let logits = b.mul(&logits, &inv_t)?;
         let logp = b.node1(
             "LogSoftmax",
             None,
             &[&logits],
-            vec![attr::int("axis", 1)],
+            vec![attr::int("axis", 2)],
             DType::F32,
             logits.shape().to_vec(),
         );
         let diag = b.mul(&logp, &eye)?;
-        let diag = b.reduce_sum(&diag, &[1], false)?; // [rows]
+        let diag = b.reduce_sum(&diag, &[2], false)?; // [N, K]
         total = Some(match total {
             None => diag,
             Some(t) => b.add(&t, &diag)?,
         });
     }
     let total = total.expect("two directions");
-    let picked = b.mul(&total, &row_valid)?;
-    let sum = b.reduce_sum(&picked, &[0], true)?;
-    let count = b.reduce_sum(&row_valid, &[0], true)?;
-    let one = b.const_f32(1.0);
-    let count = b.max2(&count, &one)?;
-    let two = b.const_f32(2.0);
-    let count = b.mul(&count, &two)?;
-    let mean = b.div(&sum, &count)?;
-    Ok(b.neg(&mean))
+    let picked = b.mul(&total, valid)?; // [N, K], valid [N, 1]
+    let per_image = b.reduce_sum(&picked, &[1], false)?;
+    let sum = b.reduce_sum(&per_image, &[0], true)?;
+    let images = b.reduce_sum(valid, &[0], false)?; // [1]
+    let two_k = b.const_f32((2 * k) as f32);
+    let count = b.mul(&images, &two_k)?;
+    let m = ops::masked_mean(b, &sum, &count)?;
+    Ok(ops::MaskedMean {
+        mean: b.neg(&m.mean),
+        ..m
+    })
 }
 
 impl Pretext for DenseSiam {
@@ -432,25 +431,29 @@ impl Pretext for DenseSiam {
             [&g0, &g1],
             &valid,
         )?;
-        let mut graph_loss = pixel.loss.clone();
-        let mut region_metric = None;
+        let mut graph_loss = pixel.loss.mean.clone();
+        let mut region_term = None;
         if region_weight > 0.0 {
             let [z0, z1] = &pixel.sampled_z;
             let region = region_consistency(&mut b, [z0, z1], &assign, &valid, region_t)?;
             let w = b.const_f32(region_weight as f32);
-            let weighted = b.mul(&region, &w)?;
+            let weighted = b.mul(&region.mean, &w)?;
             graph_loss = b.add(&graph_loss, &weighted)?;
-            region_metric = Some(region);
+            region_term = Some(region);
         }
         let [m0, m1] = modes;
         let state = ops::chain_norm_state(&mut b, m0.into_state(), m1.into_state(), 0.1)?;
+        let pixel_mean = pixel.loss;
         let mut fg = ForwardGraph::new(b, graph_loss)
-            .metric("loss_pixel", pixel.loss)
+            .metric("loss_pixel", pixel_mean.mean)
             .stop_gradient(&pixel.stop[0])
             .stop_gradient(&pixel.stop[1])
-            .norm_state(state);
-        if let Some(r) = region_metric {
-            fg = fg.metric("loss_region", r);
+            .norm_state(state)
+            .global_mean(&pixel_mean.count, &pixel_mean.denominator, 1.0);
+        if let Some(r) = region_term {
+            fg = fg
+                .metric("loss_region", r.mean)
+                .global_mean(&r.count, &r.denominator, 1.0);
         }
         Ok(fg)
     }
@@ -555,7 +558,7 @@ pub(crate) mod tests {
             &valid,
         )
         .unwrap();
-        b.output(&pixel.loss, "loss").unwrap();
+        b.output(&pixel.loss.mean, "loss").unwrap();
         let values: Vec<ArrayD<f32>> = (0..4).map(|k| random(&[n, c, h, h], 40 + k)).collect();
         // Grids reach past [-1, 1] to exercise the border padding.
         let grids: Vec<ArrayD<f32>> = (0..2)
@@ -632,7 +635,7 @@ pub(crate) mod tests {
                 .unwrap()
                 .to_f32();
             let loss = region_consistency(&mut b, [&z0, &z1], &assign, &valid, t).unwrap();
-            b.output(&loss, "loss").unwrap();
+            b.output(&loss.mean, "loss").unwrap();
             (b, wv, bv)
         };
         let zs = [random(&[n, c, h, h], 80), random(&[n, c, h, h], 81)];
@@ -689,7 +692,9 @@ pub(crate) mod tests {
                     if valid_rows[i / k] == 0.0 {
                         continue;
                     }
-                    let lse = (0..n * k)
+                    // The negatives: the other regions of the same image.
+                    let image = i / k * k;
+                    let lse = (image..image + k)
                         .map(|j| (dot(&x[i], &y[j]) / t).exp())
                         .sum::<f64>()
                         .ln();
@@ -729,7 +734,7 @@ pub(crate) mod tests {
         let (z0, z1) = (b.mul(&f0, &u).unwrap(), b.mul(&f1, &u).unwrap());
         let (p0, p1) = (b.mul(&f0, &v).unwrap(), b.mul(&f1, &v).unwrap());
         let pixel = pixel_consistency(&mut b, [&p0, &p1], [&z0, &z1], [&g0, &g1], &valid).unwrap();
-        let mut fg = ForwardGraph::new(b, pixel.loss);
+        let mut fg = ForwardGraph::new(b, pixel.loss.mean);
         if stop {
             fg = fg
                 .stop_gradient(&pixel.stop[0])

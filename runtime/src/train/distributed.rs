@@ -48,14 +48,14 @@
 //!   every rank and count once (SwAV keeps a queue per GPU; ours is the one-process queue of
 //!   the N-times batch).
 //! - Means over the selected entries of the batch (LC-loss's valid locations, CCOP's valid
-//!   boxes: `sum / max(count, 1)`): the artifact cuts the gradient graph before the
+//!   boxes, DenseSiam's overlapping view pairs: `sum / max(count, 1)`): the artifact cuts the gradient graph before the
 //!   denominator (`data_parallel.means`); the ranks' counts are summed and each rank divides
 //!   its own sum by `max(total, 1) / N`, so the average over the ranks is the global sum over
 //!   the global count.
-//! - Not exchanged: in-batch negatives (DenseSiam's regions: `densa pretrain` refuses it for
-//!   N > 1), partner images (RegionCL pairs within each rank's batch, as its official code
-//!   does per GPU), and MoCo's shuffled batch norm (the key encoder normalises per shard, like
-//!   the query encoder).
+//! - Not exchanged: partner images (RegionCL pairs within each rank's batch, as its official
+//!   code does per GPU), and MoCo's shuffled batch norm (the key encoder normalises per shard,
+//!   like the query encoder). DenseSiam's region negatives are the same image's other regions,
+//!   so there is nothing to exchange.
 //!
 //! # Failure
 //! A rank whose step fails prints the error with its rank and calls `MPI_Abort`, which makes
