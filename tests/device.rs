@@ -5,7 +5,8 @@
 //!   Here it runs on the CPU, which has the same code path as the GPU but for the memory the
 //!   state is bound to.
 //! - `--device cuda` where the ONNX Runtime library has no CUDA provider (CI's CPU build) says
-//!   so and runs on the CPU; an unknown device is refused by name.
+//!   so and runs on the CPU; an unknown device is refused by name. Under a launcher that sets
+//!   the local rank (`mpirun`), plain `cuda` is the process's own GPU.
 
 mod common;
 
@@ -159,13 +160,17 @@ fn a_gpu_request_without_a_cuda_provider_runs_on_the_cpu_and_says_why() {
             "--out",
         ])
         .arg(tmp.path())
+        // The second process of an `mpirun` launch on this machine: plain `cuda` is its GPU 1.
+        .env("OMPI_COMM_WORLD_LOCAL_RANK", "1")
         .output()
         .unwrap();
     let err = common::stderr(&o);
     assert!(o.status.success(), "{err}");
     if !has_cuda {
         assert!(
-            err.contains("no CUDA execution provider") && err.contains("running on the CPU"),
+            err.contains("--device cuda:1: ")
+                && err.contains("no CUDA execution provider")
+                && err.contains("running on the CPU"),
             "{err}"
         );
     }

@@ -22,7 +22,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use super::eval_detect::{coco_metrics, detect_dataset};
 use super::export_detector::load_checkpoint;
 use super::finetune::{FinetuneArgs, Task};
-use super::{BackendArgs, DemoArgs};
+use super::{BackendArgs, DemoArgs, DeviceArg};
 
 /// The demo's pretraining: a method of `densa methods` and its budget.
 pub struct PretrainPlan {
@@ -142,7 +142,7 @@ pub fn run_plan(out: &Path, plan: &DemoPlan) -> Result<()> {
                     backend: BackendKind::Auto,
                     threads: None,
                     no_download: false,
-                    device: Device::Cpu,
+                    device: DeviceArg::Fixed(Device::Cpu),
                 },
             })?;
             timings.push((
@@ -188,7 +188,7 @@ pub fn run_plan(out: &Path, plan: &DemoPlan) -> Result<()> {
             backend: BackendKind::Auto,
             threads: None,
             no_download: false,
-            device: Device::Cpu,
+            device: DeviceArg::Fixed(Device::Cpu),
         },
     };
     let outcome = super::finetune_detect::finetune(&args, &|line| eprintln!("{line}"))?;

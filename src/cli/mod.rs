@@ -98,9 +98,40 @@ pub struct BackendArgs {
     #[arg(long)]
     pub no_download: bool,
     /// Where to run: cpu, or cuda[:N] (ONNX Runtime's CUDA provider; needs the onnxruntime-gpu
-    /// build and CUDA 13; without them densa says why and runs on the CPU).
+    /// build and CUDA 13; without them densa says why and runs on the CPU). `cuda` without N
+    /// under `mpirun` (or `srun`) gives each process on a machine its own GPU, by its local
+    /// rank; `cuda:N` puts every process on GPU N.
     #[arg(long, default_value = "cpu")]
-    pub device: Device,
+    pub device: DeviceArg,
+}
+
+/// `--device`: a device, or `cuda` for each process's own GPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceArg {
+    /// This device, whatever the launch.
+    Fixed(Device),
+    /// GPU number local rank (0 outside a multi-process launch).
+    RanksGpu,
+}
+
+impl std::str::FromStr for DeviceArg {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "cuda" | "gpu" => Ok(DeviceArg::RanksGpu),
+            _ => s.parse().map(DeviceArg::Fixed),
+        }
+    }
+}
+
+impl DeviceArg {
+    /// The device of the process with this local rank.
+    pub fn resolve(self, local_rank: Option<usize>) -> Device {
+        match self {
+            DeviceArg::Fixed(d) => d,
+            DeviceArg::RanksGpu => Device::Cuda(local_rank.unwrap_or(0) as i32),
+        }
+    }
 }
 
 impl BackendArgs {
@@ -108,7 +139,7 @@ impl BackendArgs {
         BackendOptions {
             threads: self.threads,
             allow_download: !self.no_download,
-            device: self.device,
+            device: self.device.resolve(local_rank()),
             // Benchmarks compare the GPU step with and without the state kept on the device.
             resident_state: match std::env::var("DENSA_RESIDENT_STATE").as_deref() {
                 Ok("0") => Some(false),
@@ -117,6 +148,15 @@ impl BackendArgs {
             },
         }
     }
+}
+
+/// This process's rank on its machine, when a launcher says it (a malformed value is warned
+/// about and taken as none: the run goes on GPU 0).
+fn local_rank() -> Option<usize> {
+    densa_runtime::train::launched_local_rank().unwrap_or_else(|e| {
+        tracing::warn!("{e}; using GPU 0");
+        None
+    })
 }
 
 #[derive(Debug, Args)]

@@ -82,7 +82,7 @@ pub fn averaged_buffer(name: &str) -> bool {
 pub enum DistError {
     #[error("launched as {size} processes ({var}={size}) but this densa was built without the cargo feature `mpi`; rebuild with `cargo build --release --features mpi` (needs Open MPI and libclang) or run one process")]
     NotBuiltWithMpi { var: String, size: usize },
-    #[error("{var}={value}: not a process count")]
+    #[error("{var}={value}: not a number (the launcher sets it to a process count or index)")]
     BadEnv { var: String, value: String },
     #[error("MPI could not be initialised (already initialised in this process?)")]
     MpiInit,
@@ -238,6 +238,33 @@ pub fn launched_size() -> Result<Option<(String, usize)>, DistError> {
                     value: value.clone(),
                 })?;
             return Ok(Some((var.to_string(), size)));
+        }
+    }
+    Ok(None)
+}
+
+/// This process's index among the launch's processes on the same machine:
+/// `OMPI_COMM_WORLD_LOCAL_RANK` (Open MPI), `MPI_LOCALRANKID` (MPICH) or `SLURM_LOCALID`
+/// (`srun`); `None` when not launched by one of them. A GPU run picks its GPU by it.
+pub fn launched_local_rank() -> Result<Option<usize>, DistError> {
+    local_rank_of(|var| std::env::var(var).ok())
+}
+
+fn local_rank_of(var: impl Fn(&str) -> Option<String>) -> Result<Option<usize>, DistError> {
+    for name in [
+        "OMPI_COMM_WORLD_LOCAL_RANK",
+        "MPI_LOCALRANKID",
+        "SLURM_LOCALID",
+    ] {
+        if let Some(value) = var(name) {
+            return value
+                .trim()
+                .parse::<usize>()
+                .map(Some)
+                .map_err(|_| DistError::BadEnv {
+                    var: name.into(),
+                    value,
+                });
         }
     }
     Ok(None)
@@ -407,6 +434,29 @@ pub fn sinkhorn_codes(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_local_rank_comes_from_the_launchers_variable() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                pairs
+                    .iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        assert_eq!(local_rank_of(env(&[])).unwrap(), None);
+        assert_eq!(
+            local_rank_of(env(&[("OMPI_COMM_WORLD_LOCAL_RANK", "3")])).unwrap(),
+            Some(3)
+        );
+        assert_eq!(
+            local_rank_of(env(&[("SLURM_LOCALID", "1"), ("MPI_LOCALRANKID", "2")])).unwrap(),
+            Some(2)
+        );
+        let err = local_rank_of(env(&[("MPI_LOCALRANKID", "two")])).unwrap_err();
+        assert!(err.to_string().contains("MPI_LOCALRANKID"), "{err}");
+    }
 
     /// Scores like SwAV's (cosines), deterministic.
     fn scores(n: usize, k: usize, seed: u32) -> Array2<f32> {

@@ -44,7 +44,9 @@ use std::path::PathBuf;
 
 pub use checkpoint::{CheckpointError, CheckpointManifest, CheckpointReason};
 pub use data::{Batch, BatchAt, DataError, DataSource, FnSource, Samples, Shuffled};
-pub use distributed::{from_env, sinkhorn_codes, Communicator, LocalGroup, SingleProcess};
+pub use distributed::{
+    from_env, launched_local_rank, sinkhorn_codes, Communicator, LocalGroup, SingleProcess,
+};
 pub use log::{plot_series, LogError, Series, StepRecord};
 pub use manifest::{
     Artifact, InputEntry, InputRole, Manifest, ManifestError, OutputEntry, OutputRole,
