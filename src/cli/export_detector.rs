@@ -225,9 +225,8 @@ pub fn run(args: ExportDetectorArgs) -> Result<()> {
     densa_exporter::io::save(&model, &args.out)
         .with_context(|| format!("writing {}", args.out.display()))?;
     eprintln!(
-        "densa: wrote {} ({} on {}, {} classes, {}x{} input, NMS {}, from {})",
+        "densa: wrote {} (FCOS on {}, {} classes, {}x{} input, NMS {}, from {})",
         args.out.display(),
-        "FCOS",
         config.arch,
         config.classes.len(),
         config.image_size,

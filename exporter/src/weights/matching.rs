@@ -153,7 +153,7 @@ pub fn match_parameters(
                 .into_iter()
                 .filter(|k| !is_batch_counter(k))
                 .collect(),
-            wrong_shape: chosen.wrong_shape,
+            wrong_shape: chosen.wrong_shape.into_boxed_slice(),
         });
     }
 

@@ -37,6 +37,10 @@ pub use self::pth::{load_pth, load_pth_tree, select_state_dict};
 pub use self::safetensors::{load_safetensors, save_safetensors};
 pub use self::state_dict::StateDict;
 
+/// A parameter whose shape in the file differs: (expected name, expected shape, shape in the
+/// file).
+pub type WrongShape = (String, Vec<usize>, Vec<usize>);
+
 /// Why weights could not be read, written or matched to a model.
 #[derive(Debug, thiserror::Error)]
 pub enum WeightsError {
@@ -105,7 +109,7 @@ pub enum WeightsError {
         /// out: they are never a problem).
         unexpected: Vec<String>,
         /// (expected name, expected shape, shape in the file).
-        wrong_shape: Vec<(String, Vec<usize>, Vec<usize>)>,
+        wrong_shape: Box<[WrongShape]>,
     },
     #[error("{}: several key prefixes fit every parameter of the model: {}; pass --strip-prefix with the one to use", matching::file_label(.file.as_deref()), matching::prefix_list(.candidates))]
     AmbiguousPrefix {

@@ -79,11 +79,18 @@ pub enum PretextError {
     Build(#[from] BuildError),
     #[error(transparent)]
     Train(#[from] densa_exporter::train::TrainError),
+    /// Building the train step (boxed: large and rare).
     #[error(transparent)]
-    TrainStep(#[from] TrainStepError),
+    TrainStep(Box<TrainStepError>),
     /// A detector-pretraining method's DETR (boxed: large and rare).
     #[error(transparent)]
     Detr(Box<crate::detr::DetrError>),
+}
+
+impl From<TrainStepError> for PretextError {
+    fn from(e: TrainStepError) -> Self {
+        PretextError::TrainStep(Box::new(e))
+    }
 }
 
 impl From<crate::detr::DetrError> for PretextError {

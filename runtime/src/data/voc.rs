@@ -101,10 +101,9 @@ pub fn parse_annotation(bytes: &[u8], path: &Path) -> Result<VocAnnotation, Data
             "the root element must be <annotation>",
         ));
     }
-    let filename = match cx.unique_child(root, "filename", "")? {
-        Some(n) => Some(n.text().unwrap_or("").trim().to_string()),
-        None => None,
-    };
+    let filename = cx
+        .unique_child(root, "filename", "")?
+        .map(|n| n.text().unwrap_or("").trim().to_string());
     let size = match cx.unique_child(root, "size", "")? {
         Some(node) => {
             let w = cx.dimension(node, "width", "<size>/")?;

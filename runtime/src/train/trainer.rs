@@ -489,7 +489,7 @@ impl<'a> Trainer<'a> {
                 .interface()
                 .inputs
                 .iter()
-                .find(|p| !known(&p.name) && !(extra && exchanged(&p.name)))
+                .find(|p| !known(&p.name) && (!extra || !exchanged(&p.name)))
             {
                 return Err(fail(format!(
                     "input `{}` of the {graph} graph is not a batch, state, hyper or gradient name",
@@ -1322,7 +1322,7 @@ impl<'a> Trainer<'a> {
                 return Err(e);
             }
             let every = self.options.checkpoint_every;
-            if every > 0 && self.position.step % every == 0 {
+            if every > 0 && self.position.step.is_multiple_of(every) {
                 if leader {
                     summary.checkpoint = Some(self.checkpoint(CheckpointReason::Periodic)?);
                 }
@@ -1541,7 +1541,7 @@ fn gather_queue(
     let keys: Vec<f32> = next.slice(ndarray::s![..m, ..]).iter().copied().collect();
     let all = comm.all_gather(&keys);
     let n = all.len() / d;
-    if n * d != all.len() || n % comm.size() != 0 || n != m * comm.size() {
+    if n * d != all.len() || !n.is_multiple_of(comm.size()) || n != m * comm.size() {
         return Err(format!(
             "ranks enqueued different numbers of keys ({} values gathered, {m} keys here)",
             all.len()
