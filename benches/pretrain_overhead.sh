@@ -11,7 +11,8 @@
 # is not the thing measured (MoCo-v2 gets the same). The step time is the median difference of
 # consecutive `time_s` in the JSONL log, first two steps excluded, so graph building and
 # loading are not counted; view augmentation on the host is. DENSA_BIN picks the binary
-# (default: a release build).
+# (default: a release build); METHODS a subset (default every method; include mocov2, the
+# reference).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 arch=${1:-resnet-edge}
@@ -35,7 +36,7 @@ print(statistics.median(d))
 PY
 }
 
-methods=$("$DENSA_BIN" methods --json | python3 -c 'import json,sys; print(" ".join(m["name"] for m in json.load(sys.stdin)))')
+methods=${METHODS:-$("$DENSA_BIN" methods --json | python3 -c 'import json,sys; print(" ".join(m["name"] for m in json.load(sys.stdin)))')}
 declare -A secs
 for m in $methods; do
   extra=()
@@ -44,6 +45,10 @@ for m in $methods; do
       extra+=(--set "$key=1024")
     fi
   done
+  # DetReg's box embeddings come from a frozen self-supervised encoder: the SwAV run above.
+  if [[ $m == detreg ]]; then
+    extra+=(--set "encoder=$work/swav")
+  fi
   if ! "$DENSA_BIN" pretrain --method "$m" --arch "$arch" --data "$work/scenes" --steps "$steps" \
       --batch "$batch" --image-size "$size" --backend "$backend" --checkpoint-every 0 \
       "${extra[@]}" --out "$work/$m" >"$work/$m.log" 2>&1; then
