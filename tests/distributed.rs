@@ -444,6 +444,40 @@ fn two_processes_finetune_and_pretrain_with_queues_centres_sinkhorn_and_counts()
     let log = std::fs::read_to_string(dir.path().join("seg/train_log.jsonl")).unwrap();
     assert_eq!(log.lines().count(), 4, "{log}");
 
+    // The DETR: every rank matches its own images.
+    let args = [
+        "finetune",
+        "--task",
+        "detect",
+        "--detector",
+        "detr",
+        "--data",
+        &p("train/annotations.json"),
+        "--val-data",
+        &p("val/annotations.json"),
+        "--image-size",
+        "64",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "2",
+        "--backend",
+        "tract",
+        "--out",
+        &p("detr"),
+    ];
+    let out = ok(
+        &mpirun_densa(&mpirun, &args),
+        "mpirun -np 2 densa finetune --detector detr",
+    );
+    assert!(
+        out.contains("data parallel: 2 ranks, 4 steps"),
+        "16 images / (2 x 2): {out}"
+    );
+    assert_eq!(out.matches("best: epoch 1").count(), 1, "{out}");
+    let val = std::fs::read_to_string(dir.path().join("detr/val.jsonl")).unwrap();
+    assert_eq!(val.lines().count(), 1, "{val}");
+
     // DenseCL's queues gather every rank's keys (`queues_gather_every_ranks_keys` checks the
     // arithmetic): it trains on 2 processes.
     let args = [
@@ -516,16 +550,34 @@ fn two_processes_finetune_and_pretrain_with_queues_centres_sinkhorn_and_counts()
         assert!(out.contains("data parallel: 2 ranks"), "{out}");
         assert_eq!(log_lines(&out_dir), 2);
     }
-    // The detector methods match on the host per batch: refused, not run twice into one
-    // output folder.
-    let o = mpirun_densa(
-        &mpirun,
-        &tiny_pretrain("pairdetr", &train, &p("pairdetr"), 1),
+    // The detector methods match each rank's images on its own host and sum the box count
+    // over the ranks (`two_ranks_train_like_one_process_with_the_doubled_batch` in
+    // `densa_models::detr::train` checks the arithmetic): UP-DETR trains on 2 processes, rank
+    // 0 alone writes, and a second launch resumes.
+    let updetr = p("updetr");
+    let out = ok(
+        &mpirun_densa(&mpirun, &tiny_pretrain("updetr", &train, &updetr, 2)),
+        "mpirun -np 2 densa pretrain updetr",
     );
-    let err = stderr(&o);
-    assert!(!o.status.success(), "{err}");
-    assert!(err.contains("`pairdetr` on 2 processes"), "{err}");
-    assert!(!Path::new(&p("pairdetr")).join("train_log.jsonl").exists());
+    assert!(out.contains("data parallel: 2 ranks"), "{out}");
+    assert_eq!(log_lines(&updetr), 2);
+    let out = ok(
+        &mpirun_densa(&mpirun, &tiny_pretrain("updetr", &train, &updetr, 3)),
+        "mpirun -np 2 densa pretrain updetr (resumed)",
+    );
+    assert!(out.contains("step 3"), "{out}");
+    assert_eq!(log_lines(&updetr), 3);
+    // DetReg: rank 0 computes the per-image proposals and embeddings (with the SwAV encoder
+    // trained above) before the other rank reads them.
+    let detreg = p("detreg");
+    let mut args = tiny_pretrain("detreg", &train, &detreg, 2);
+    args.extend(["--set".to_string(), format!("encoder={swav_out}")]);
+    let out = ok(
+        &mpirun_densa(&mpirun, &args),
+        "mpirun -np 2 densa pretrain detreg",
+    );
+    assert!(out.contains("data parallel: 2 ranks"), "{out}");
+    assert_eq!(log_lines(&detreg), 2);
 }
 
 /// `densa pretrain` arguments for `steps` steps of `method` at its tiny smoke settings

@@ -1048,6 +1048,50 @@ pub fn split_train_step(
     })
 }
 
+/// The data-parallel graphs of a split step: [`split_train_step`]'s cut applied to the gradient
+/// graph of a step built with [`TrainStepConfig::data_parallel`].
+#[derive(Clone, Debug)]
+pub struct SplitDataParallel {
+    /// The forward pass, as [`SplitStep::forward`].
+    pub forward: ModelProto,
+    /// The rest of the gradient graph: activations + host-computed inputs + state +
+    /// hyperparameters -> loss, metrics, gradients, buffer updates.
+    pub grad: ModelProto,
+    /// The update: state + averaged gradients + hyperparameters -> new parameters and slots.
+    pub update: ModelProto,
+    /// (parameter, gradient) names.
+    pub grads: Vec<GradEntry>,
+}
+
+/// Cuts `step`'s gradient graph like [`split_train_step`] cuts the whole step; `None` when
+/// `step` was built without data parallelism.
+pub fn split_data_parallel(
+    step: &TrainStep,
+    host_inputs: &[&str],
+    host_outputs: &[&str],
+) -> Result<Option<SplitDataParallel>, TrainStepError> {
+    let Some((graphs, grads, host)) = &step.data_parallel else {
+        return Ok(None);
+    };
+    if !host.is_empty() {
+        return Err(TrainStepError::Split(
+            "a step with a host step of its own cannot be split again".into(),
+        ));
+    }
+    let graph = graphs.grad.graph.as_ref().ok_or(AutodiffError::NoGraph)?;
+    let (forward, grad, _) = cut_graph(graph, &step.forward_values, host_inputs, host_outputs)?;
+    let model = |g| ModelProto {
+        graph: Some(g),
+        ..graphs.grad.clone()
+    };
+    Ok(Some(SplitDataParallel {
+        forward: model(forward),
+        grad: model(grad),
+        update: graphs.update.clone(),
+        grads: grads.clone(),
+    }))
+}
+
 /// The cut of [`split_train_step`] on any graph whose forward nodes output `forward_values`:
 /// the forward part, the rest, and the activations crossing between them.
 fn cut_graph(

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use densa_runtime::train::{Communicator, Trainer};
+use densa_runtime::train::{CommStats, Communicator, Trainer};
 
 /// The communicator this launch asks for (one process unless started by `mpirun -np N`).
 pub fn communicator() -> Result<Arc<dyn Communicator>> {
@@ -33,9 +33,13 @@ pub fn ranks_note(ranks: usize) -> String {
 
 /// Prints the communication share of a data-parallel run (nothing for one process).
 pub fn report(trainer: &Trainer<'_>) {
-    let Some(s) = trainer.comm_stats() else {
-        return;
-    };
+    if let Some(s) = trainer.comm_stats() {
+        report_stats(&s);
+    }
+}
+
+/// Prints the communication share of a data-parallel run's figures.
+pub fn report_stats(s: &CommStats) {
     if s.steps == 0 {
         return;
     }

@@ -160,12 +160,7 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
     let comm = super::distributed::communicator()?;
     let detector = args.detector()?;
     let result = match args.task {
-        Task::Detect if detector == DetectorKind::Detr => {
-            if comm.size() > 1 {
-                bail!("--detector detr trains on one process only (host matching per batch)");
-            }
-            super::finetune_detr::run(&args)
-        }
+        Task::Detect if detector == DetectorKind::Detr => super::finetune_detr::run(&args, &comm),
         Task::Detect => super::finetune_detect::run(&args, &comm),
         Task::Segment if detector == DetectorKind::Detr => {
             bail!("the DETR (--detector detr, --arch detr-...) goes with --task detect, not --task segment")

@@ -14,8 +14,13 @@
 //! - Every `--val-every` epochs the model is exported and scored with COCOeval; the best state
 //!   by AP goes to `OUT/best/` (`state.safetensors`, `detr.json`, `metrics.json`), which
 //!   `densa export detector --ckpt OUT` turns into a served model.
+//! - Under `mpirun -np N` each rank trains on its `--batch-size` images of every global batch
+//!   of N x `--batch-size` (the same shuffle and flips on every rank), matches them itself and
+//!   the ranks apply one averaged update ([`DetrTrainer::data_parallel`]); rank 0 writes the
+//!   state, validates and keeps the best.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use densa_exporter::onnx::ModelProto;
@@ -31,6 +36,7 @@ use densa_runtime::data::{CocoSource, CocoSpec, SampleSource};
 use densa_runtime::infer::preprocess::prepare;
 use densa_runtime::infer::spec::{InputSpec, ModelSpec};
 use densa_runtime::open_backend;
+use densa_runtime::train::Communicator;
 use indicatif::{ProgressBar, ProgressStyle};
 use ndarray::{s, Array4, Axis};
 use rand::{RngExt, SeedableRng};
@@ -164,7 +170,9 @@ fn learning_rate(step: u64, peak: f64, warmup: u64, total: u64) -> f64 {
     floor + (peak - floor) * 0.5 * (1.0 + (std::f64::consts::PI * t.min(1.0)).cos())
 }
 
-pub fn run(args: &FinetuneArgs) -> Result<()> {
+pub fn run(args: &FinetuneArgs, comm: &Arc<dyn Communicator>) -> Result<()> {
+    let (rank, ranks) = (comm.rank(), comm.size());
+    let leader = rank == 0;
     let images = images_dir(&args.data, args.images.as_deref());
     let source = CocoSource::open(&CocoSpec {
         annotations: args.data.clone(),
@@ -195,13 +203,15 @@ pub fn run(args: &FinetuneArgs) -> Result<()> {
         }
     }
     let subset = label_subset(&classes_of, args.label_fraction, args.shots, args.seed);
-    if args.batch_size == 0 || subset.len() < args.batch_size {
+    let global_batch = args.batch_size * ranks;
+    if args.batch_size == 0 || subset.len() < global_batch {
         bail!(
-            "{} labelled image(s) selected from {} make no batch of {}; lower --batch-size or \
+            "{} labelled image(s) selected from {} make no batch of {}{}; lower --batch-size or \
              raise --label-fraction/--shots",
             subset.len(),
             args.data.display(),
-            args.batch_size
+            global_batch,
+            super::distributed::ranks_note(ranks)
         );
     }
     let (val_gt, val_images) = match &args.val_data {
@@ -228,20 +238,23 @@ pub fn run(args: &FinetuneArgs) -> Result<()> {
     std::fs::create_dir_all(args.out.join(STATE_DIR))
         .with_context(|| format!("creating {}", args.out.display()))?;
     let config_path = args.out.join(DETR_CONFIG_FILE);
-    std::fs::write(&config_path, serde_json::to_string_pretty(&config)?)
-        .with_context(|| format!("writing {}", config_path.display()))?;
-    eprintln!(
-        "finetune detect (DETR): detr-{} on {} of {} images ({} classes, {}x{} input, {} \
-         queries), validating on {} images",
-        config.arch,
-        subset.len(),
-        gt.images.len(),
-        config.num_classes(),
-        config.image_size,
-        config.image_size,
-        config.num_queries,
-        val_gt.images.len()
-    );
+    if leader {
+        std::fs::write(&config_path, serde_json::to_string_pretty(&config)?)
+            .with_context(|| format!("writing {}", config_path.display()))?;
+        eprintln!(
+            "finetune detect (DETR): detr-{} on {} of {} images ({} classes, {}x{} input, {} \
+             queries), validating on {} images{}",
+            config.arch,
+            subset.len(),
+            gt.images.len(),
+            config.num_classes(),
+            config.image_size,
+            config.image_size,
+            config.num_queries,
+            val_gt.images.len(),
+            super::distributed::ranks_note(ranks)
+        );
+    }
     let lr = args.lr.unwrap_or(DEFAULT_LR);
     let mut step_config = TrainStepConfig::new(OptimizerConfig::adamw(lr, 1e-4));
     step_config.clip = Some(ClipConfig {
@@ -249,6 +262,7 @@ pub fn run(args: &FinetuneArgs) -> Result<()> {
         ..ClipConfig::default()
     });
     step_config.task = Some("detect-detr".into());
+    step_config.data_parallel = ranks > 1;
     if args.freeze_backbone {
         step_config.trainable = Trainable::Frozen(
             ["conv1", "bn1", "layer1", "layer2", "layer3", "layer4"]
@@ -259,8 +273,11 @@ pub fn run(args: &FinetuneArgs) -> Result<()> {
     let graphs = step_graphs(&config, args.batch_size, &step_config, args.seed)
         .context("building the DETR train step")?;
     let backend = open_backend(args.backend.backend, &args.backend.options())?;
-    eprintln!("backend {}", backend.label());
-    let mut trainer = DetrTrainer::new(&config, &graphs, args.batch_size, backend.as_ref())?;
+    if leader {
+        eprintln!("backend {}", backend.label());
+    }
+    let mut trainer = DetrTrainer::new(&config, &graphs, args.batch_size, backend.as_ref())?
+        .data_parallel(&graphs, backend.as_ref(), comm.clone())?;
     let state_path = args.out.join(STATE_DIR).join(STATE_FILE);
     let progress_path = args.out.join(STATE_DIR).join("progress.json");
     let mut start_epoch = 0;
@@ -276,7 +293,9 @@ pub fn run(args: &FinetuneArgs) -> Result<()> {
             .load_state(&state)
             .with_context(|| format!("resuming from {}", state_path.display()))?;
         start_epoch = p.epoch;
-        eprintln!("resuming after epoch {} (step {})", p.epoch, p.step);
+        if leader {
+            eprintln!("resuming after epoch {} (step {})", p.epoch, p.step);
+        }
     } else if let Some((init_config, state, from)) = match args.init.as_str() {
         "random" => None,
         dir if Path::new(dir).is_dir() => load_detr_checkpoint(Path::new(dir))?,
@@ -292,12 +311,15 @@ pub fn run(args: &FinetuneArgs) -> Result<()> {
             }
         }
         let n = trainer.load_state(&fitting)?;
-        eprintln!(
-            "init: loaded {n} of {} DETR tensors from {from} (detr-{}, {} classes)",
-            fresh.len(),
-            init_config.arch,
-            init_config.classes.len()
-        );
+        // (every rank loads the same tensors; rank 0 says so)
+        if leader {
+            eprintln!(
+                "init: loaded {n} of {} DETR tensors from {from} (detr-{}, {} classes)",
+                fresh.len(),
+                init_config.arch,
+                init_config.classes.len()
+            );
+        }
     } else if let Some(init) = load_backbone_init(&args.init, args.backbone())? {
         let mut tensors = StateDict::new();
         for (name, t) in init.tensors.iter() {
@@ -309,9 +331,11 @@ pub fn run(args: &FinetuneArgs) -> Result<()> {
             tensors.insert(name.to_string(), v);
         }
         trainer.load_state(&tensors)?;
-        eprintln!("{}", init.describe());
+        if leader {
+            eprintln!("{}", init.describe());
+        }
     }
-    let batches_per_epoch = (subset.len() / args.batch_size) as u64;
+    let batches_per_epoch = (subset.len() / global_batch) as u64;
     let total_steps = batches_per_epoch * args.epochs;
     let warmup = (total_steps / 10).clamp(1, 100);
     let input = detr_spec(&config).input;
@@ -326,6 +350,9 @@ pub fn run(args: &FinetuneArgs) -> Result<()> {
             .progress_chars("=> "),
     );
     bar.set_position(start_epoch * batches_per_epoch);
+    if !leader {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
     let model_names = config.initial_state(0)?;
     for epoch in start_epoch..args.epochs {
         let mut rng = ChaCha8Rng::seed_from_u64(args.seed ^ (epoch + 1).wrapping_mul(0x9E37));
@@ -335,14 +362,16 @@ pub fn run(args: &FinetuneArgs) -> Result<()> {
             order.swap(i, j);
         }
         let mut last_loss = f32::NAN;
-        for chunk in order.chunks_exact(args.batch_size) {
+        for chunk in order.chunks_exact(global_batch) {
             let step = trainer.steps() + start_epoch * batches_per_epoch;
             trainer.set_hyper("optim.lr", learning_rate(step, lr, warmup, total_steps))?;
             let s = config.image_size as usize;
             let mut x = Array4::<f32>::zeros((args.batch_size, 3, s, s));
             let mut targets = Vec::with_capacity(args.batch_size);
-            for (k, &i) in chunk.iter().enumerate() {
-                let flip = rng.random::<f32>() < 0.5;
+            // Every rank draws the whole global batch's flips and keeps its own share.
+            let flips: Vec<bool> = chunk.iter().map(|_| rng.random::<f32>() < 0.5).collect();
+            let mine = rank * args.batch_size..(rank + 1) * args.batch_size;
+            for (k, (&i, &flip)) in chunk[mine.clone()].iter().zip(&flips[mine]).enumerate() {
                 let (img, t) = sample(&source, i, &input, flip)?;
                 x.index_axis_mut(Axis(0), k).assign(&img);
                 targets.push(t);
@@ -355,6 +384,9 @@ pub fn run(args: &FinetuneArgs) -> Result<()> {
             bar.inc(1);
         }
         let step = start_epoch * batches_per_epoch + trainer.steps();
+        if !leader {
+            continue;
+        }
         write_atomically(&state_path, |p| {
             save_safetensors(trainer.state(), p).with_context(|| format!("writing {}", p.display()))
         })?;
@@ -423,6 +455,12 @@ pub fn run(args: &FinetuneArgs) -> Result<()> {
         std::fs::write(&log, text).with_context(|| format!("writing {}", log.display()))?;
     }
     bar.finish_and_clear();
+    if !leader {
+        return Ok(());
+    }
+    if let Some(s) = trainer.comm_stats() {
+        super::distributed::report_stats(&s);
+    }
     if let Some(best) = &best {
         println!(
             "best: epoch {} AP {:.4} AP50 {:.4}; state in {}",

@@ -117,17 +117,7 @@ pub(super) fn data_dir(data: &Path) -> Result<PathBuf> {
 pub fn run(args: PretrainArgs) -> Result<()> {
     let comm = distributed::communicator()?;
     if pretext::method_info(&args.method)?.family.is_detector() {
-        let result = if comm.size() > 1 {
-            Err(anyhow::anyhow!(
-                "`{}` on {} processes: the detector-pretraining methods (DetReg, UP-DETR, Pair \
-                 DETR) train on one process only (host matching per batch); run it without \
-                 mpirun",
-                args.method,
-                comm.size()
-            ))
-        } else {
-            super::pretrain_detr::run(args)
-        };
+        let result = super::pretrain_detr::run(args, &comm);
         return distributed::or_abort(&comm, result);
     }
     distributed::or_abort(&comm, run_rank(args, &comm))

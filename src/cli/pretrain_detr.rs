@@ -16,12 +16,20 @@
 //! same order), the method's batch (with a generator seeded by the run's seed and the step),
 //! then the split train step with the host matching ([`DetrTrainer`]). AdamW with the
 //! method's settings, gradient clipping (`grad_clip`), warmup + cosine learning rate. Ctrl-C
-//! finishes the step and checkpoints. One process only (the matching is on the host of one
-//! rank).
+//! finishes the step and checkpoints.
+//!
+//! Under `mpirun -np N` each rank takes its `--batch` images of the global batch of N x
+//! `--batch` (the same permutation on every rank), matches them on its own host (DETR's
+//! matching is per image) and the ranks apply one averaged update ([`DetrTrainer::data_parallel`]);
+//! the box count that normalises the losses is summed over the ranks first, as DETR's
+//! `all_reduce(num_boxes)`. Rank 0 prepares the per-image cache before the others read it,
+//! and writes the log, the checkpoints and the detector files. The class loss is a weighted
+//! mean over each rank's queries, as in DETR's multi-GPU runs.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -40,7 +48,7 @@ use densa_runtime::open_backend;
 use densa_runtime::train::log::{
     plot_loss, read_records, JsonlLog, StepRecord, LOG_FILE, PLOT_FILE,
 };
-use densa_runtime::train::WarmupCosine;
+use densa_runtime::train::{Communicator, WarmupCosine};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -209,7 +217,9 @@ fn bar(total: u64, prefix: &str) -> ProgressBar {
 }
 
 /// Runs a detector-pretraining method (the method's family is `detector`).
-pub fn run(args: PretrainArgs) -> Result<()> {
+pub fn run(args: PretrainArgs, comm: &Arc<dyn Communicator>) -> Result<()> {
+    let (rank, ranks) = (comm.rank(), comm.size());
+    let leader = rank == 0;
     let mut method: Box<dyn DetrPretext> =
         pretext::create_detector(&args.method, &overrides(&args)?)?;
     let spec = RunSpec {
@@ -254,7 +264,7 @@ pub fn run(args: PretrainArgs) -> Result<()> {
                 spec_path.display()
             );
         }
-    } else {
+    } else if leader {
         std::fs::write(&spec_path, serde_json::to_string_pretty(&spec)?)
             .with_context(|| format!("writing {}", spec_path.display()))?;
     }
@@ -264,51 +274,75 @@ pub fn run(args: PretrainArgs) -> Result<()> {
     if files.is_empty() {
         bail!("--data {}: no images (png, jpg, bmp, webp)", dir.display());
     }
-    if files.len() < args.batch {
+    let global_batch = args.batch * ranks;
+    if files.len() < global_batch {
         bail!(
-            "--data {}: {} image(s) make no batch of {}; lower --batch",
+            "--data {}: {} image(s) make no batch of {}{}; lower --batch",
             dir.display(),
             files.len(),
-            args.batch
+            global_batch,
+            super::distributed::ranks_note(ranks)
         );
     }
     let backend = open_backend(args.backend.backend, &args.backend.options())
         .context("opening the backend")?;
 
     let prep = bar(files.len() as u64, &format!("{} targets", spec.method));
+    if !leader {
+        prep.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
     let cache = args.out.join(CACHE_DIR);
     let progress = |done: u64, total: u64| {
         prep.set_length(total);
         prep.set_position(done);
     };
-    method
-        .prepare(
-            &ctx,
-            &PrepareContext {
-                files: &files,
-                cache_dir: &cache,
-                backend: backend.as_ref(),
-                progress: &progress,
-            },
-        )
-        .with_context(|| format!("preparing the {} targets", spec.method))?;
+    // Rank 0 computes and writes the cache; the others then read it.
+    let mut prepare = || {
+        method
+            .prepare(
+                &ctx,
+                &PrepareContext {
+                    files: &files,
+                    cache_dir: &cache,
+                    backend: backend.as_ref(),
+                    progress: &progress,
+                },
+            )
+            .with_context(|| format!("preparing the {} targets", spec.method))
+    };
+    if leader {
+        prepare()?;
+    }
+    comm.barrier();
+    if !leader {
+        prepare()?;
+    }
     prep.finish_and_clear();
 
-    let mut train = TrainStepConfig::new(method.optimizer(args.batch)?);
+    let mut train = TrainStepConfig::new(method.optimizer(global_batch)?);
+    train.data_parallel = ranks > 1;
     train.task = Some("pretrain-detr".into());
     train.trainable = method.trainable();
     train.clip = grad_clip(method.settings())?.map(|max_norm| ClipConfig {
         max_norm,
         ..ClipConfig::default()
     });
-    eprintln!(
-        "densa: building the {} train step (detr-{} at {}px, batch {}, {} queries)",
-        spec.method, spec.arch, config.image_size, args.batch, config.num_queries
-    );
+    if leader {
+        eprintln!(
+            "densa: building the {} train step (detr-{} at {}px, batch {}, {} queries{})",
+            spec.method,
+            spec.arch,
+            config.image_size,
+            args.batch,
+            config.num_queries,
+            super::distributed::ranks_note(ranks)
+        );
+    }
     let graphs = method
         .step_graphs(&config, args.batch, &train, args.seed)
         .context("building the detector train step")?;
-    let mut trainer = DetrTrainer::new(&config, &graphs, args.batch, backend.as_ref())?;
+    let mut trainer = DetrTrainer::new(&config, &graphs, args.batch, backend.as_ref())?
+        .data_parallel(&graphs, backend.as_ref(), comm.clone())?;
     let lr = graphs
         .whole
         .manifest
@@ -316,7 +350,7 @@ pub fn run(args: PretrainArgs) -> Result<()> {
         .and_then(|e| e.default)
         .context("the train step has no `optim.lr` input")?;
 
-    let per_epoch = (files.len() / args.batch) as u64;
+    let per_epoch = (files.len() / global_batch) as u64;
     let total = match (args.steps, args.epochs) {
         (Some(s), _) => s,
         (None, Some(e)) => e * per_epoch,
@@ -330,21 +364,23 @@ pub fn run(args: PretrainArgs) -> Result<()> {
             trainer
                 .load_state(&state)
                 .with_context(|| format!("resuming from {}", path.display()))?;
-            eprintln!(
-                "densa: resuming {} from {} (step {})",
-                spec.method,
-                args.out.display(),
-                p.step
-            );
+            if leader {
+                eprintln!(
+                    "densa: resuming {} from {} (step {})",
+                    spec.method,
+                    args.out.display(),
+                    p.step
+                );
+            }
             (p.step, p.elapsed_s)
         }
         None => (0, 0.0),
     };
     let log_path = args.out.join(LOG_FILE);
-    let mut log = if start > 0 {
-        JsonlLog::resume(&log_path, start)?
-    } else {
-        JsonlLog::create(&log_path)?
+    let mut log = match (leader, start > 0) {
+        (false, _) => None,
+        (true, true) => Some(JsonlLog::resume(&log_path, start)?),
+        (true, false) => Some(JsonlLog::create(&log_path)?),
     };
     let cosine = WarmupCosine {
         input: "optim.lr".into(),
@@ -353,14 +389,20 @@ pub fn run(args: PretrainArgs) -> Result<()> {
         warmup: method.settings().i64("warmup_steps").max(0) as u64,
         total,
     };
-    eprintln!(
-        "densa: pretraining {} on {} images ({per_epoch} steps per epoch, {total} steps), \
-         backend {}",
-        spec.method,
-        files.len(),
-        backend.label()
-    );
+    if leader {
+        eprintln!(
+            "densa: pretraining {} on {} images ({per_epoch} steps per epoch, {total} steps), \
+             backend {}{}",
+            spec.method,
+            files.len(),
+            backend.label(),
+            super::distributed::ranks_note(ranks)
+        );
+    }
     let progress_bar = bar(total, &spec.method);
+    if !leader {
+        progress_bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
     progress_bar.set_position(start);
     install_ctrl_c();
     let clock = Instant::now();
@@ -374,8 +416,9 @@ pub fn run(args: PretrainArgs) -> Result<()> {
         }
         let index_in_epoch = (step % per_epoch) as usize;
         let t0 = Instant::now();
-        let ids = &order.as_ref().expect("set above").1
-            [index_in_epoch * args.batch..(index_in_epoch + 1) * args.batch];
+        // This rank's share of the global batch.
+        let first = index_in_epoch * global_batch + rank * args.batch;
+        let ids = &order.as_ref().expect("set above").1[first..first + args.batch];
         let images = ids
             .iter()
             .map(|&index| {
@@ -385,7 +428,7 @@ pub fn run(args: PretrainArgs) -> Result<()> {
             })
             .collect::<Result<Vec<_>>>()?;
         let mut rng = ChaCha8Rng::seed_from_u64(args.seed ^ 0xD37E_0000_0000_0001);
-        rng.set_stream(step);
+        rng.set_stream(step * ranks as u64 + rank as u64);
         let batch = method
             .batch(&config, &images, step, &mut rng)
             .with_context(|| format!("step {step}: the {} batch", spec.method))?;
@@ -406,19 +449,31 @@ pub fn run(args: PretrainArgs) -> Result<()> {
                 .map(|(k, v)| (k.clone(), v.is_finite().then_some(*v as f64)))
                 .collect::<BTreeMap<_, _>>(),
             hyper: [("optim.lr".to_string(), lr_now)].into_iter().collect(),
-            images_per_s: args.batch as f64 / t0.elapsed().as_secs_f64().max(1e-9),
+            images_per_s: global_batch as f64 / t0.elapsed().as_secs_f64().max(1e-9),
             time_s: elapsed0 + clock.elapsed().as_secs_f64(),
             skipped: false,
             note: None,
         };
-        log.append(&record)?;
+        if let Some(log) = log.as_mut() {
+            log.append(&record)?;
+        }
         progress_bar.set_message(format!(
             "loss {:.4} boxes {}",
             report.loss, report.num_boxes
         ));
         progress_bar.inc(1);
-        let interrupted = INTERRUPTED.load(Ordering::SeqCst);
-        if step.is_multiple_of(args.checkpoint_every.max(1)) || step == total || interrupted {
+        // Every rank stops at the same step when any was interrupted.
+        let mut flag = [if INTERRUPTED.load(Ordering::SeqCst) {
+            1.0
+        } else {
+            0.0
+        }];
+        if ranks > 1 {
+            comm.all_reduce_sum(&mut flag);
+        }
+        let interrupted = flag[0] > 0.0;
+        let due = step.is_multiple_of(args.checkpoint_every.max(1)) || step == total;
+        if leader && (due || interrupted) {
             checkpoint(
                 &args.out,
                 &config,
@@ -435,6 +490,12 @@ pub fn run(args: PretrainArgs) -> Result<()> {
         }
     }
     progress_bar.finish_and_clear();
+    if !leader {
+        return Ok(());
+    }
+    if let Some(s) = trainer.comm_stats() {
+        super::distributed::report_stats(&s);
+    }
     if start == total {
         // Nothing left to train: refresh the detector files from the checkpoint.
         checkpoint(

@@ -559,7 +559,7 @@ pub fn step_graphs(
     train: &crate::train_step::TrainStepConfig,
     seed: u64,
 ) -> Result<super::train::DetrStepGraphs, DetrError> {
-    use crate::train_step::{build_train_step, split_train_step, ForwardGraph};
+    use crate::train_step::{build_train_step, ForwardGraph};
     let (b, t) = config.training_forward(seed, Some(batch))?;
     let PairTraining {
         detr: t,
@@ -574,18 +574,7 @@ pub fn step_graphs(
             .metric(&pair_names::loss_pair(l), pair);
     }
     let whole = build_train_step(fwd, train)?;
-    let host_in: Vec<&str> = t.host_inputs.iter().map(String::as_str).collect();
-    let host_out: Vec<&str> = t
-        .predictions
-        .iter()
-        .flat_map(|(a, b)| [a.as_str(), b.as_str()])
-        .collect();
-    let split = split_train_step(&whole, &host_in, &host_out)?;
-    Ok(super::train::DetrStepGraphs {
-        whole,
-        split,
-        predictions: t.predictions,
-    })
+    super::train::DetrStepGraphs::split(whole, &t.host_inputs, t.predictions)
 }
 
 #[cfg(feature = "train")]
