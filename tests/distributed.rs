@@ -390,25 +390,27 @@ fn two_processes_finetune_and_pretrain_with_queues_centres_sinkhorn_and_counts()
             "densa synth",
         );
     }
-    let args = [
-        "finetune",
-        "--task",
-        "detect",
-        "--data",
-        &p("train/annotations.json"),
-        "--val-data",
-        &p("val/annotations.json"),
-        "--image-size",
-        "64",
-        "--epochs",
-        "1",
-        "--batch-size",
-        "2",
-        "--backend",
-        "tract",
-        "--out",
-        &p("run"),
-    ];
+    // One epoch of batch 2 per rank on the 16 training scenes, validated on the 4 others.
+    let finetune = |flags: &[&str], out: &str| {
+        let mut args: Vec<String> = ["finetune"]
+            .iter()
+            .chain(flags)
+            .map(|s| s.to_string())
+            .collect();
+        for (flag, value) in [
+            ("--data", p("train/annotations.json")),
+            ("--val-data", p("val/annotations.json")),
+            ("--image-size", "64".into()),
+            ("--epochs", "1".into()),
+            ("--batch-size", "2".into()),
+            ("--backend", "tract".into()),
+            ("--out", p(out)),
+        ] {
+            args.extend([flag.to_string(), value]);
+        }
+        args
+    };
+    let args = finetune(&["--task", "detect"], "run");
     let out = ok(
         &mpirun_densa(&mpirun, &args),
         "mpirun -np 2 densa finetune --task detect",
@@ -417,25 +419,7 @@ fn two_processes_finetune_and_pretrain_with_queues_centres_sinkhorn_and_counts()
     let log = std::fs::read_to_string(dir.path().join("run/train_log.jsonl")).unwrap();
     assert_eq!(log.lines().count(), 4, "16 images / (2 ranks x 2):\n{log}");
 
-    let args = [
-        "finetune",
-        "--task",
-        "segment",
-        "--data",
-        &p("train/annotations.json"),
-        "--val-data",
-        &p("val/annotations.json"),
-        "--image-size",
-        "64",
-        "--epochs",
-        "1",
-        "--batch-size",
-        "2",
-        "--backend",
-        "tract",
-        "--out",
-        &p("seg"),
-    ];
+    let args = finetune(&["--task", "segment"], "seg");
     let out = ok(
         &mpirun_densa(&mpirun, &args),
         "mpirun -np 2 densa finetune --task segment",
@@ -445,27 +429,7 @@ fn two_processes_finetune_and_pretrain_with_queues_centres_sinkhorn_and_counts()
     assert_eq!(log.lines().count(), 4, "{log}");
 
     // The DETR: every rank matches its own images.
-    let args = [
-        "finetune",
-        "--task",
-        "detect",
-        "--detector",
-        "detr",
-        "--data",
-        &p("train/annotations.json"),
-        "--val-data",
-        &p("val/annotations.json"),
-        "--image-size",
-        "64",
-        "--epochs",
-        "1",
-        "--batch-size",
-        "2",
-        "--backend",
-        "tract",
-        "--out",
-        &p("detr"),
-    ];
+    let args = finetune(&["--task", "detect", "--detector", "detr"], "detr");
     let out = ok(
         &mpirun_densa(&mpirun, &args),
         "mpirun -np 2 densa finetune --detector detr",

@@ -133,6 +133,19 @@ struct DataParallel {
     stats: CommStats,
 }
 
+/// Runs `session` on `inputs`; errors name the graph.
+fn run_graph(
+    session: &mut dyn Session,
+    inputs: Vec<(String, Tensor)>,
+    label: &str,
+) -> Result<HashMap<String, Tensor>, DetrError> {
+    Ok(session
+        .run(inputs)
+        .map_err(|e| DetrError::Step(format!("{label}: {e}")))?
+        .into_iter()
+        .collect())
+}
+
 fn scalar_f64(v: f64) -> Tensor {
     Tensor::F64(ArrayD::from_elem(IxDyn(&[]), v))
 }
@@ -410,22 +423,12 @@ impl DetrTrainer {
         let mut feed_values: HashMap<String, Tensor> = extra.iter().cloned().collect();
         feed_values.insert(names::IMAGES.to_string(), images);
         let inputs = self.feed(self.forward.as_ref(), &feed_values, "forward graph")?;
-        let f_out: HashMap<String, Tensor> = self
-            .forward
-            .run(inputs)
-            .map_err(|e| DetrError::Step(format!("forward graph: {e}")))?
-            .into_iter()
-            .collect();
+        let f_out = run_graph(self.forward.as_mut(), inputs, "forward graph")?;
         let host = self.match_batch(&f_out, targets)?;
         feed_values.extend(host);
         feed_values.extend(f_out.iter().map(|(k, v)| (k.clone(), v.clone())));
         let inputs = self.feed(self.backward.as_ref(), &feed_values, "backward graph")?;
-        let b_out: HashMap<String, Tensor> = self
-            .backward
-            .run(inputs)
-            .map_err(|e| DetrError::Step(format!("backward graph: {e}")))?
-            .into_iter()
-            .collect();
+        let b_out = run_graph(self.backward.as_mut(), inputs, "backward graph")?;
         let first = |t: &Tensor| t.to_f32().iter().next().copied().unwrap_or(f32::NAN);
         let loss = b_out
             .get(names::LOSS)
@@ -500,12 +503,7 @@ impl DetrTrainer {
         let mut feed_values: HashMap<String, Tensor> = extra.iter().cloned().collect();
         feed_values.insert(names::IMAGES.to_string(), images);
         let inputs = self.feed(dp.forward.as_ref(), &feed_values, "forward graph")?;
-        let f_out: HashMap<String, Tensor> = dp
-            .forward
-            .run(inputs)
-            .map_err(|e| DetrError::Step(format!("forward graph: {e}")))?
-            .into_iter()
-            .collect();
+        let f_out = run_graph(dp.forward.as_mut(), inputs, "forward graph")?;
         let mut host = self.match_batch(&f_out, targets)?;
         // The losses are normalised by the global batch's box count: each rank divides by
         // max(total, 1) / N, so the mean over ranks is the global sum over the global count.
@@ -523,12 +521,7 @@ impl DetrTrainer {
         feed_values.extend(host);
         feed_values.extend(f_out.iter().map(|(k, v)| (k.clone(), v.clone())));
         let inputs = self.feed(dp.grad.as_ref(), &feed_values, "gradient graph")?;
-        let mut g_out: HashMap<String, Tensor> = dp
-            .grad
-            .run(inputs)
-            .map_err(|e| DetrError::Step(format!("gradient graph: {e}")))?
-            .into_iter()
-            .collect();
+        let mut g_out = run_graph(dp.grad.as_mut(), inputs, "gradient graph")?;
         for (k, v) in &f_out {
             g_out.entry(k.clone()).or_insert_with(|| v.clone());
         }
@@ -598,12 +591,7 @@ impl DetrTrainer {
             )));
         }
         let inputs = self.feed(dp.update.as_ref(), &averaged, "update graph")?;
-        let u_out: HashMap<String, Tensor> = dp
-            .update
-            .run(inputs)
-            .map_err(|e| DetrError::Step(format!("update graph: {e}")))?
-            .into_iter()
-            .collect();
+        let u_out = run_graph(dp.update.as_mut(), inputs, "update graph")?;
         let mut next = StateDict::new();
         for e in &self.manifest.inputs {
             let Some(n) = &e.next else { continue };
