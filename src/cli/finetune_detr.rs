@@ -311,7 +311,7 @@ pub fn run(args: &FinetuneArgs, comm: &Arc<dyn Communicator>) -> Result<()> {
             }
         }
         let n = trainer.load_state(&fitting)?;
-        // (every rank loads the same tensors; rank 0 says so)
+        // Every rank loads the same tensors; rank 0 says so.
         if leader {
             eprintln!(
                 "init: loaded {n} of {} DETR tensors from {from} (detr-{}, {} classes)",
