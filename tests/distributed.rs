@@ -350,6 +350,26 @@ fn two_processes_pretrain_pixpro_like_one_with_the_doubled_batch() {
     );
 }
 
+/// A command that does not train data parallel is refused under a multi-process launch
+/// instead of writing its outputs N times over (the check comes before MPI starts).
+#[test]
+fn a_multi_process_launch_of_a_single_process_command_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("scenes");
+    let o = densa()
+        .args(["synth", "--images", "2", "--out"])
+        .arg(&out)
+        .env("OMPI_COMM_WORLD_SIZE", "2")
+        .output()
+        .unwrap();
+    let err = common::assert_clean_failure(&o);
+    assert!(
+        err.contains("launched as 2 processes") && err.contains("without mpirun"),
+        "{err}"
+    );
+    assert!(!out.exists(), "nothing is written");
+}
+
 /// Without the feature, an `mpirun` launch is refused with the way out, not run N times.
 #[cfg(not(feature = "mpi"))]
 #[test]

@@ -181,6 +181,21 @@ pub fn init_logging(verbose: u8) {
 }
 
 pub fn run(cli: Cli) -> Result<()> {
+    let data_parallel = matches!(
+        cli.command,
+        Command::Train(_) | Command::Pretrain(_) | Command::Finetune(_)
+    );
+    if !data_parallel {
+        // N copies of a single-process command would write the same outputs N times over.
+        if let Some((var, n)) = densa_runtime::train::distributed::launched_size()? {
+            if n > 1 {
+                anyhow::bail!(
+                    "launched as {n} processes ({var}={n}), but only `densa train`, `pretrain` \
+                     and `finetune` run data parallel; run this command without mpirun"
+                );
+            }
+        }
+    }
     match cli.command {
         Command::Export(cmd) => export::run(cmd),
         Command::Run(args) => run::run(args),
