@@ -411,7 +411,7 @@ mod tests {
             "batch counters are not reported: {unexpected:?}"
         );
         assert_eq!(
-            wrong_shape,
+            &wrong_shape[..],
             &[
                 (
                     "layer1.0.conv1.weight".to_string(),
