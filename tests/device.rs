@@ -162,6 +162,7 @@ fn a_gpu_request_without_a_cuda_provider_runs_on_the_cpu_and_says_why() {
         .arg(tmp.path())
         // The second process of an `mpirun` launch on this machine: plain `cuda` is its GPU 1.
         .env("OMPI_COMM_WORLD_LOCAL_RANK", "1")
+        .env_remove("CUDA_VISIBLE_DEVICES")
         .output()
         .unwrap();
     let err = common::stderr(&o);

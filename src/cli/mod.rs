@@ -100,7 +100,8 @@ pub struct BackendArgs {
     /// Where to run: cpu, or cuda[:N] (ONNX Runtime's CUDA provider; needs the onnxruntime-gpu
     /// build and CUDA 13; without them densa says why and runs on the CPU). `cuda` without N
     /// under `mpirun` (or `srun`) gives each process on a machine its own GPU, by its local
-    /// rank; `cuda:N` puts every process on GPU N.
+    /// rank (modulo the GPUs in CUDA_VISIBLE_DEVICES when set); `cuda:N` puts every process on
+    /// GPU N.
     #[arg(long, default_value = "cpu")]
     pub device: DeviceArg,
 }
@@ -110,7 +111,8 @@ pub struct BackendArgs {
 pub enum DeviceArg {
     /// This device, whatever the launch.
     Fixed(Device),
-    /// GPU number local rank (0 outside a multi-process launch).
+    /// GPU number local rank (0 outside a multi-process launch), modulo the visible GPUs
+    /// when their number is known.
     RanksGpu,
 }
 
@@ -125,13 +127,27 @@ impl std::str::FromStr for DeviceArg {
 }
 
 impl DeviceArg {
-    /// The device of the process with this local rank.
-    pub fn resolve(self, local_rank: Option<usize>) -> Device {
+    /// The device of the process with this local rank, `visible` GPUs (CUDA_VISIBLE_DEVICES;
+    /// a launcher that gives each process one GPU makes it GPU 0 of each).
+    pub fn resolve(self, local_rank: Option<usize>, visible: Option<usize>) -> Device {
         match self {
             DeviceArg::Fixed(d) => d,
-            DeviceArg::RanksGpu => Device::Cuda(local_rank.unwrap_or(0) as i32),
+            DeviceArg::RanksGpu => {
+                let rank = local_rank.unwrap_or(0);
+                let gpu = match visible {
+                    Some(n) if n > 0 => rank % n,
+                    _ => rank,
+                };
+                Device::Cuda(gpu as i32)
+            }
         }
     }
+}
+
+/// How many GPUs CUDA_VISIBLE_DEVICES lists (`None` when it is not set).
+fn visible_gpus() -> Option<usize> {
+    let list = std::env::var("CUDA_VISIBLE_DEVICES").ok()?;
+    Some(list.split(',').filter(|d| !d.trim().is_empty()).count())
 }
 
 impl BackendArgs {
@@ -139,7 +155,7 @@ impl BackendArgs {
         BackendOptions {
             threads: self.threads,
             allow_download: !self.no_download,
-            device: self.device.resolve(local_rank()),
+            device: self.device.resolve(local_rank(), visible_gpus()),
             // Benchmarks compare the GPU step with and without the state kept on the device.
             resident_state: match std::env::var("DENSA_RESIDENT_STATE").as_deref() {
                 Ok("0") => Some(false),
@@ -213,5 +229,26 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Methods(args) => methods::run(args),
         Command::Adapt(args) => adapt::run(args),
         Command::Proposals(args) => proposals::run(args),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_cuda_is_each_processs_own_gpu() {
+        let cuda: DeviceArg = "cuda".parse().unwrap();
+        assert_eq!(cuda.resolve(None, None), Device::Cuda(0));
+        assert_eq!(cuda.resolve(Some(3), None), Device::Cuda(3));
+        // Four GPUs for eight processes: two per GPU.
+        assert_eq!(cuda.resolve(Some(5), Some(4)), Device::Cuda(1));
+        // One visible GPU per process (a launcher's per-task CUDA_VISIBLE_DEVICES).
+        assert_eq!(cuda.resolve(Some(3), Some(1)), Device::Cuda(0));
+        let pinned: DeviceArg = "cuda:2".parse().unwrap();
+        assert_eq!(pinned.resolve(Some(3), Some(4)), Device::Cuda(2));
+        let cpu: DeviceArg = "cpu".parse().unwrap();
+        assert_eq!(cpu.resolve(Some(1), None), Device::Cpu);
+        assert!("tpu".parse::<DeviceArg>().is_err());
     }
 }
