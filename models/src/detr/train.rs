@@ -17,7 +17,7 @@ use std::sync::Arc;
 use densa_exporter::weights::StateDict;
 use densa_exporter::Tensor;
 use densa_runtime::backend::{Backend, Session};
-use densa_runtime::train::distributed::averaged_buffer;
+use densa_runtime::train::distributed::{averaged_buffer, take_scaled, timed_all_reduce};
 use densa_runtime::train::{CommStats, Communicator, InputRole, Manifest, OutputRole};
 use ndarray::{ArrayD, IxDyn};
 
@@ -550,13 +550,9 @@ impl DetrTrainer {
         for m in &metric_names {
             packed.push(first(take(m)?));
         }
-        // The barrier separates waiting for slower ranks from moving the bytes.
-        let t_wait = std::time::Instant::now();
-        dp.comm.barrier();
-        let t_comm = std::time::Instant::now();
-        dp.comm.all_reduce_sum(&mut packed);
-        dp.stats.all_reduce_s += t_comm.elapsed().as_secs_f64();
-        dp.stats.wait_s += (t_comm - t_wait).as_secs_f64();
+        let (wait_s, comm_s) = timed_all_reduce(dp.comm.as_ref(), &mut packed);
+        dp.stats.all_reduce_s += comm_s;
+        dp.stats.wait_s += wait_s;
         // The box count's all-reduce included.
         dp.stats.bytes_per_step = (packed.len() + 1) * std::mem::size_of::<f32>();
         let scale = 1.0 / ranks as f32;
@@ -571,11 +567,7 @@ impl DetrTrainer {
                 (next.clone(), shape.unwrap_or_default())
             }));
         for (name, shape) in shapes {
-            let n: usize = shape.iter().product();
-            let values = rest[..n].iter().map(|v| v * scale).collect();
-            let a = ArrayD::from_shape_vec(IxDyn(&shape), values).expect("the shape's length");
-            averaged.insert(name, Tensor::F32(a));
-            rest = &rest[n..];
+            averaged.insert(name, Tensor::F32(take_scaled(&mut rest, &shape, scale)));
         }
         let loss = rest[0] * scale;
         let mut metrics: Vec<(String, f32)> = metric_names

@@ -243,6 +243,31 @@ pub fn launched_size() -> Result<Option<(String, usize)>, DistError> {
     Ok(None)
 }
 
+/// Sums `packed` over the ranks, after a barrier so that waiting for slower ranks is not
+/// counted as communication. Returns (seconds waiting, seconds in the all-reduce).
+pub fn timed_all_reduce(comm: &dyn Communicator, packed: &mut [f32]) -> (f64, f64) {
+    let t_wait = std::time::Instant::now();
+    comm.barrier();
+    let t_comm = std::time::Instant::now();
+    comm.all_reduce_sum(packed);
+    (
+        (t_comm - t_wait).as_secs_f64(),
+        t_comm.elapsed().as_secs_f64(),
+    )
+}
+
+/// The next `shape`'s worth of an all-reduced buffer, times `scale` (1 / ranks: the mean over
+/// the ranks); `rest` moves past it.
+///
+/// # Panics
+/// When `rest` is shorter than the shape (the caller packed it with the same shapes).
+pub fn take_scaled(rest: &mut &[f32], shape: &[usize], scale: f32) -> ndarray::ArrayD<f32> {
+    let n: usize = shape.iter().product();
+    let values = rest[..n].iter().map(|v| v * scale).collect();
+    *rest = &rest[n..];
+    ndarray::ArrayD::from_shape_vec(shape.to_vec(), values).expect("the length is the shape's")
+}
+
 /// This process's index among the launch's processes on the same machine:
 /// `OMPI_COMM_WORLD_LOCAL_RANK` (Open MPI), `MPI_LOCALRANKID` (MPICH) or `SLURM_LOCALID`
 /// (`srun`); `None` when not launched by one of them. A GPU run picks its GPU by it.

@@ -33,7 +33,7 @@ use super::checkpoint::{
     CHECKPOINT_KIND, CHECKPOINT_SCHEMA_VERSION, CHECKPOINT_STATE,
 };
 use super::data::{Batch, BatchAt, DataSource};
-use super::distributed::Communicator;
+use super::distributed::{take_scaled, timed_all_reduce, Communicator};
 use super::log::{self, JsonlLog, Progress, StepRecord, LOG_FILE, PLOT_FILE};
 use super::manifest::{hyper_tensor, Artifact, HostStep, InputRole, OutputRole, SinkhornExchange};
 use super::schedule::Schedule;
@@ -1045,37 +1045,16 @@ impl<'a> Trainer<'a> {
         }
         let wants_stop = self.stop.load(Ordering::SeqCst) || INTERRUPTED.load(Ordering::SeqCst);
         packed.push(if wants_stop { 1.0 } else { 0.0 });
-        // The barrier separates waiting for slower ranks from moving the bytes.
-        let t_wait = Instant::now();
-        dp.comm.barrier();
-        let t_comm = Instant::now();
-        dp.comm.all_reduce_sum(&mut packed);
-        let comm_s = t_comm.elapsed().as_secs_f64();
-        let wait_s = (t_comm - t_wait).as_secs_f64();
+        let (wait_s, comm_s) = timed_all_reduce(dp.comm.as_ref(), &mut packed);
         let scale = 1.0 / ranks as f32;
         let mut rest = &packed[..];
         let mut grads = Vec::with_capacity(dp.grads.len());
         for (g, shape) in &dp.grads {
-            let n: usize = shape.iter().product();
-            let a = ndarray::ArrayD::from_shape_vec(
-                shape.clone(),
-                rest[..n].iter().map(|v| v * scale).collect(),
-            )
-            .expect("the length is the shape's");
-            grads.push((g.clone(), Tensor::F32(a)));
-            rest = &rest[n..];
+            grads.push((g.clone(), Tensor::F32(take_scaled(&mut rest, shape, scale))));
         }
         for &k in &dp.averaged {
-            let name = &dp.next_names[k];
-            let shape = self.state[k].shape().to_vec();
-            let n = self.state[k].len();
-            let a = ndarray::ArrayD::from_shape_vec(
-                shape,
-                rest[..n].iter().map(|v| v * scale).collect(),
-            )
-            .expect("the length is the shape's");
-            grad_out.insert(name.clone(), Tensor::F32(a));
-            rest = &rest[n..];
+            let a = take_scaled(&mut rest, self.state[k].shape(), scale);
+            grad_out.insert(dp.next_names[k].clone(), Tensor::F32(a));
         }
         let loss = f64::from(rest[0] * scale);
         let mut metrics: BTreeMap<String, Option<f64>> = BTreeMap::new();
