@@ -9,7 +9,7 @@
 //! - bad input (a backbone instead of a detector, the input as `--out`, corrupt JSON, a corrupt
 //!   image, a folded model for bn-stats) fails with exit status 1 and a message naming it.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 
@@ -545,14 +545,14 @@ fn squares(root: &Path, per_class: usize, shifted: bool, seed: u64) {
             let img = image::RgbImage::from_fn(32, 32, |x, y| {
                 let inside = (x0..x0 + side).contains(&x) && (y0..y0 + side).contains(&y);
                 let mut px = [0u8; 3];
-                for c in 0..3 {
+                for (c, out) in px.iter_mut().enumerate() {
                     let c_src = if shifted { 2 - c } else { c };
                     let mut v = if inside { colour[c_src] * gain } else { 0.5 };
                     v += (next() - 0.5) * 0.2;
                     if shifted {
                         v = v * 0.6 + 0.3;
                     }
-                    px[c] = (v.clamp(0.0, 1.0) * 255.0) as u8;
+                    *out = (v.clamp(0.0, 1.0) * 255.0) as u8;
                 }
                 image::Rgb(px)
             });

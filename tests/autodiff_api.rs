@@ -2,7 +2,7 @@
 //! parameters, stop_gradient, absent gradients, accumulation over several consumers, a seed
 //! input for split forward/backward graphs, gradients with respect to intermediate values.
 
-mod gradcheck;
+use crate::gradcheck;
 
 use std::collections::HashSet;
 

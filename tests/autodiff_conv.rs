@@ -2,7 +2,7 @@
 //! and tract agreement, over random strides, pads (asymmetric), dilations, groups, 1-D and 2-D,
 //! shapes declared or unknown, with each weight-gradient formulation.
 
-mod gradcheck;
+use crate::gradcheck;
 
 use densa::exporter::autodiff::ConvWeightGrad;
 use densa::exporter::DType;

@@ -1,7 +1,7 @@
 //! Gradients of elementwise ops vs central finite differences (ONNX Runtime, f64 where it has
 //! kernels), and tract agreeing on the gradient graphs.
 
-mod gradcheck;
+use crate::gradcheck;
 
 use densa::exporter::DType;
 use gradcheck::*;

@@ -2,7 +2,7 @@
 //! transformation in Python) on a small convolutional network, both run on ONNX Runtime.
 //! Skipped with a note when `onnx-ad` is not installed (`pip install onnx-ad==0.3.0`).
 
-mod gradcheck;
+use crate::gradcheck;
 
 use std::process::Command;
 

@@ -1,7 +1,7 @@
 //! Pooling and resampling gradients (MaxPool, AveragePool, GlobalAveragePool, GlobalMaxPool,
 //! Resize in every mode, GridSample) vs finite differences on ONNX Runtime, and tract agreement.
 
-mod gradcheck;
+use crate::gradcheck;
 
 use densa::exporter::DType;
 use gradcheck::*;

@@ -5,7 +5,7 @@
 //! on tract and agrees with ONNX Runtime, and - where PyTorch is installed - float64 PyTorch
 //! (torchvision's resnet18 with the same weights) gives the same gradients.
 
-mod gradcheck;
+use crate::gradcheck;
 
 use densa::exporter::autodiff::{with_gradients, GradRequest};
 use densa::exporter::builder::{attr, tensor_type, Dim, GraphBuilder, Init, ParamKind};

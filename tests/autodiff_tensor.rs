@@ -2,7 +2,7 @@
 //! normalisation, shape ops and indexing vs finite differences on ONNX Runtime (f64), and tract
 //! agreement.
 
-mod gradcheck;
+use crate::gradcheck;
 
 use densa::exporter::{DType, Tensor};
 use gradcheck::*;

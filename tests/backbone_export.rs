@@ -1,7 +1,7 @@
 //! Exported backbones: valid for `onnx.checker` (full check), and densa-tract, densa-ort and
 //! the `onnxruntime` Python package agree on every output (relative difference <= 1e-4).
 
-mod common;
+use crate::common;
 
 use common::*;
 use densa::runtime::{npy, Tensor};

@@ -1,6 +1,6 @@
 //! Bad input gets a clear error naming the file, a non-zero exit and no panic.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

@@ -5,7 +5,7 @@
 //! come (boxes, boxes + masks, masks only). Also: malformed files give errors naming the file
 //! and the field, never a panic.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

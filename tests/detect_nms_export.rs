@@ -8,7 +8,7 @@
 //! did suppress), the `onnx` checker (full check) accepts the NMS'd export, and `densa eval
 //! detect` scores both exports the same.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::path::Path;

@@ -4,7 +4,7 @@
 //! densa's builder: constant predictions in model-input pixels (plus a zero-weighted
 //! dependency on the image), so the expected boxes in image pixels are known exactly.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

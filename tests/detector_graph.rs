@@ -2,7 +2,7 @@
 //! reference, and its gradients (densa's autodiff) against central finite differences, on
 //! tract; the same graph agrees on ONNX Runtime.
 
-mod common;
+use crate::common;
 
 use common::*;
 use densa::exporter::autodiff::{with_gradients, GradRequest};

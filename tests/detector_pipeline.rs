@@ -7,7 +7,7 @@
 //! - `densa eval detect --json` equals pycocotools run on `densa detect --json`'s output;
 //! - a corrupt image in a served folder is reported and skipped, the rest served.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

@@ -2,7 +2,7 @@
 //! matching, backward) on tract and ONNX Runtime agreeing; the exported inference graph on
 //! tract, ONNX Runtime (Rust) and ONNX Runtime from Python after `onnx.checker`.
 
-mod common;
+use crate::common;
 
 use common::{max_rel_diff, ort_backend, python_peers, python_reference, tract_backend};
 use densa::exporter::Tensor;

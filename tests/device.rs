@@ -8,7 +8,7 @@
 //!   so and runs on the CPU; an unknown device is refused by name. Under a launcher that sets
 //!   the local rank (`mpirun`), plain `cuda` is the process's own GPU.
 
-mod common;
+use crate::common;
 
 use densa::runtime::backend::ort::OrtBackend;
 use densa::runtime::train::classify::SyntheticSquares;

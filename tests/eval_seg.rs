@@ -1,6 +1,6 @@
 //! `densa eval seg`: PNG label maps in, mIoU / pixel accuracy out, through the real binary.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

@@ -10,7 +10,7 @@
 //! - a file of another architecture (wrong shape), a missing file and a directory without
 //!   `backbone.safetensors` fail cleanly with messages naming the tensor / the file.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

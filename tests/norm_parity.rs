@@ -3,7 +3,7 @@
 //! two batches carried), `nn.GroupNorm`, `nn.LayerNorm`. References:
 //! tests/fixtures/optim/norm.npz, made by tests/fixtures/optim/make_fixtures.py.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 

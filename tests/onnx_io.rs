@@ -1,6 +1,6 @@
 //! densa reads and writes models made by the `onnx` Python package without losing anything.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 

@@ -7,7 +7,7 @@
 //! backend carrying the state from one step's outputs to the next step's inputs (as the trainer
 //! does) and compares everything after every step.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 

@@ -3,7 +3,7 @@
 //! backbone it writes initialises `densa export backbone`; runs resume and refuse other
 //! settings.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

@@ -2,7 +2,7 @@
 //! the curriculum runs, the loss goes down, and the backbone it writes initialises
 //! `densa finetune --task detect --init OUT`.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

@@ -3,7 +3,7 @@
 //! backbone, caches its targets, resumes, refuses other settings, and `densa finetune --task
 //! detect --detector detr --init OUT` loads the pretrained transformer.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

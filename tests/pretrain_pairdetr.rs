@@ -3,7 +3,7 @@
 //! checkpoint (`detr.json`, `state.safetensors`, DETR's names), and `densa finetune --task
 //! detect --detector detr --init OUT` loads it.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

@@ -3,7 +3,7 @@
 //! and the unchanged frozen backbone, and `densa finetune --task detect --detector detr --init
 //! OUT` loads the pretrained transformer into a plain DETR.
 
-mod common;
+use crate::common;
 
 use common::{finetune_detr_from, ok, random_backbone};
 

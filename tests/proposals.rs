@@ -1,7 +1,7 @@
 //! `densa proposals` end to end: JSON and drawing on a synthetic scene, equality with the
 //! library, `--max`, and clean errors for missing and corrupt images.
 
-mod common;
+use crate::common;
 
 use common::{assert_clean_failure, run_densa};
 use densa::runtime::data::synth::{render_scene, SynthConfig};

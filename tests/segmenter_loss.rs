@@ -3,7 +3,7 @@
 //! against central finite differences, on tract; and the whole training graph's gradient of one
 //! head parameter against finite differences.
 
-mod common;
+use crate::common;
 
 use densa::exporter::autodiff::{with_gradients, GradRequest};
 use densa::exporter::{DType, Dim, GraphBuilder, Tensor};

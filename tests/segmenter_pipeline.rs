@@ -6,7 +6,7 @@
 //! One fine-tuning run (synth 48 train / 16 val images at 64 px, 3 classes + background,
 //! resnet-edge, 20 epochs of batch 8, about 25 s on 2 cores) is shared by the tests of this file.
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 use std::sync::OnceLock;

@@ -6,7 +6,7 @@
 //! reference outputs with torchvision 0.14). The weights go through a safetensors file and
 //! `densa export backbone --weights`, the path a user's checkpoint takes.
 
-mod common;
+use crate::common;
 
 use common::*;
 use densa::exporter::weights::{save_safetensors, StateDict};

@@ -2,7 +2,7 @@
 //! (coloured squares) to >= 95% held-out accuracy on tract and on ONNX Runtime; a seed gives
 //! the same loss curve twice; the two backends' curves agree.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

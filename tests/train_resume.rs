@@ -2,7 +2,7 @@
 //! command, resumes from its newest checkpoint and ends in exactly the state of an
 //! uninterrupted run.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::time::{Duration, Instant};

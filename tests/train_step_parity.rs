@@ -8,7 +8,7 @@
 //! Weights and the batch come from an integer hash that the script and this test both compute,
 //! so the fixture holds only the reference results (KBs).
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 

@@ -2,7 +2,7 @@
 //! ONNX Runtime: the loss falls by a large factor, a seed gives the same curve every time, and
 //! the two backends' curves agree.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

@@ -1608,8 +1608,10 @@ mod tests {
     #[test]
     fn bad_requests_are_named() {
         let (b, loss, _) = small_cnn(true);
-        let mut config = TrainStepConfig::default();
-        config.trainable = Trainable::Only(vec!["head".into()]);
+        let config = TrainStepConfig {
+            trainable: Trainable::Only(vec!["head".into()]),
+            ..TrainStepConfig::default()
+        };
         let e = build_train_step(ForwardGraph::new(b, loss.unwrap()), &config)
             .unwrap_err()
             .to_string();

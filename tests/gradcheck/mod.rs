@@ -18,8 +18,7 @@ use densa::exporter::{DType, Tensor};
 use densa::runtime::Backend;
 use ndarray::ArrayD;
 
-#[path = "../common/mod.rs"]
-pub mod common;
+pub(crate) use crate::common;
 
 /// The reference backend (ONNX Runtime when available) and tract.
 pub struct Backends {

@@ -735,7 +735,7 @@ mod tests {
 
     #[test]
     fn shapes_fit_the_unit_circle_and_have_area() {
-        for class in 0..SHAPES.len() {
+        for (class, name) in SHAPES.iter().enumerate() {
             let o = Object {
                 class,
                 center: [0.0, 0.0],
@@ -754,17 +754,13 @@ mod tests {
                         -1.2 + 2.4 * j as f32 / n as f32,
                     );
                     if o.contains([u, v]) {
-                        assert!(
-                            u * u + v * v <= 1.0 + 1e-4,
-                            "{} at ({u}, {v})",
-                            SHAPES[class]
-                        );
+                        assert!(u * u + v * v <= 1.0 + 1e-4, "{name} at ({u}, {v})");
                         inside += 1;
                     }
                 }
             }
             let area = inside as f32 * (2.4 / n as f32).powi(2);
-            assert!(area > 0.8, "{}: area {area}", SHAPES[class]);
+            assert!(area > 0.8, "{name}: area {area}");
         }
     }
 

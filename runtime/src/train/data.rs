@@ -364,7 +364,7 @@ mod tests {
         assert_eq!(a, epoch_order(50, 7, 0, true));
         assert_ne!(a, b);
         assert_ne!(a, c);
-        let h = histogram(&[a.clone()]);
+        let h = histogram(std::slice::from_ref(&a));
         assert_eq!(h.len(), 50);
         assert!(h.values().all(|&n| n == 1));
         assert_eq!(epoch_order(5, 7, 0, false), vec![0, 1, 2, 3, 4]);
