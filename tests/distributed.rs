@@ -12,7 +12,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use common::{densa, stderr};
+use common::{assert_clean_failure, densa, stderr};
 use densa::exporter::weights::{load_safetensors, StateDict};
 
 /// A 4-class classifier on 16x16 images without batch norm (the setting where N shards of B
@@ -461,6 +461,15 @@ fn two_processes_finetune_and_pretrain_with_queues_centres_sinkhorn_and_counts()
     assert_eq!(out.matches("best: epoch 1").count(), 1, "{out}");
     let val = std::fs::read_to_string(dir.path().join("detr/val.jsonl")).unwrap();
     assert_eq!(val.lines().count(), 1, "{val}");
+    // Its global batch depends on the process count: one process refuses to resume it.
+    let mut more = args.clone();
+    let epochs = more.iter().position(|a| a == "--epochs").unwrap();
+    more[epochs + 1] = "2".into();
+    let err = assert_clean_failure(&densa().args(&more).output().unwrap());
+    assert!(
+        err.contains("trained on 2 process(es), this launch has 1"),
+        "{err}"
+    );
 
     // DenseCL's queues gather every rank's keys (`queues_gather_every_ranks_keys` checks the
     // arithmetic): it trains on 2 processes.
@@ -520,6 +529,19 @@ fn two_processes_finetune_and_pretrain_with_queues_centres_sinkhorn_and_counts()
     );
     assert!(out.contains("step 2"), "{out}");
     assert_eq!(log_lines(&swav_out), 2);
+    // `--batch` is per process: one process refuses to resume a 2-process run, and writes
+    // nothing.
+    let err = assert_clean_failure(
+        &densa()
+            .args(tiny_pretrain("swav", &train, &swav_out, 3))
+            .output()
+            .unwrap(),
+    );
+    assert!(
+        err.contains("trained on 2 process(es), this launch has 1") && err.contains("mpirun -np 2"),
+        "{err}"
+    );
+    assert_eq!(log_lines(&swav_out), 2);
     // LC-loss's mean over valid locations, CCOP's means over valid boxes and DenseSiam's means
     // over overlapping view pairs count every rank's entries
     // (`masked_means_count_every_ranks_samples` checks the arithmetic).
@@ -550,6 +572,14 @@ fn two_processes_finetune_and_pretrain_with_queues_centres_sinkhorn_and_counts()
         "mpirun -np 2 densa pretrain updetr (resumed)",
     );
     assert!(out.contains("step 3"), "{out}");
+    assert_eq!(log_lines(&updetr), 3);
+    let err = assert_clean_failure(
+        &densa()
+            .args(tiny_pretrain("updetr", &train, &updetr, 4))
+            .output()
+            .unwrap(),
+    );
+    assert!(err.contains("trained on 2 process(es)"), "{err}");
     assert_eq!(log_lines(&updetr), 3);
     // DetReg: rank 0 computes the per-image proposals and embeddings (with the SwAV encoder
     // trained above) before the other rank reads them.

@@ -16,7 +16,7 @@
 //!   `densa export detector --ckpt OUT` turns into a served model.
 //! - Under `mpirun -np N` each rank trains on its `--batch-size` images of every global batch
 //!   of N x `--batch-size` (the same shuffle and flips on every rank), matches them itself and
-//!   the ranks apply one averaged update ([`DetrTrainer::data_parallel`]); rank 0 writes the
+//!   the ranks apply one averaged update ([`DetrTrainer::for_ranks`]); rank 0 writes the
 //!   state, validates and keeps the best.
 
 use std::path::Path;
@@ -115,6 +115,14 @@ pub fn load_detr_checkpoint(dir: &Path) -> Result<Option<(DetrConfig, StateDict,
 struct Progress {
     epoch: u64,
     step: u64,
+    /// The processes the run trains on (1 in a file written before this field): the global
+    /// batch and the step count depend on it.
+    #[serde(default = "one_process")]
+    processes: usize,
+}
+
+fn one_process() -> usize {
+    1
 }
 
 fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
@@ -276,8 +284,13 @@ pub fn run(args: &FinetuneArgs, comm: &Arc<dyn Communicator>) -> Result<()> {
     if leader {
         eprintln!("backend {}", backend.label());
     }
-    let mut trainer = DetrTrainer::new(&config, &graphs, args.batch_size, backend.as_ref())?
-        .data_parallel(&graphs, backend.as_ref(), comm.clone())?;
+    let mut trainer = DetrTrainer::for_ranks(
+        &config,
+        &graphs,
+        args.batch_size,
+        backend.as_ref(),
+        comm.clone(),
+    )?;
     let state_path = args.out.join(STATE_DIR).join(STATE_FILE);
     let progress_path = args.out.join(STATE_DIR).join("progress.json");
     let mut start_epoch = 0;
@@ -287,6 +300,16 @@ pub fn run(args: &FinetuneArgs, comm: &Arc<dyn Communicator>) -> Result<()> {
                 .with_context(|| format!("reading {}", progress_path.display()))?,
         )
         .with_context(|| format!("parsing {}", progress_path.display()))?;
+        if p.processes != ranks {
+            bail!(
+                "{} holds a run trained on {} process(es), this launch has {}: its global batch \
+                 and step count depend on the count; resume it on {}, or use another --out",
+                args.out.display(),
+                p.processes,
+                ranks,
+                p.processes
+            );
+        }
         let state = load_safetensors(&state_path)
             .with_context(|| format!("reading {}", state_path.display()))?;
         trainer
@@ -394,6 +417,7 @@ pub fn run(args: &FinetuneArgs, comm: &Arc<dyn Communicator>) -> Result<()> {
             let text = serde_json::to_string(&Progress {
                 epoch: epoch + 1,
                 step,
+                processes: ranks,
             })?;
             std::fs::write(p, text).with_context(|| format!("writing {}", p.display()))
         })?;

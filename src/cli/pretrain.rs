@@ -81,6 +81,52 @@ pub struct RunSpec {
     pub seed: u64,
     /// Every hyperparameter, resolved.
     pub settings: std::collections::BTreeMap<String, String>,
+    /// The processes it trains on (`mpirun -np N`; 1 in a spec written before this field):
+    /// `batch` is per process, so the global batch, the data order and the learning rate all
+    /// depend on it.
+    #[serde(default = "one_process")]
+    pub processes: usize,
+}
+
+fn one_process() -> usize {
+    1
+}
+
+impl RunSpec {
+    /// Refuses to resume the run whose spec `out` holds unless this launch matches it.
+    pub(super) fn check_resume(&self, out: &Path) -> Result<()> {
+        let path = out.join(SPEC_FILE);
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {} to resume", path.display()))?;
+        let old: RunSpec =
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        if old.processes != self.processes {
+            let launch = |n: usize| match n {
+                1 => "one process".to_string(),
+                n => format!("`mpirun -np {n}`"),
+            };
+            bail!(
+                "{} holds a run of `{}` trained on {} process(es), this launch has {}: its batch, \
+                 data order and learning rate depend on the count; resume it with {}, or use \
+                 another --out",
+                out.display(),
+                old.method,
+                old.processes,
+                self.processes,
+                launch(old.processes)
+            );
+        }
+        if old != *self {
+            bail!(
+                "{} holds a run of `{}` with other settings ({}); use another --out, or the same \
+                 arguments to resume it",
+                out.display(),
+                old.method,
+                path.display()
+            );
+        }
+        Ok(())
+    }
 }
 
 pub const SPEC_FILE: &str = "pretrain.json";
@@ -152,6 +198,7 @@ fn run_rank(args: PretrainArgs, comm: &Arc<dyn Communicator>) -> Result<()> {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
+        processes: ranks,
     };
     if args.batch < 2 {
         bail!(
@@ -173,19 +220,7 @@ fn run_rank(args: PretrainArgs, comm: &Arc<dyn Communicator>) -> Result<()> {
     let spec_path = args.out.join(SPEC_FILE);
     let artifact_dir = args.out.join("artifact");
     let artifact = if has_checkpoint {
-        let text = std::fs::read_to_string(&spec_path)
-            .with_context(|| format!("reading {} to resume", spec_path.display()))?;
-        let old: RunSpec = serde_json::from_str(&text)
-            .with_context(|| format!("parsing {}", spec_path.display()))?;
-        if old != spec {
-            bail!(
-                "{} holds a run of `{}` with other settings ({}); use another --out, or the same \
-                 arguments to resume it",
-                args.out.display(),
-                old.method,
-                spec_path.display()
-            );
-        }
+        spec.check_resume(&args.out)?;
         if rank == 0 {
             eprintln!(
                 "densa: resuming {} from {}",

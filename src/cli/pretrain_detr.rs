@@ -20,7 +20,7 @@
 //!
 //! Under `mpirun -np N` each rank takes its `--batch` images of the global batch of N x
 //! `--batch` (the same permutation on every rank), matches them on its own host (DETR's
-//! matching is per image) and the ranks apply one averaged update ([`DetrTrainer::data_parallel`]);
+//! matching is per image) and the ranks apply one averaged update ([`DetrTrainer::for_ranks`]);
 //! the box count that normalises the losses is summed over the ranks first, as DETR's
 //! `all_reduce(num_boxes)`. Rank 0 prepares the per-image cache before the others read it,
 //! and writes the log, the checkpoints and the detector files. The class loss is a weighted
@@ -233,6 +233,7 @@ pub fn run(args: PretrainArgs, comm: &Arc<dyn Communicator>) -> Result<()> {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
+        processes: ranks,
     };
     if args.batch == 0 {
         bail!("--batch 0: a step needs at least one image");
@@ -251,19 +252,7 @@ pub fn run(args: PretrainArgs, comm: &Arc<dyn Communicator>) -> Result<()> {
     let spec_path = args.out.join(SPEC_FILE);
     let resume = latest_checkpoint(&args.out)?;
     if resume.is_some() {
-        let text = std::fs::read_to_string(&spec_path)
-            .with_context(|| format!("reading {} to resume", spec_path.display()))?;
-        let old: RunSpec = serde_json::from_str(&text)
-            .with_context(|| format!("parsing {}", spec_path.display()))?;
-        if old != spec {
-            bail!(
-                "{} holds a run of `{}` with other settings ({}); use another --out, or the same \
-                 arguments to resume it",
-                args.out.display(),
-                old.method,
-                spec_path.display()
-            );
-        }
+        spec.check_resume(&args.out)?;
     } else if leader {
         std::fs::write(&spec_path, serde_json::to_string_pretty(&spec)?)
             .with_context(|| format!("writing {}", spec_path.display()))?;
@@ -341,8 +330,8 @@ pub fn run(args: PretrainArgs, comm: &Arc<dyn Communicator>) -> Result<()> {
     let graphs = method
         .step_graphs(&config, args.batch, &train, args.seed)
         .context("building the detector train step")?;
-    let mut trainer = DetrTrainer::new(&config, &graphs, args.batch, backend.as_ref())?
-        .data_parallel(&graphs, backend.as_ref(), comm.clone())?;
+    let mut trainer =
+        DetrTrainer::for_ranks(&config, &graphs, args.batch, backend.as_ref(), comm.clone())?;
     let lr = graphs
         .whole
         .manifest

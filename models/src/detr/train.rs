@@ -14,6 +14,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use densa_exporter::onnx::ModelProto;
 use densa_exporter::weights::StateDict;
 use densa_exporter::Tensor;
 use densa_runtime::backend::{Backend, Session};
@@ -35,7 +36,7 @@ pub struct DetrStepGraphs {
     /// Per decoder layer: the logits and boxes value names (forward outputs).
     pub predictions: Vec<(String, String)>,
     /// With [`TrainStepConfig::data_parallel`]: the gradient graph split the same way, and the
-    /// update graph ([`DetrTrainer::data_parallel`]).
+    /// update graph ([`DetrTrainer::for_ranks`]).
     pub data_parallel: Option<SplitDataParallel>,
 }
 
@@ -104,16 +105,23 @@ pub struct DetrTrainer {
     config: DetrConfig,
     matcher: MatcherConfig,
     manifest: Manifest,
-    forward: Box<dyn Session>,
-    backward: Box<dyn Session>,
+    /// The split step's halves, for one process (`None` on a rank of a data-parallel job).
+    single: Option<SingleProcess>,
     predictions: Vec<(String, String)>,
     batch: usize,
     state: StateDict,
     /// Hyperparameter values (defaults from the manifest, overridable).
     hyper: HashMap<String, f64>,
     steps: u64,
-    /// Set by [`DetrTrainer::data_parallel`].
+    /// Set by [`DetrTrainer::for_ranks`] on more than one rank.
     dp: Option<DataParallel>,
+}
+
+/// One process's step: the forward half, the host matching, the backward half (with the
+/// update).
+struct SingleProcess {
+    forward: Box<dyn Session>,
+    backward: Box<dyn Session>,
 }
 
 /// A data-parallel DETR step's graphs and exchange plan: every rank runs the forward half
@@ -131,6 +139,17 @@ struct DataParallel {
     /// Buffers whose next values are averaged: (name, next name).
     averaged: Vec<(String, String)>,
     stats: CommStats,
+}
+
+/// Loads `model` on `backend`; errors name the graph.
+fn load_graph(
+    backend: &dyn Backend,
+    model: &ModelProto,
+    label: &str,
+) -> Result<Box<dyn Session>, DetrError> {
+    backend
+        .load_model(model, label)
+        .map_err(|e| DetrError::Step(format!("loading the {label} graph: {e}")))
 }
 
 /// Runs `session` on `inputs`; errors name the graph.
@@ -158,11 +177,16 @@ impl DetrTrainer {
         batch: usize,
         backend: &dyn Backend,
     ) -> Result<DetrTrainer, DetrError> {
-        let load = |m, label: &str| {
-            backend
-                .load_model(m, label)
-                .map_err(|e| DetrError::Step(format!("loading the {label} graph: {e}")))
-        };
+        let mut trainer = DetrTrainer::unloaded(config, graphs, batch);
+        trainer.single = Some(SingleProcess {
+            forward: load_graph(backend, &graphs.split.forward, "detr-forward")?,
+            backward: load_graph(backend, &graphs.split.backward, "detr-backward")?,
+        });
+        Ok(trainer)
+    }
+
+    /// The trainer before any graph is loaded.
+    fn unloaded(config: &DetrConfig, graphs: &DetrStepGraphs, batch: usize) -> DetrTrainer {
         let manifest = graphs.whole.manifest.clone();
         let hyper = manifest
             .inputs
@@ -170,11 +194,10 @@ impl DetrTrainer {
             .filter(|e| e.role == InputRole::Hyper)
             .filter_map(|e| e.default.map(|d| (e.name.clone(), d)))
             .collect();
-        Ok(DetrTrainer {
+        DetrTrainer {
             config: config.clone(),
             matcher: config.matcher,
-            forward: load(&graphs.split.forward, "detr-forward")?,
-            backward: load(&graphs.split.backward, "detr-backward")?,
+            single: None,
             manifest,
             predictions: graphs.predictions.clone(),
             batch,
@@ -182,22 +205,25 @@ impl DetrTrainer {
             hyper,
             steps: 0,
             dp: None,
-        })
+        }
     }
 
-    /// Trains data-parallel among `comm`'s ranks: each rank steps on its own images (its shard
-    /// of the global batch) and the ranks apply the same averaged update, so they hold the same
-    /// state. `graphs` must have been built with [`TrainStepConfig::data_parallel`]. With one
-    /// rank nothing changes.
-    pub fn data_parallel(
-        mut self,
+    /// A trainer for one of `comm`'s ranks: with one rank, [`DetrTrainer::new`]; with more,
+    /// each rank steps on its own images (its `batch`-image shard of the global batch) and the
+    /// ranks apply the same averaged update, so they hold the same state. Only the graphs that
+    /// count of ranks runs are loaded. `graphs` must have been built with
+    /// [`TrainStepConfig::data_parallel`] for more than one rank.
+    pub fn for_ranks(
+        config: &DetrConfig,
         graphs: &DetrStepGraphs,
+        batch: usize,
         backend: &dyn Backend,
         comm: Arc<dyn Communicator>,
     ) -> Result<DetrTrainer, DetrError> {
         if comm.size() <= 1 {
-            return Ok(self);
+            return DetrTrainer::new(config, graphs, batch, backend);
         }
+        let mut trainer = DetrTrainer::unloaded(config, graphs, batch);
         let split = graphs.data_parallel.as_ref().ok_or_else(|| {
             DetrError::Step(
                 "the train step was built without data parallelism (TrainStepConfig::\
@@ -205,40 +231,35 @@ impl DetrTrainer {
                     .into(),
             )
         })?;
-        let load = |m, label: &str| {
-            backend
-                .load_model(m, label)
-                .map_err(|e| DetrError::Step(format!("loading the {label} graph: {e}")))
-        };
         let mut grads = Vec::new();
         for g in &split.grads {
-            let shape = self
+            let shape = trainer
                 .state
                 .get(&g.param)
                 .map(|t| t.shape().to_vec())
                 .ok_or_else(|| DetrError::Step(format!("parameter `{}` has no state", g.param)))?;
             grads.push((g.grad.clone(), shape));
         }
-        let averaged = self
+        let averaged = trainer
             .manifest
             .inputs
             .iter()
             .filter(|e| e.role == InputRole::Buffer && averaged_buffer(&e.name))
             .filter_map(|e| e.next.clone().map(|n| (e.name.clone(), n)))
             .collect();
-        self.dp = Some(DataParallel {
+        trainer.dp = Some(DataParallel {
             stats: CommStats {
                 ranks: comm.size(),
                 ..CommStats::default()
             },
-            forward: load(&split.forward, "detr-dp-forward")?,
-            grad: load(&split.grad, "detr-dp-gradient")?,
-            update: load(&split.update, "detr-dp-update")?,
+            forward: load_graph(backend, &split.forward, "detr-dp-forward")?,
+            grad: load_graph(backend, &split.grad, "detr-dp-gradient")?,
+            update: load_graph(backend, &split.update, "detr-dp-update")?,
             comm,
             grads,
             averaged,
         });
-        Ok(self)
+        Ok(trainer)
     }
 
     /// The current state (parameters, buffers, optimizer slots), by name.
@@ -401,6 +422,28 @@ impl DetrTrainer {
         Ok(host)
     }
 
+    /// The forward half, the matching and the backward half of one process's step: their
+    /// outputs.
+    #[allow(clippy::type_complexity)]
+    fn run_halves(
+        &self,
+        single: &mut SingleProcess,
+        images: Tensor,
+        targets: &[ImageTargets],
+        extra: &[(String, Tensor)],
+    ) -> Result<(HashMap<String, Tensor>, HashMap<String, Tensor>), DetrError> {
+        let mut feed_values: HashMap<String, Tensor> = extra.iter().cloned().collect();
+        feed_values.insert(names::IMAGES.to_string(), images);
+        let inputs = self.feed(single.forward.as_ref(), &feed_values, "forward graph")?;
+        let f_out = run_graph(single.forward.as_mut(), inputs, "forward graph")?;
+        let host = self.match_batch(&f_out, targets)?;
+        feed_values.extend(host);
+        feed_values.extend(f_out.iter().map(|(k, v)| (k.clone(), v.clone())));
+        let inputs = self.feed(single.backward.as_ref(), &feed_values, "backward graph")?;
+        let b_out = run_graph(single.backward.as_mut(), inputs, "backward graph")?;
+        Ok((f_out, b_out))
+    }
+
     /// One step on `images [N, 3, S, S]` (normalised) with their targets; `extra` feeds other
     /// batch inputs (`decoder.self_attn_mask`). A non-finite loss is an error and leaves the
     /// state as it was.
@@ -420,15 +463,13 @@ impl DetrTrainer {
         if self.dp.is_some() {
             return self.step_data_parallel(images, targets, extra);
         }
-        let mut feed_values: HashMap<String, Tensor> = extra.iter().cloned().collect();
-        feed_values.insert(names::IMAGES.to_string(), images);
-        let inputs = self.feed(self.forward.as_ref(), &feed_values, "forward graph")?;
-        let f_out = run_graph(self.forward.as_mut(), inputs, "forward graph")?;
-        let host = self.match_batch(&f_out, targets)?;
-        feed_values.extend(host);
-        feed_values.extend(f_out.iter().map(|(k, v)| (k.clone(), v.clone())));
-        let inputs = self.feed(self.backward.as_ref(), &feed_values, "backward graph")?;
-        let b_out = run_graph(self.backward.as_mut(), inputs, "backward graph")?;
+        let mut single = self
+            .single
+            .take()
+            .expect("a trainer loads one kind of step");
+        let halves = self.run_halves(&mut single, images, targets, extra);
+        self.single = Some(single);
+        let (f_out, b_out) = halves?;
         let first = |t: &Tensor| t.to_f32().iter().next().copied().unwrap_or(f32::NAN);
         let loss = b_out
             .get(names::LOSS)
@@ -758,10 +799,7 @@ mod tests {
                         let rank = comm.rank();
                         let backend = TractBackend::new();
                         let comm: Arc<dyn Communicator> = Arc::new(comm);
-                        let mut t = DetrTrainer::new(c, shard, 1, &backend)
-                            .unwrap()
-                            .data_parallel(shard, &backend, comm)
-                            .unwrap();
+                        let mut t = DetrTrainer::for_ranks(c, shard, 1, &backend, comm).unwrap();
                         let losses = (0..steps)
                             .map(|_| {
                                 t.step(mine.clone(), &targets[rank..rank + 1], &[])
