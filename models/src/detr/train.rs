@@ -210,9 +210,9 @@ impl DetrTrainer {
 
     /// A trainer for one of `comm`'s ranks: with one rank, [`DetrTrainer::new`]; with more,
     /// each rank steps on its own images (its `batch`-image shard of the global batch) and the
-    /// ranks apply the same averaged update, so they hold the same state. Only the graphs that
-    /// count of ranks runs are loaded. `graphs` must have been built with
-    /// [`TrainStepConfig::data_parallel`] for more than one rank.
+    /// ranks apply the same averaged update, so they hold the same state. Only the graphs this
+    /// rank will run are loaded. With more than one rank, `graphs` must have been built with
+    /// [`TrainStepConfig::data_parallel`].
     pub fn for_ranks(
         config: &DetrConfig,
         graphs: &DetrStepGraphs,
