@@ -162,8 +162,8 @@ fn detr_finetunes_resumes_exports_and_serves_through_the_cli() {
             "2",
         ]);
     }
-    let finetune = |epochs: &str| {
-        ok(&[
+    let finetune_args = |epochs: &str, size: &str, batch: &str| -> Vec<String> {
+        [
             "finetune",
             "--task",
             "detect",
@@ -174,18 +174,25 @@ fn detr_finetunes_resumes_exports_and_serves_through_the_cli() {
             "--val-data",
             &p("val/annotations.json"),
             "--image-size",
-            "64",
+            size,
             "--epochs",
             epochs,
             "--val-every",
             "1",
             "--batch-size",
-            "4",
+            batch,
             "--out",
             &p("run"),
             "--backend",
             "tract",
-        ])
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let finetune = |epochs: &str| {
+        let args = finetune_args(epochs, "64", "4");
+        ok(&args.iter().map(String::as_str).collect::<Vec<_>>())
     };
     let (_, log) = finetune("2");
     assert!(log.contains("epoch 2/2 step 12"), "{log}");
@@ -194,6 +201,20 @@ fn detr_finetunes_resumes_exports_and_serves_through_the_cli() {
     assert!(log.contains("epoch 3/3 step 18"), "{log}");
     let val = std::fs::read_to_string(tmp.path().join("run/val.jsonl")).unwrap();
     assert_eq!(val.lines().count(), 3, "{val}");
+    // Other arguments are refused by name, before anything is written.
+    let config = std::fs::read_to_string(tmp.path().join("run/detr.json")).unwrap();
+    let args = finetune_args("4", "96", "2");
+    let err = assert_clean_failure(&run_densa(
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    ));
+    assert!(
+        err.contains("image_size: 64 -> 96") && err.contains("batch_size: 4 -> 2"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(tmp.path().join("run/detr.json")).unwrap(),
+        config
+    );
     let (_, log) = ok(&[
         "export",
         "detector",

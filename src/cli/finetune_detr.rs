@@ -119,6 +119,44 @@ struct Progress {
     /// batch and the step count depend on it.
     #[serde(default = "one_process")]
     processes: usize,
+    /// What the run was started with (absent in a file written before this field).
+    #[serde(default)]
+    run: Option<RunArgs>,
+}
+
+/// The arguments a resume must repeat: they shape the model, the data or the optimisation.
+/// `--epochs` and `--val-every` may change (a run can be extended).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct RunArgs {
+    arch: String,
+    classes: Vec<String>,
+    image_size: u32,
+    batch_size: usize,
+    lr: f64,
+    seed: u64,
+    label_fraction: Option<f64>,
+    shots: Option<usize>,
+    freeze_backbone: bool,
+}
+
+impl RunArgs {
+    /// The fields that differ, as `name: before -> now`.
+    fn differences(&self, now: &RunArgs) -> Vec<String> {
+        let (Ok(serde_json::Value::Object(a)), Ok(serde_json::Value::Object(b))) =
+            (serde_json::to_value(self), serde_json::to_value(now))
+        else {
+            return vec!["(unreadable)".into()];
+        };
+        a.iter()
+            .filter(|(k, v)| b.get(*k) != Some(*v))
+            .map(|(k, v)| {
+                format!(
+                    "{k}: {v} -> {}",
+                    b.get(k).unwrap_or(&serde_json::Value::Null)
+                )
+            })
+            .collect()
+    }
 }
 
 fn one_process() -> usize {
@@ -245,6 +283,52 @@ pub fn run(args: &FinetuneArgs, comm: &Arc<dyn Communicator>) -> Result<()> {
     };
     std::fs::create_dir_all(args.out.join(STATE_DIR))
         .with_context(|| format!("creating {}", args.out.display()))?;
+    let lr = args.lr.unwrap_or(DEFAULT_LR);
+    let run_args = RunArgs {
+        arch: config.arch.clone(),
+        classes: config.classes.clone(),
+        image_size: config.image_size,
+        batch_size: args.batch_size,
+        lr,
+        seed: args.seed,
+        label_fraction: args.label_fraction,
+        shots: args.shots,
+        freeze_backbone: args.freeze_backbone,
+    };
+    // A run to resume is checked before anything is written.
+    let state_path = args.out.join(STATE_DIR).join(STATE_FILE);
+    let progress_path = args.out.join(STATE_DIR).join("progress.json");
+    let resume = if progress_path.is_file() {
+        let p: Progress = serde_json::from_str(
+            &std::fs::read_to_string(&progress_path)
+                .with_context(|| format!("reading {}", progress_path.display()))?,
+        )
+        .with_context(|| format!("parsing {}", progress_path.display()))?;
+        if p.processes != ranks {
+            bail!(
+                "{} holds a run trained on {} process(es), this launch has {}: its global batch \
+                 and step count depend on the count; resume it on {}, or use another --out",
+                args.out.display(),
+                p.processes,
+                ranks,
+                p.processes
+            );
+        }
+        if let Some(old) = &p.run {
+            let diff = old.differences(&run_args);
+            if !diff.is_empty() {
+                bail!(
+                    "{} holds a run started with other arguments ({}); use another --out, or \
+                     the same arguments to resume it",
+                    args.out.display(),
+                    diff.join(", ")
+                );
+            }
+        }
+        Some(p)
+    } else {
+        None
+    };
     let config_path = args.out.join(DETR_CONFIG_FILE);
     if leader {
         std::fs::write(&config_path, serde_json::to_string_pretty(&config)?)
@@ -263,7 +347,6 @@ pub fn run(args: &FinetuneArgs, comm: &Arc<dyn Communicator>) -> Result<()> {
             super::distributed::ranks_note(ranks)
         );
     }
-    let lr = args.lr.unwrap_or(DEFAULT_LR);
     let mut step_config = TrainStepConfig::new(OptimizerConfig::adamw(lr, 1e-4));
     step_config.clip = Some(ClipConfig {
         max_norm: 0.1,
@@ -291,25 +374,8 @@ pub fn run(args: &FinetuneArgs, comm: &Arc<dyn Communicator>) -> Result<()> {
         backend.as_ref(),
         comm.clone(),
     )?;
-    let state_path = args.out.join(STATE_DIR).join(STATE_FILE);
-    let progress_path = args.out.join(STATE_DIR).join("progress.json");
     let mut start_epoch = 0;
-    if progress_path.is_file() {
-        let p: Progress = serde_json::from_str(
-            &std::fs::read_to_string(&progress_path)
-                .with_context(|| format!("reading {}", progress_path.display()))?,
-        )
-        .with_context(|| format!("parsing {}", progress_path.display()))?;
-        if p.processes != ranks {
-            bail!(
-                "{} holds a run trained on {} process(es), this launch has {}: its global batch \
-                 and step count depend on the count; resume it on {}, or use another --out",
-                args.out.display(),
-                p.processes,
-                ranks,
-                p.processes
-            );
-        }
+    if let Some(p) = resume {
         let state = load_safetensors(&state_path)
             .with_context(|| format!("reading {}", state_path.display()))?;
         trainer
@@ -418,6 +484,7 @@ pub fn run(args: &FinetuneArgs, comm: &Arc<dyn Communicator>) -> Result<()> {
                 epoch: epoch + 1,
                 step,
                 processes: ranks,
+                run: Some(run_args.clone()),
             })?;
             std::fs::write(p, text).with_context(|| format!("writing {}", p.display()))
         })?;
