@@ -465,7 +465,7 @@ fn two_processes_finetune_and_pretrain_with_queues_centres_sinkhorn_and_counts()
     let mut more = args.clone();
     let epochs = more.iter().position(|a| a == "--epochs").unwrap();
     more[epochs + 1] = "2".into();
-    let err = assert_clean_failure(&densa().args(&more).output().unwrap());
+    let err = refused_on_one_process(&more);
     assert!(
         err.contains("trained on 2 process(es), this launch has 1"),
         "{err}"
@@ -531,12 +531,7 @@ fn two_processes_finetune_and_pretrain_with_queues_centres_sinkhorn_and_counts()
     assert_eq!(log_lines(&swav_out), 2);
     // `--batch` is per process: one process refuses to resume a 2-process run, and writes
     // nothing.
-    let err = assert_clean_failure(
-        &densa()
-            .args(tiny_pretrain("swav", &train, &swav_out, 3))
-            .output()
-            .unwrap(),
-    );
+    let err = refused_on_one_process(&tiny_pretrain("swav", &train, &swav_out, 3));
     assert!(
         err.contains("trained on 2 process(es), this launch has 1") && err.contains("mpirun -np 2"),
         "{err}"
@@ -573,12 +568,7 @@ fn two_processes_finetune_and_pretrain_with_queues_centres_sinkhorn_and_counts()
     );
     assert!(out.contains("step 3"), "{out}");
     assert_eq!(log_lines(&updetr), 3);
-    let err = assert_clean_failure(
-        &densa()
-            .args(tiny_pretrain("updetr", &train, &updetr, 4))
-            .output()
-            .unwrap(),
-    );
+    let err = refused_on_one_process(&tiny_pretrain("updetr", &train, &updetr, 4));
     assert!(err.contains("trained on 2 process(es)"), "{err}");
     assert_eq!(log_lines(&updetr), 3);
     // DetReg: rank 0 computes the per-image proposals and embeddings (with the SwAV encoder
@@ -621,6 +611,11 @@ fn tiny_pretrain(method: &str, data: &str, out: &str, steps: u64) -> Vec<String>
         args.extend(["--set".to_string(), format!("{k}={v}")]);
     }
     args
+}
+
+/// Runs `densa args` as one process, which must fail cleanly; returns its error output.
+fn refused_on_one_process(args: &[String]) -> String {
+    assert_clean_failure(&densa().args(args).output().unwrap())
 }
 
 fn log_lines(out: &str) -> usize {

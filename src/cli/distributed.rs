@@ -31,6 +31,24 @@ pub fn ranks_note(ranks: usize) -> String {
     }
 }
 
+/// Refuses to resume the run in `out`, trained on `trained` processes, on `now`: the global
+/// batch (`--batch` is per process), the data order and the learning rate depend on the count.
+pub fn check_process_count(out: &std::path::Path, trained: usize, now: usize) -> Result<()> {
+    if trained == now {
+        return Ok(());
+    }
+    let relaunch = match trained {
+        1 => "one process".to_string(),
+        n => format!("`mpirun -np {n}`"),
+    };
+    anyhow::bail!(
+        "{} holds a run trained on {trained} process(es), this launch has {now}: its global \
+         batch, data order and learning rate depend on the count; resume it with {relaunch}, \
+         or use another --out",
+        out.display()
+    )
+}
+
 /// Prints the communication share of a data-parallel run (nothing for one process).
 pub fn report(trainer: &Trainer<'_>) {
     if let Some(s) = trainer.comm_stats() {

@@ -116,7 +116,7 @@ struct Progress {
     epoch: u64,
     step: u64,
     /// The processes the run trains on (1 in a file written before this field): the global
-    /// batch and the step count depend on it.
+    /// batch, the step count and the learning rate depend on it.
     #[serde(default = "one_process")]
     processes: usize,
     /// What the run was started with (absent in a file written before this field).
@@ -304,16 +304,7 @@ pub fn run(args: &FinetuneArgs, comm: &Arc<dyn Communicator>) -> Result<()> {
                 .with_context(|| format!("reading {}", progress_path.display()))?,
         )
         .with_context(|| format!("parsing {}", progress_path.display()))?;
-        if p.processes != ranks {
-            bail!(
-                "{} holds a run trained on {} process(es), this launch has {}: its global batch \
-                 and step count depend on the count; resume it on {}, or use another --out",
-                args.out.display(),
-                p.processes,
-                ranks,
-                p.processes
-            );
-        }
+        super::distributed::check_process_count(&args.out, p.processes, ranks)?;
         if let Some(old) = &p.run {
             let diff = old.differences(&run_args);
             if !diff.is_empty() {

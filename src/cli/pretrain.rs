@@ -100,22 +100,8 @@ impl RunSpec {
             .with_context(|| format!("reading {} to resume", path.display()))?;
         let old: RunSpec =
             serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-        if old.processes != self.processes {
-            let launch = |n: usize| match n {
-                1 => "one process".to_string(),
-                n => format!("`mpirun -np {n}`"),
-            };
-            bail!(
-                "{} holds a run of `{}` trained on {} process(es), this launch has {}: its batch, \
-                 data order and learning rate depend on the count; resume it with {}, or use \
-                 another --out",
-                out.display(),
-                old.method,
-                old.processes,
-                self.processes,
-                launch(old.processes)
-            );
-        }
+        distributed::check_process_count(out, old.processes, self.processes)
+            .with_context(|| format!("resuming `{}`", old.method))?;
         if old != *self {
             bail!(
                 "{} holds a run of `{}` with other settings ({}); use another --out, or the same \

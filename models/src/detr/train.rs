@@ -136,8 +136,8 @@ struct DataParallel {
     update: Box<dyn Session>,
     /// (gradient name, parameter shape).
     grads: Vec<(String, Vec<usize>)>,
-    /// Buffers whose next values are averaged: (name, next name).
-    averaged: Vec<(String, String)>,
+    /// Buffers whose next values are averaged: (next name, shape).
+    averaged: Vec<(String, Vec<usize>)>,
     stats: CommStats,
 }
 
@@ -240,13 +240,19 @@ impl DetrTrainer {
                 .ok_or_else(|| DetrError::Step(format!("parameter `{}` has no state", g.param)))?;
             grads.push((g.grad.clone(), shape));
         }
-        let averaged = trainer
-            .manifest
-            .inputs
-            .iter()
-            .filter(|e| e.role == InputRole::Buffer && averaged_buffer(&e.name))
-            .filter_map(|e| e.next.clone().map(|n| (e.name.clone(), n)))
-            .collect();
+        let mut averaged = Vec::new();
+        for e in &trainer.manifest.inputs {
+            let Some(next) = &e.next else { continue };
+            if e.role != InputRole::Buffer || !averaged_buffer(&e.name) {
+                continue;
+            }
+            let shape = trainer
+                .state
+                .get(&e.name)
+                .map(|t| t.shape().to_vec())
+                .ok_or_else(|| DetrError::Step(format!("buffer `{}` has no state", e.name)))?;
+            averaged.push((next.clone(), shape));
+        }
         trainer.dp = Some(DataParallel {
             stats: CommStats {
                 ranks: comm.size(),
@@ -422,6 +428,26 @@ impl DetrTrainer {
         Ok(host)
     }
 
+    /// The forward half on `images` (and `extra`), then the matching of every image: the
+    /// values the rest of the step is fed (the inputs, the matched targets, the forward
+    /// outputs) and the forward outputs.
+    #[allow(clippy::type_complexity)]
+    fn forward_and_match(
+        &self,
+        forward: &mut dyn Session,
+        images: Tensor,
+        targets: &[ImageTargets],
+        extra: &[(String, Tensor)],
+    ) -> Result<(HashMap<String, Tensor>, HashMap<String, Tensor>), DetrError> {
+        let mut feed_values: HashMap<String, Tensor> = extra.iter().cloned().collect();
+        feed_values.insert(names::IMAGES.to_string(), images);
+        let inputs = self.feed(forward, &feed_values, "forward graph")?;
+        let f_out = run_graph(forward, inputs, "forward graph")?;
+        feed_values.extend(self.match_batch(&f_out, targets)?);
+        feed_values.extend(f_out.iter().map(|(k, v)| (k.clone(), v.clone())));
+        Ok((feed_values, f_out))
+    }
+
     /// The forward half, the matching and the backward half of one process's step: their
     /// outputs.
     #[allow(clippy::type_complexity)]
@@ -432,13 +458,8 @@ impl DetrTrainer {
         targets: &[ImageTargets],
         extra: &[(String, Tensor)],
     ) -> Result<(HashMap<String, Tensor>, HashMap<String, Tensor>), DetrError> {
-        let mut feed_values: HashMap<String, Tensor> = extra.iter().cloned().collect();
-        feed_values.insert(names::IMAGES.to_string(), images);
-        let inputs = self.feed(single.forward.as_ref(), &feed_values, "forward graph")?;
-        let f_out = run_graph(single.forward.as_mut(), inputs, "forward graph")?;
-        let host = self.match_batch(&f_out, targets)?;
-        feed_values.extend(host);
-        feed_values.extend(f_out.iter().map(|(k, v)| (k.clone(), v.clone())));
+        let (feed_values, f_out) =
+            self.forward_and_match(single.forward.as_mut(), images, targets, extra)?;
         let inputs = self.feed(single.backward.as_ref(), &feed_values, "backward graph")?;
         let b_out = run_graph(single.backward.as_mut(), inputs, "backward graph")?;
         Ok((f_out, b_out))
@@ -541,26 +562,22 @@ impl DetrTrainer {
         targets: &[ImageTargets],
         extra: &[(String, Tensor)],
     ) -> Result<StepReport, DetrError> {
-        let mut feed_values: HashMap<String, Tensor> = extra.iter().cloned().collect();
-        feed_values.insert(names::IMAGES.to_string(), images);
-        let inputs = self.feed(dp.forward.as_ref(), &feed_values, "forward graph")?;
-        let f_out = run_graph(dp.forward.as_mut(), inputs, "forward graph")?;
-        let mut host = self.match_batch(&f_out, targets)?;
-        // The losses are normalised by the global batch's box count: each rank divides by
-        // max(total, 1) / N, so the mean over ranks is the global sum over the global count.
+        let (mut feed_values, f_out) =
+            self.forward_and_match(dp.forward.as_mut(), images, targets, extra)?;
+        // The losses are normalised by the global batch's box count (in place of the rank's
+        // own that the matching gave): each rank divides by max(total, 1) / N, so the mean
+        // over ranks is the global sum over the global count.
         let local: usize = targets.iter().map(|t| t.boxes.len()).sum();
         let mut count = [local as f32];
         dp.comm.all_reduce_sum(&mut count);
         let ranks = dp.comm.size();
-        host.insert(
+        feed_values.insert(
             names::NUM_BOXES.to_string(),
             Tensor::F32(ArrayD::from_elem(
                 IxDyn(&[]),
                 count[0].max(1.0) / ranks as f32,
             )),
         );
-        feed_values.extend(host);
-        feed_values.extend(f_out.iter().map(|(k, v)| (k.clone(), v.clone())));
         let inputs = self.feed(dp.grad.as_ref(), &feed_values, "gradient graph")?;
         let mut g_out = run_graph(dp.grad.as_mut(), inputs, "gradient graph")?;
         for (k, v) in &f_out {
@@ -584,7 +601,7 @@ impl DetrTrainer {
         for (g, _) in &dp.grads {
             packed.extend(take(g)?.to_f32().iter());
         }
-        for (_, next) in &dp.averaged {
+        for (next, _) in &dp.averaged {
             packed.extend(take(next)?.to_f32().iter());
         }
         packed.push(first(take(names::LOSS)?));
@@ -599,16 +616,11 @@ impl DetrTrainer {
         let scale = 1.0 / ranks as f32;
         let mut rest = &packed[..];
         let mut averaged: HashMap<String, Tensor> = HashMap::new();
-        let shapes = dp
-            .grads
-            .iter()
-            .map(|(g, shape)| (g.clone(), shape.clone()))
-            .chain(dp.averaged.iter().map(|(name, next)| {
-                let shape = self.state.get(name).map(|t| t.shape().to_vec());
-                (next.clone(), shape.unwrap_or_default())
-            }));
-        for (name, shape) in shapes {
-            averaged.insert(name, Tensor::F32(take_scaled(&mut rest, &shape, scale)));
+        for (name, shape) in dp.grads.iter().chain(&dp.averaged) {
+            averaged.insert(
+                name.clone(),
+                Tensor::F32(take_scaled(&mut rest, shape, scale)),
+            );
         }
         let loss = rest[0] * scale;
         let mut metrics: Vec<(String, f32)> = metric_names
